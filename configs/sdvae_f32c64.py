@@ -1,0 +1,20 @@
+r"""Ablation baseline (Table 4): 0.68 B DiT (as configs/zipir_0p7b.py) on an f32c64 SD-VAE.
+
+One LDM encoder/decoder with z_channels=64 and mult [1,2,4,4,4,4] (supp. A), LDM's middle attention
+kept; trained "with the same settings as f32c64-LP-VAE". Stages: vae | dit.
+"""
+
+from zipir_jax import config_lib
+
+
+def get_config(arg=None):
+  stage = config_lib.parse_stage(arg, config_lib.SDVAE_STAGES, "configs/sdvae_f32c64.py")
+  config = config_lib.base_config(stage, config_lib.SDVAE_STAGES)
+  config.name = "sdvae_f32c64"
+  config.vae.kind = "sdvae"
+  config.vae.mid_attention = True
+  config.dit.depth = 20
+  config.dit.hidden_size = 1152
+  config.dit.num_heads = 16
+  config.lock()
+  return config

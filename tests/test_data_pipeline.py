@@ -1,0 +1,233 @@
+"""Training/eval pipelines: bucket shapes, sources (folder, TFDS, ArrayRecord), determinism,
+checkpointing, sharding and grain worker processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from zipir_jax.data import buckets as buckets_lib
+from zipir_jax.data import decode
+from zipir_jax.data import defaults
+from zipir_jax.data import pipeline
+from zipir_jax.data import prepare
+from zipir_jax.data import sources
+from zipir_jax.data import testing
+
+# Small CPU buckets: square, landscape and portrait.
+BUCKETS = ((64, 64, 4), (64, 96, 2), (96, 64, 2))
+SIZES = [(96, 128), (64, 64), (200, 150), (128, 96), (70, 300), (100, 100), (64, 80), (150, 110)]
+
+
+@pytest.fixture(name="folder", scope="module")
+def fixture_folder(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("images"))
+  testing.write_image_folder(root, SIZES)
+  return root
+
+
+def _config(path, **overrides):
+  config = defaults.get_data_config()
+  config.path = path
+  config.buckets = BUCKETS
+  config.num_workers = 0
+  config.update(overrides)
+  return config
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_same(batches_a, batches_b):
+  assert len(batches_a) == len(batches_b)
+  for a, b in zip(batches_a, batches_b):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_every_bucket_yields_hq_and_lq_up_of_its_shape(folder):
+  it = pipeline.create_train_iterator(_config(folder), seed=0)
+  shapes = []
+  for batch in _take(it, 6):
+    hq, lq_up = batch["hq"], batch["lq_up"]
+    assert hq.dtype == lq_up.dtype == np.float32
+    assert hq.shape == lq_up.shape and hq.ndim == 4 and hq.shape[-1] == 3
+    assert -1.0 <= hq.min() and hq.max() <= 1.0 and -1.0 <= lq_up.min() and lq_up.max() <= 1.0
+    assert batch["caption"].shape == (hq.shape[0],)
+    assert all(c.startswith("image ") for c in batch["caption"])
+    assert ((8 <= batch["scale"]) & (batch["scale"] <= 16)).all()
+    shapes.append(hq.shape)
+  # Equal weights: the mix cycles through the buckets, each with its own batch size.
+  assert shapes == [(4, 64, 64, 3), (2, 64, 96, 3), (2, 96, 64, 3)] * 2
+
+
+def test_model_range_conversion_is_exact():
+  x = np.arange(256, dtype=np.uint8).reshape(1, 4, 64, 1).repeat(3, axis=-1)
+  out = pipeline.to_model_range({"hq": x, "caption": np.array(["a"])})
+  np.testing.assert_array_equal(out["hq"], x.astype(np.float32) * np.float32(2 / 255) - 1)
+  assert out["hq"][0, 0, 0, 0] == -1.0 and out["hq"][0, -1, -1, 0] == 1.0
+  assert out["caption"][0] == "a"
+
+
+def test_uint8_output_and_fixed_scale_lq(folder):
+  config = _config(folder, output="uint8", emit_lq=True)
+  config.degradation.scale_range = (8.0, 8.0)
+  batch = next(pipeline.create_train_iterator(config, seed=0))
+  assert batch["hq"].dtype == batch["lq"].dtype == np.uint8
+  assert batch["lq"].shape == (4, 8, 8, 3) and batch["lq_up"].shape == (4, 64, 64, 3)
+  with pytest.raises(ValueError, match="emit_lq needs a fixed scale"):
+    pipeline.create_train_dataset(_config(folder, emit_lq=True), seed=0)
+
+
+@pytest.mark.parametrize("policy", ["crop", "downscale"])
+def test_images_never_land_in_a_larger_bucket(folder, policy):
+  """Captions name the source image: a bucket only ever sees images that cover it."""
+  it = pipeline.create_train_iterator(_config(folder, bucket_policy=policy), seed=1)
+  for batch in _take(it, 9):
+    h, w = batch["hq"].shape[1:3]
+    for caption in batch["caption"]:
+      ih, iw = SIZES[int(caption.split()[1])]
+      assert ih >= h and iw >= w, (caption, (ih, iw), (h, w))
+
+
+def test_default_buckets_and_presets_follow_the_paper():
+  config = defaults.get_data_config()
+  buckets = buckets_lib.parse_buckets(config.buckets, process_count=8)
+  sides = [s for b in buckets for s in (b.height, b.width)]
+  assert min(sides) == 512 and max(sides) == 4096 and all(s % 32 == 0 for s in sides)
+  assert any(b.height != b.width for b in buckets)
+  assert tuple(config.degradation.scale_range) == (8.0, 16.0)
+  mix = config.eval_presets.mix
+  assert (mix.scale, mix.blur_sigma, mix.noise_sigma, mix.jpeg_quality) == (8, 2.0, 40.0, 50)
+  fig4 = config.eval_presets.fig4
+  assert (fig4.scale, fig4.blur_sigma, fig4.noise_sigma, fig4.jpeg_quality) == (8, 1.0, 15.0, 65)
+
+
+def test_downscale_policy_samples_between_cover_and_native():
+  rng = np.random.default_rng(0)
+  bucket = buckets_lib.Bucket(512, 512, 1)
+  scales = [buckets_lib.sample_resize_scale(rng, (4000, 3000), bucket, "downscale")
+            for _ in range(2000)]
+  assert min(scales) >= 512 / 3000 and max(scales) <= 1.0
+  assert min(scales) < 0.2 and max(scales) > 0.9  # whole-view and native crops both happen
+  assert all(min(buckets_lib.resized_size((4000, 3000), s, bucket)) >= 512 for s in scales)
+  assert buckets_lib.sample_resize_scale(rng, (4000, 3000), bucket, "crop") == 1.0
+  with pytest.raises(ValueError, match="not divisible by the process count"):
+    buckets_lib.parse_buckets(((64, 64, 3),), process_count=2)
+
+
+def test_same_seed_same_batches_other_seed_differs(folder):
+  config = _config(folder)
+  a = _take(pipeline.create_train_iterator(config, seed=3), 3)
+  b = _take(pipeline.create_train_iterator(config, seed=3), 3)
+  c = _take(pipeline.create_train_iterator(config, seed=4), 3)
+  _assert_same(a, b)
+  assert not np.array_equal(a[0]["lq_up"], c[0]["lq_up"])
+
+
+def test_iterator_state_restore_gives_identical_next_batches(folder):
+  config = _config(folder)
+  it = pipeline.create_train_iterator(config, seed=0)
+  _take(it, 4)
+  state = json.loads(json.dumps(it.get_state()))  # what Orbax stores
+  expected = _take(it, 5)
+  restored = pipeline.create_train_iterator(config, seed=0)
+  restored.set_state(state)
+  _assert_same(_take(restored, 5), expected)
+
+
+def test_processes_get_disjoint_shares_with_the_same_bucket_schedule(folder):
+  config = _config(folder, buckets=((64, 64, 4), (64, 96, 2)))
+  p0 = _take(pipeline.create_train_iterator(config, seed=0, process_index=0, process_count=2), 4)
+  p1 = _take(pipeline.create_train_iterator(config, seed=0, process_index=1, process_count=2), 4)
+  assert [b["hq"].shape for b in p0] == [b["hq"].shape for b in p1] == [
+      (2, 64, 64, 3), (1, 64, 96, 3)] * 2
+  first_epoch_0 = set(p0[0]["caption"]) | set(p0[2]["caption"])
+  first_epoch_1 = set(p1[0]["caption"]) | set(p1[2]["caption"])
+  assert first_epoch_0.isdisjoint(first_epoch_1)
+
+
+def test_tfds_source_end_to_end():
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  examples = [{"image": testing.natural_image(80 + 8 * i, 100, i),
+               "file_name": f"flower {i}".encode(), "label": np.int64(i)} for i in range(5)]
+  examples.append({"image": np.zeros((10, 10, 3), np.uint8), "file_name": b"tiny",
+                   "label": np.int64(0)})
+  with tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: examples):
+    config = _config("", source="tfds", tfds_name="oxford_flowers102", tfds_split="train",
+                     image_key="image", caption_key="file_name", buckets=((64, 64, 2),))
+    batches = _take(pipeline.create_train_iterator(config, seed=0), 4)
+  captions = {c for b in batches for c in b["caption"]}
+  assert captions <= {f"flower {i}" for i in range(5)} and len(captions) >= 3
+  assert all(b["hq"].shape == (2, 64, 64, 3) for b in batches)
+
+
+def test_array_record_source_end_to_end(folder, tmp_path):
+  out = str(tmp_path / "shards")
+  bad_root = str(tmp_path / "with_bad")
+  testing.write_image_folder(bad_root, SIZES[:4])
+  with open(os.path.join(bad_root, "broken.jpg"), "wb") as f:
+    f.write(b"not a jpeg")
+  counts = prepare.prepare_array_record(bad_root, out, num_shards=2)
+  assert counts == {"written": 4, "skipped": 1}
+  assert sorted(os.listdir(out)) == ["images-00000-of-00002.array_record",
+                                     "images-00001-of-00002.array_record"]
+  source = sources.ArrayRecordSource(out)
+  assert len(source) == 4 and source[0]["caption"].startswith("image ")
+  config = _config(out, source="array_record", buckets=((64, 64, 2), (64, 96, 2)))
+  batches = _take(pipeline.create_train_iterator(config, seed=0), 4)
+  assert [b["hq"].shape[1:3] for b in batches] == [(64, 64), (64, 96)] * 2
+  # The same images as the folder they came from.
+  folder_batch = next(pipeline.create_train_iterator(_config(bad_root, buckets=config.buckets),
+                                                     seed=0))
+  assert set(folder_batch["caption"]) <= {f"image {i}" for i in range(4)}
+
+
+def test_prepare_command_line(tmp_path):
+  root = str(tmp_path / "in")
+  testing.write_image_folder(root, [(64, 64), (70, 80)])
+  result = subprocess.run(
+      [sys.executable, "-m", "zipir_jax.data.prepare", "--input", root, "--output",
+       str(tmp_path / "out")], capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr
+  assert "wrote 2 images, skipped 0" in result.stdout
+  assert len(sources.ArrayRecordSource(str(tmp_path / "out"))) == 2
+
+
+def test_eval_dataset_is_deterministic(folder):
+  config = _config(folder, eval_size=(64, 64), eval_batch_size=2)
+  a = list(pipeline.create_eval_dataset(config, "mix", seed=0))
+  b = list(pipeline.create_eval_dataset(config, "mix", seed=0))
+  _assert_same(a, b)
+  assert sum(len(x["caption"]) for x in a) == len(SIZES)
+  assert a[0]["lq"].shape == (2, 8, 8, 3) and a[0]["lq_up"].shape == (2, 64, 64, 3)
+  c = list(pipeline.create_eval_dataset(config, "mix", seed=1))
+  assert not np.array_equal(a[0]["lq"], c[0]["lq"])
+
+
+def test_grain_worker_processes_restore_exactly_and_log_skips(tmp_path):
+  """Two worker processes: exact restore, and bad files are skipped inside the workers."""
+  root = str(tmp_path / "images")
+  expected = testing.write_bad_files(root)
+  log_dir = str(tmp_path / "skips")
+  config = _config(root, buckets=((64, 64, 2), (64, 96, 2)), num_workers=2,
+                   skip_log_dir=log_dir, size_probe_records=1)
+  it = pipeline.create_train_iterator(config, seed=0)
+  try:
+    _take(it, 6)
+    state = json.loads(json.dumps(it.get_state()))  # what Orbax stores
+    following = _take(it, 6)
+    it.set_state(state)
+    _assert_same(_take(it, 6), following)
+  finally:
+    it.close()
+  summary = decode.summarize_skips(log_dir)
+  skipped = {name for files in summary.values() for name in files}
+  assert skipped == {p for p, k in expected.items() if k != "ok"}
+  writers = {f for f in os.listdir(log_dir) if not f.endswith(f"-{os.getpid()}.tsv")}
+  assert writers, "no skip was logged by a worker process"

@@ -1,0 +1,89 @@
+"""D_f* (§3.1): identical to D_f at initialisation, extractor initialised from E_f."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zipir_jax import config_lib
+from zipir_jax.models import autoencoder
+from zipir_jax.models.pixel_decoder import init_from_autoencoder
+
+SHAPE = (2, 64, 96, 3)
+
+
+def _perturb(params, seed, scale=0.05):
+  """Random non-trivial weights (init leaves biases/norm shifts at exactly 0 or 1)."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(
+      tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_config, tiny_lpvae):
+  vae, vae_params = tiny_lpvae
+  vae_params = _perturb(vae_params, 1)
+  hq = jax.random.uniform(jax.random.key(2), SHAPE, minval=-1, maxval=1)
+  lq = jax.random.uniform(jax.random.key(3), SHAPE, minval=-1, maxval=1)
+  z, _ = vae.apply({"params": vae_params}, hq, method="encode")
+  pdec = autoencoder.build_pixel_decoder(tiny_config)
+  fresh = flax.linen.meta.unbox(pdec.init(jax.random.key(4), z, lq))["params"]
+  params = init_from_autoencoder(fresh, vae_params["fine_encoder"], vae_params["fine_decoder"])
+  return vae, vae_params, pdec, fresh, params, z, lq
+
+
+def test_equals_plain_decoder_at_init(setup):
+  vae, vae_params, pdec, _, params, z, lq = setup
+  expected = vae.apply({"params": vae_params}, z, method="decode")
+  np.testing.assert_array_equal(pdec.apply({"params": params}, z, lq), expected)
+
+
+def test_extractor_params_are_e_f(setup):
+  _, vae_params, _, _, params, _, _ = setup
+  flat_e = flax.traverse_util.flatten_dict(vae_params["fine_encoder"])
+  flat_x = flax.traverse_util.flatten_dict(params["extractor"])
+  assert flat_x and set(flat_x) <= set(flat_e)
+  for key, value in flat_x.items():
+    np.testing.assert_array_equal(value, flat_e[key])
+  # The extractor stops at the last level: E_f's middle block and conv_out have no role there.
+  assert "conv_out" not in params["extractor"] and "mid_block_1" not in params["extractor"]
+
+
+def test_fusion_layers_exist_at_every_level_and_act_once_trained(setup, tiny_config):
+  vae, vae_params, pdec, _, params, z, lq = setup
+  levels = tiny_config.pixel_decoder.fusion_levels
+  assert {f"up_{i}_fusion" for i in levels} <= set(params["decoder"])
+  # Any non-zero fusion weights must change the output ...
+  fusion = {k: v for k, v in params["decoder"].items() if k.endswith("_fusion")}
+  trained = {**params, "decoder": {**params["decoder"], **_perturb(fusion, 7, scale=0.005)}}
+  out = pdec.apply({"params": trained}, z, lq)
+  base = pdec.apply({"params": trained}, z, lq, fusion_weight=0.0)
+  assert np.abs(out - base).max() > 1e-3
+  # ... and depend on the LQ image, which the plain decoder never sees.
+  out2 = pdec.apply({"params": trained}, z, -lq)
+  assert np.abs(out - out2).max() > 1e-3
+  # fusion_weight = 0 is exactly the decoder without injections.
+  np.testing.assert_array_equal(base, vae.apply({"params": vae_params}, z, method="decode"))
+
+
+def test_mismatched_autoencoder_is_refused(setup):
+  _, vae_params, _, fresh, _, _, _ = setup
+  other = config_lib.load_config("configs/tiny.py")
+  with other.unlocked():
+    other.vae.ch = 8
+  vae = autoencoder.build_autoencoder(other)
+  small = autoencoder.init_autoencoder(vae, jax.random.key(0), SHAPE)
+  with pytest.raises(ValueError, match=r"conv_in/(kernel|bias) has shape .* but (E_f|D_f)'s"):
+    init_from_autoencoder(fresh, small["fine_encoder"], small["fine_decoder"])
+  with pytest.raises(KeyError, match="no counterpart"):
+    init_from_autoencoder(fresh, {}, vae_params["fine_decoder"])
+
+
+def test_requires_matching_lq(setup):
+  _, _, pdec, _, params, z, lq = setup
+  with pytest.raises(ValueError, match="does not match LQ image"):
+    pdec.apply({"params": params}, z, lq[:, :32])
+  with pytest.raises(ValueError, match="multiples of 32"):
+    pdec.apply({"params": params}, z, jnp.zeros((2, 60, 96, 3)))

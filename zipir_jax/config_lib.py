@@ -1,0 +1,173 @@
+"""What every experiment config shares: the defaults, the stage names and config loading.
+
+Each file in ``configs/`` is one experiment (big_vision style): ``get_config(stage)`` starts from
+:func:`base_config`, changes the few numbers that make it that experiment, and returns a *locked*
+``ConfigDict`` so a misspelt key fails loudly (ml_collections names the fields that exist) instead of
+silently adding a new field.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import ml_collections
+
+from zipir_jax.data import defaults as data_defaults
+
+# Progressive training (§3.1, §4): coarse LP-VAE, fine LP-VAE with E_c frozen, pixel-aware decoder
+# with E_c/E_f frozen, then the DiT on the frozen latent space.
+LPVAE_STAGES = ("vae_coarse", "vae_fine", "pixel_decoder", "dit")
+# The f32c64 SD-VAE ablation baseline (Table 4) has a single encoder, so a single VAE stage.
+SDVAE_STAGES = ("vae", "dit")
+
+# RGB statistics of ImageNet in the model's [-1, 1] pixel range. z_macro = (I↓32 - μ) / σ (§3.1) uses the
+# training set's statistics; these are the defaults until a run measures its own data.
+IMAGENET_MEAN = (2 * 0.485 - 1, 2 * 0.456 - 1, 2 * 0.406 - 1)
+IMAGENET_STD = (2 * 0.229, 2 * 0.224, 2 * 0.225)
+
+
+def parse_stage(arg: str | None, valid: Sequence[str], where: str) -> str:
+  """Returns the stage named by ``arg`` (the part after ':' in --config=file.py:stage)."""
+  if arg is None or arg == "":
+    return valid[-1]
+  if arg not in valid:
+    raise ValueError(
+        f"{where}: unknown stage {arg!r}; valid stages are: {', '.join(valid)} "
+        f"(e.g. --config={where}:{valid[0]})")
+  return arg
+
+
+def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
+  """Paper-size defaults shared by all experiments (supp. A); experiment files change a few fields."""
+  config = ml_collections.ConfigDict()
+  config.name = "zipir"
+  config.stage = stage
+  config.stages = tuple(stages)
+  config.seed = 0
+
+  # --- Latent Pyramid VAE (§3.1, supp. A): pure convolutional, 128 base channels, 2 res-blocks/scale.
+  vae = config.vae = ml_collections.ConfigDict()
+  vae.kind = "lpvae"  # "lpvae" | "sdvae"
+  vae.ch = 128
+  vae.num_res_blocks = 2
+  vae.num_groups = 32  # GroupNorm groups, as in the LDM autoencoder.
+  vae.coarse_ch_mult = (1, 2, 4, 4)  # E_c / D_c: f8 on I↓4 -> H/32.
+  vae.fine_ch_mult = (1, 2, 4, 4, 4, 4)  # E_f / D_f: f32 on I.
+  vae.coarse_channels = 9
+  vae.fine_channels = 52
+  vae.macro_mean = IMAGENET_MEAN
+  vae.macro_std = IMAGENET_STD
+  # SD-VAE baseline only (Table 4): one LDM encoder with z_channels=64 and mult [1,2,4,4,4,4].
+  vae.ch_mult = (1, 2, 4, 4, 4, 4)
+  vae.z_channels = 64
+  vae.mid_attention = False  # the LP-VAE has none (§3.1); the LDM baseline keeps its mid attention.
+  vae.dtype = "float32"  # compute dtype; params are always float32.
+
+  # --- Pixel-aware decoder D_f* (§3.1, supp. A / Fig. 8).
+  pd = config.pixel_decoder = ml_collections.ConfigDict()
+  # Decoder levels (0 = full resolution, len(mult) - 1 = H/32) that receive extractor features.
+  pd.fusion_levels = (0, 1, 2, 3, 4, 5)
+
+  # --- Patch discriminator (LDM autoencoder / pix2pix NLayerDiscriminator).
+  disc = config.discriminator = ml_collections.ConfigDict()
+  disc.ch = 64
+  disc.num_layers = 3
+
+  # --- Autoencoder losses: L1 + LPIPS + hinge GAN with adaptive weight + small KL (§3.1, [13]).
+  loss = config.loss = ml_collections.ConfigDict()
+  loss.l1_weight = 1.0
+  loss.lpips_weight = 1.0
+  loss.kl_weight = 1e-6
+  loss.disc_weight = 0.5
+  loss.disc_factor = 1.0
+  loss.disc_start = 50_001  # generator steps before the discriminator loss is switched on.
+  loss.lpips_vgg16 = ""  # path to torchvision's vgg16 state dict; "" -> LPIPS term disabled.
+  loss.lpips_heads = ""  # path to lpips' vgg.pth; "" -> the file shipped in the lpips wheel.
+
+  # --- ZipDiT (§3.2, supp. A): 24 layers, hidden 2048, 16 heads, adaLN. Choices the paper leaves
+  # open are the modern well-known ones (models/dit.py explains each).
+  dit = config.dit = ml_collections.ConfigDict()
+  dit.depth = 24
+  dit.hidden_size = 2048
+  dit.num_heads = 16
+  dit.mlp_ratio = 4.0
+  dit.patch_size = 1
+  dit.lq_fusion = "sum"  # "sum" | "concat"
+  dit.text_dim = 4096  # T5-XXL encoder width.
+  dit.text_projection = True  # PixArt-α caption projection T5 -> hidden (once, before the blocks).
+  dit.cross_attn_modulation = True  # adaLN-Zero gates cross-attention too: 9 vectors (else 6).
+  dit.qk_norm = True  # RMSNorm on queries and keys.
+  dit.rope_theta = 10000.0  # 2D RoPE over (row, col): resolution-agnostic positions.
+  dit.attention_impl = "auto"  # "auto" (cuDNN on GPU, XLA elsewhere) | "xla" | "cudnn"
+  dit.scan_layers = True  # nn.scan over the blocks: one compiled layer, params stacked on 'layers'.
+  # "nothing_saveable" | "dots_saveable" | "dots_with_no_batch_dims_saveable" | "none" (no remat)
+  dit.remat_policy = "nothing_saveable"
+  dit.dtype = "bfloat16"  # compute dtype; params are always float32.
+  dit.text_dropout = 0.05  # §3.2: caption replaced by the empty prompt's embedding, for CFG.
+
+  # --- Diffusion (supp. A, §4): DDPM ε-prediction, β 0.00085 -> 0.012, logit-normal t; DDIM + CFG.
+  diff = config.diffusion = ml_collections.ConfigDict()
+  diff.num_train_steps = 1000
+  diff.beta_start = 0.00085
+  diff.beta_end = 0.012
+  # The paper says "linear" with LDM/SD's numbers; in LDM that schedule is linear in sqrt(β).
+  diff.beta_schedule = "scaled_linear"  # "scaled_linear" (LDM's) | "linear" (linear in β)
+  diff.timestep_sampling = "logit_normal"  # | "uniform"
+  diff.logit_mean = 0.0  # t/T = sigmoid(N(logit_mean, logit_std²)) (SD3's default m=0, s=1).
+  diff.logit_std = 1.0
+  diff.sample_steps = 25  # §4: DDIM with 25 denoising steps.
+  diff.eta = 0.0  # DDIM η: 0 deterministic, 1 ancestral (DDPM-like).
+  diff.cfg_scale = 3.5
+  diff.negative_prompt = ""  # the unconditional branch's prompt (§3.2 uses annotated negatives).
+  diff.strength = 1.0  # start from the LQ latent noised to strength·T; 1 = pure noise.
+  diff.clip_x0 = 0.0  # clip predicted x0 to [-c, c]; 0 = off (latents are not bounded).
+
+  # --- Host input pipeline (grain).
+  config.data = data_defaults.get_data_config()
+
+  # --- Optimisation (supp. A): AdamW 5e-5 -> 5e-6, wd 0.05, betas (0.9, 0.95).
+  opt = config.optim = ml_collections.ConfigDict()
+  opt.lr = 5e-5
+  opt.end_lr = 5e-6
+  opt.weight_decay = 0.05
+  opt.b1 = 0.9
+  opt.b2 = 0.95
+  opt.warmup_steps = 1000
+  opt.batch_size = 128
+  opt.num_steps = 250_000
+
+  return config
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads ``path/to/config.py[:stage]`` the way ``--config=`` does (for tests and notebooks)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location(
+      f"_zipir_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise AttributeError(f"config file {path!r} defines no get_config(stage)")
+  return module.get_config(arg or None)
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: dict[str, object]) -> ml_collections.ConfigDict:
+  """Sets dotted keys (``{"vae.ch": 64}``); a wrong key raises a KeyError naming the valid ones."""
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for i, key in enumerate(parents):
+      if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+        raise KeyError(f"config key {'.'.join(parents[:i + 1])!r} does not exist; valid keys at "
+                       f"that level: {', '.join(sorted(node.keys()))}")
+      node = node[key]
+    if leaf not in node:
+      raise KeyError(f"config key {dotted!r} does not exist; valid keys at that level: "
+                     f"{', '.join(sorted(node.keys()))}")
+    node[leaf] = value  # a locked ConfigDict still accepts existing keys (type-checked).
+  return config
