@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# RBG keys compile several times faster than threefry on XLA:CPU, and parameter initialisation (a
+# random draw per weight) dominates the suite's compile time; no test depends on the generator.
+os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
 
 import pathlib
 
@@ -28,6 +31,26 @@ def tiny_lpvae(tiny_config):
 
   module = autoencoder.build_autoencoder(tiny_config)
   return module, autoencoder.init_autoencoder(module, jax.random.key(0), (1, 64, 64, 3))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_config):
+  """A restoration bundle of the tiny config with random weights."""
+  import jax
+
+  from zipir_jax import bundle
+
+  return bundle.random_bundle(tiny_config, jax.random.key(0))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tmp_path_factory, tiny_bundle):
+  """``tiny_bundle`` saved to a folder."""
+  from zipir_jax import bundle
+
+  path = tmp_path_factory.mktemp("bundle") / "tiny"
+  bundle.save_bundle(str(path), tiny_bundle)
+  return path
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,9 @@ from zipir_jax.models import autoencoder, summary
 
 from conftest import CONFIG_FILES, ROOT
 
+# Shares the session fixture it needs with the other files of this group on one xdist worker.
+pytestmark = pytest.mark.xdist_group("tiny_lpvae")
+
 
 def test_the_four_configs_exist():
   assert {"configs/zipir_3b.py", "configs/zipir_0p7b.py", "configs/sdvae_f32c64.py",

@@ -10,6 +10,9 @@ from zipir_jax import config_lib
 from zipir_jax.models import autoencoder
 from zipir_jax.models.lpvae import MACRO_CHANNELS, area_downsample, check_spatial_shape
 
+# Shares the session fixture it needs with the other files of this group on one xdist worker.
+pytestmark = pytest.mark.xdist_group("tiny_lpvae")
+
 
 @pytest.fixture(scope="module")
 def lpvae(tiny_lpvae):

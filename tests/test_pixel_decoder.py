@@ -12,6 +12,9 @@ from zipir_jax.models.pixel_decoder import init_from_autoencoder
 
 SHAPE = (2, 64, 96, 3)
 
+# Shares the session fixture it needs with the other files of this group on one xdist worker.
+pytestmark = pytest.mark.xdist_group("tiny_lpvae")
+
 
 def _perturb(params, seed, scale=0.05):
   """Random non-trivial weights (init leaves biases/norm shifts at exactly 0 or 1)."""

@@ -124,6 +124,19 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   diff.strength = 1.0  # start from the LQ latent noised to strength·T; 1 = pure noise.
   diff.clip_x0 = 0.0  # clip predicted x0 to [-c, c]; 0 = off (latents are not bounded).
 
+  # --- Text guidance (§3.2): a T5 encoder, loaded from a local Hugging Face folder; "" uses the
+  # encoder stored in the checkpoint bundle (the tiny random ByT5-style one for tests and the demo).
+  text = config.text = ml_collections.ConfigDict()
+  text.encoder_path = ""
+  text.max_length = 128  # prompts are padded/cut to this many tokens (one compile per shape).
+  text.dtype = "bfloat16"
+
+  # --- Restoration (sample.py, restore.py).
+  restore = config.restore = ml_collections.ConfigDict()
+  restore.color_fix = "none"  # "none" | "wavelet" | "adain"
+  restore.fusion_weight = 1.0  # D_f*'s LQ-feature injection strength (0 = plain D_f).
+  restore.min_lq_size = 8  # LQ images with a side below this are refused as too small.
+
   # --- Host input pipeline (grain).
   config.data = data_defaults.get_data_config()
 
@@ -137,6 +150,28 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   opt.warmup_steps = 1000
   opt.batch_size = 128
   opt.num_steps = 250_000
+  opt.grad_clip = 1.0  # global-norm clipping of the trainable parameters' gradient.
+  opt.ema_decay = 0.9999  # EMA of the weights, used for evaluation and export.
+  opt.grad_accum = 1  # micro-batches per update (the batch is split inside the step).
+  opt.disc_lr = 5e-5  # discriminator of the VAE stages (AdamW, same schedule shape).
+
+  # --- Training loop (train.py, zipir_jax/training/): everything that does not depend on --workdir.
+  # Stage prerequisites: by default stage S reads WORKDIR/<earlier stage>/export; a non-empty entry
+  # here names that export folder instead.
+  tr = config.train = ml_collections.ConfigDict()
+  tr.init_from = ml_collections.ConfigDict(
+      {"vae_coarse": "", "vae_fine": "", "pixel_decoder": ""})
+  tr.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices.
+  tr.log_every = 50
+  tr.image_every = 1000  # image grids HQ | LQ↑ | output; 0 = never.
+  tr.checkpoint_every = 1000
+  tr.keep_checkpoints = 3
+  tr.async_checkpointing = True
+  tr.max_nonfinite = 10  # this many non-finite updates in a row stop the run.
+  tr.latent_stats_batches = 64  # batches measured after vae_fine for per-channel latent mean/std.
+  tr.peak_tflops = 0.0  # per-device peak (bf16) for the MFU estimate; 0 = guess from device kind.
+  tr.nan_steps = ()  # testing: steps whose batch is replaced by NaNs (fault-handling tests).
+  tr.kill_after_step = 0  # testing: SIGKILL itself once this step's checkpoint is on disk.
 
   return config
 

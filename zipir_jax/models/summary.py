@@ -23,8 +23,12 @@ from ml_collections import config_flags
 from zipir_jax import config_lib
 from zipir_jax.models import autoencoder, dit
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (default: all).")
-_SIZE = flags.DEFINE_string("size", "2048", "Input size for the latent shapes: N or HxW.")
+
+
+def define_flags() -> None:
+  """Command-line flags (defined only when run as a program, so imports never clash)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config (default: all).")
+  flags.DEFINE_string("size", "2048", "Input size for the latent shapes: N or HxW.")
 
 
 def count_params(tree: Mapping) -> int:
@@ -99,9 +103,9 @@ def format_summary(name: str, config: ml_collections.ConfigDict, summary: Mappin
 
 def main(argv):
   del argv
-  height, width = parse_size(_SIZE.value)
-  if _CONFIG.value is not None:
-    items = [(flags.FLAGS["config"].config_filename, _CONFIG.value)]
+  height, width = parse_size(flags.FLAGS.size)
+  if flags.FLAGS.config is not None:
+    items = [(flags.FLAGS["config"].config_filename, flags.FLAGS.config)]
   else:
     root = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
     items = [(os.path.relpath(p), config_lib.load_config(p))
@@ -111,4 +115,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -1,0 +1,120 @@
+"""Restoration path (restore.py) and the checkpoint bundle: shapes, determinism, colour fixes, errors."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zipir_jax import bundle as bundle_lib
+from zipir_jax import restore
+
+# Shares the session fixture it needs with the other files of this group on one xdist worker.
+pytestmark = pytest.mark.xdist_group("tiny_bundle")
+
+
+@pytest.fixture(scope="module")
+def restorer(tiny_bundle_dir):
+  return restore.Restorer(bundle_lib.load_bundle(str(tiny_bundle_dir)))
+
+
+def _lq(seed, shape=(21, 30, 3)):
+  return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_bundle_round_trip(tiny_config, tiny_bundle, tiny_bundle_dir):
+  loaded = bundle_lib.load_bundle(str(tiny_bundle_dir))
+  jax.tree.map(np.testing.assert_array_equal, loaded.params,
+               jax.tree.map(np.asarray, tiny_bundle.params))
+  jax.tree.map(np.testing.assert_array_equal, loaded.text_params,
+               jax.tree.map(np.asarray, tiny_bundle.text_params))
+  assert loaded.config.to_dict() == json.loads(tiny_config.to_json())
+  assert loaded.text_config.d_model == tiny_config.dit.text_dim
+
+
+def test_odd_sizes_batch_and_seed(restorer):
+  images = [_lq(0), _lq(1)]
+  out = restorer.restore(images, restore.target_size((21, 30), scale=4), ["a cat", "a dog"])
+  assert out.shape == (2, 84, 120, 3) and out.dtype == np.float32  # padded to 96x128, cropped back
+  assert 0.0 <= out.min() and out.max() <= 1.0
+  again = restorer.restore(images, (84, 120), ["a cat", "a dog"])
+  np.testing.assert_array_equal(out, again)
+  other = restorer.restore(images, (84, 120), ["a cat", "a dog"], restore.RestoreOptions(seed=1))
+  assert not np.array_equal(out, other)
+  # Non-square explicit size that is not a multiple of 32 either way.
+  assert restorer.restore([_lq(2)], (50, 77)).shape == (1, 50, 77, 3)
+
+
+def test_refuses_mixed_sizes_tiny_images_and_bad_options(restorer):
+  with pytest.raises(ValueError, match="one size"):
+    restorer.restore([_lq(0), _lq(1, (20, 30, 3))], (84, 120))
+  with pytest.raises(ValueError, match="too small"):
+    restorer.restore([_lq(0, (4, 30, 3))], (16, 120))
+  with pytest.raises(ValueError, match="unknown colour fix 'sepia'"):
+    restorer.restore([_lq(0)], (84, 120), options=restore.RestoreOptions(color_fix="sepia"))
+  with pytest.raises(ValueError, match="exactly one of scale"):
+    restore.target_size((21, 30))
+  with pytest.raises(ValueError, match="HxWx3"):
+    restore.to_unit_float(np.zeros((8, 8), np.uint8))
+
+
+def test_adain_color_fix_matches_reference_statistics():
+  image = jax.random.normal(jax.random.key(0), (2, 40, 56, 3)) * 0.3 + 0.2
+  reference = jax.random.uniform(jax.random.key(1), (2, 40, 56, 3), minval=-1, maxval=0.5)
+  fixed = restore.adain_color_fix(image, reference)
+  np.testing.assert_allclose(fixed.mean((1, 2)), reference.mean((1, 2)), atol=1e-5)
+  np.testing.assert_allclose(fixed.std((1, 2)), reference.std((1, 2)), rtol=1e-3)
+
+
+def test_wavelet_color_fix_keeps_detail_and_takes_reference_colour():
+  x = jax.random.uniform(jax.random.key(0), (1, 64, 80, 3), minval=-1, maxval=1)
+  high, low = restore.wavelet_decomposition(x)
+  np.testing.assert_allclose(high + low, x, atol=1e-5)
+  # A colour cast (a constant shift) lives entirely in the low band: the fix removes it.
+  reference = x
+  cast = x + jnp.array([0.3, -0.2, 0.1])
+  np.testing.assert_allclose(restore.wavelet_color_fix(cast, reference), x, atol=1e-5)
+  # Detail of the restored image survives: its high band is unchanged.
+  other = jax.random.uniform(jax.random.key(1), x.shape, minval=-1, maxval=1)
+  fixed = restore.wavelet_color_fix(other, reference)
+  np.testing.assert_allclose(restore.wavelet_decomposition(other)[0] + restore.wavelet_decomposition(
+      reference)[1], fixed, atol=1e-6)
+  assert np.abs(restore.wavelet_decomposition(fixed)[1]
+                - restore.wavelet_decomposition(other)[1]).max() > 0.01
+
+
+def test_missing_and_mismatched_bundles(tmp_path, tiny_bundle_dir):
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    bundle_lib.load_bundle(str(tmp_path / "nowhere"))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(bundle_lib.BundleError, match="no config.json"):
+    bundle_lib.load_bundle(str(empty))
+
+  no_text = tmp_path / "no_text"
+  shutil.copytree(tiny_bundle_dir, no_text)
+  shutil.rmtree(no_text / "text_encoder")
+  with pytest.raises(bundle_lib.BundleError, match="no text encoder"):
+    bundle_lib.load_bundle(str(no_text))
+
+  no_params = tmp_path / "no_params"
+  shutil.copytree(tiny_bundle_dir, no_params)
+  shutil.rmtree(no_params / "params")
+  with pytest.raises(bundle_lib.BundleError, match="no params/"):
+    bundle_lib.load_bundle(str(no_params))
+
+  wider = tmp_path / "wider"
+  shutil.copytree(tiny_bundle_dir, wider)
+  config = json.loads((wider / "config.json").read_text())
+  config["vae"]["ch"] = 32  # the weights were trained with 16
+  (wider / "config.json").write_text(json.dumps(config))
+  with pytest.raises(bundle_lib.BundleError,
+                     match=r"wrong shapes, e.g. \S+: \(\d+,?.*\) in the bundle, \(\d+,?.*\) from"):
+    bundle_lib.load_bundle(str(wider))
+
+
+def test_save_refuses_to_overwrite(tiny_bundle_dir, tiny_bundle):
+  with pytest.raises(FileExistsError, match="already exists"):
+    bundle_lib.save_bundle(str(tiny_bundle_dir), tiny_bundle)

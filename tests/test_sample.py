@@ -1,0 +1,80 @@
+"""sample.py end to end: a folder of good and bad images, overwrite protection, checkpoint errors."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zipir_jax.data import testing
+
+from conftest import ROOT
+
+BAD = ("corrupt.jpg", "truncated.jpg", "zero_bytes.png", "garbage_after_header.png")
+
+# Shares the session fixture it needs with the other files of this group on one xdist worker.
+pytestmark = pytest.mark.xdist_group("tiny_bundle")
+
+
+def _run(*args):
+  env = {"JAX_PLATFORMS": "cpu", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+  return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True,
+                        text=True, env=env, timeout=600)
+
+
+def test_folder_with_good_and_bad_images(tmp_path, tiny_bundle_dir):
+  inputs, outputs = tmp_path / "in", tmp_path / "out"
+  expected = testing.write_bad_files(str(inputs), size=(24, 32))
+  (inputs / "photo.txt").write_text("a photo")  # sidecar caption of photo.{webp,bmp,tiff}
+  result = _run(f"--checkpoint={tiny_bundle_dir}", f"--input={inputs}", f"--output={outputs}",
+                "--scale=4", "--steps=2")
+  assert result.returncode == 1, result.stderr[-2000:]
+  good = [p for p, outcome in expected.items() if os.path.basename(p) not in BAD]
+  for path in good:
+    out = outputs / (os.path.splitext(os.path.basename(path))[0] + ".png")
+    assert out.exists(), (path, result.stderr[-2000:])
+    with Image.open(out) as image:
+      h, w = (16, 16) if "too_small" in path else (24, 32)
+      assert image.size == (4 * w, 4 * h) and image.mode == "RGB"
+  for name in BAD:
+    assert f"FAILED {inputs / name}:" in result.stderr
+    assert not (outputs / (os.path.splitext(name)[0] + ".png")).exists()
+  assert f"restored {len(good)} of {len(expected)} images" in result.stdout
+  assert not list(outputs.glob("*.partial.png"))
+
+  # A second run never replaces what the first wrote, unless told to.
+  before = {p: p.stat().st_mtime_ns for p in outputs.glob("*.png")}
+  again = _run(f"--checkpoint={tiny_bundle_dir}", f"--input={inputs}", f"--output={outputs}",
+               "--scale=4", "--steps=2")
+  assert again.returncode == 1 and "exists (use --overwrite" in again.stderr
+  assert {p: p.stat().st_mtime_ns for p in outputs.glob("*.png")} == before
+
+
+def test_size_flag_single_file_and_overwrite(tmp_path, tiny_bundle_dir):
+  path = tmp_path / "lq.png"
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8)).save(path)
+  out = tmp_path / "out"
+  first = _run(f"--checkpoint={tiny_bundle_dir}", f"--input={path}", f"--output={out}",
+               "--size=50x70", "--steps=2", "--color_fix=wavelet", "--prompt=a cat")
+  assert first.returncode == 0, first.stderr[-2000:]
+  with Image.open(out / "lq.png") as image:
+    assert image.size == (70, 50)
+  second = _run(f"--checkpoint={tiny_bundle_dir}", f"--input={path}", f"--output={out}",
+                "--size=50x70", "--steps=2", "--overwrite")
+  assert second.returncode == 0, second.stderr[-2000:]
+
+
+def test_missing_checkpoint_and_usage_errors(tmp_path):
+  path = tmp_path / "lq.png"
+  Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(path)
+  missing = _run(f"--checkpoint={tmp_path / 'nope'}", f"--input={path}",
+                 f"--output={tmp_path / 'o'}", "--scale=4")
+  assert missing.returncode == 2 and "checkpoint bundle folder not found" in missing.stderr
+  both = _run(f"--checkpoint={tmp_path}", f"--input={path}", f"--output={tmp_path / 'o'}",
+              "--scale=4", "--size=64x64")
+  assert both.returncode != 0 and "exactly one of --scale or --size" in both.stderr
+  none = _run(f"--checkpoint={tmp_path}", f"--input={tmp_path / 'empty*'}",
+              f"--output={tmp_path / 'o'}", "--scale=4")
+  assert none.returncode == 2 and "no images" in none.stderr

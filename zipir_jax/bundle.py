@@ -1,0 +1,185 @@
+"""The inference bundle: everything restoration needs, in one folder.
+
+  BUNDLE/
+    config.json      the experiment config (ml_collections as JSON)
+    params/          Orbax checkpoint of {'vae': the encoders (E_c, E_f), 'pixel_decoder': D_f*,
+                     'dit': ZipDiT, 'latent_stats': {'mean', 'std'} (per latent channel)}
+    text_encoder/    a Hugging Face T5 encoder folder (config.json, model.safetensors, tokenizer);
+                     absent when ``config.text.encoder_path`` names an external folder instead
+
+Training exports this (EMA weights); :func:`load_bundle` checks every part against the networks
+the config builds, so a missing or mismatched part fails with its name before any compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from zipir_jax.models import autoencoder, dit as dit_lib, t5
+from zipir_jax.models.pixel_decoder import init_from_autoencoder
+
+PARTS = ("vae", "pixel_decoder", "dit", "latent_stats")
+
+
+class BundleError(ValueError):
+  """A bundle folder is missing a part or does not match its config."""
+
+
+@dataclasses.dataclass
+class Bundle:
+  """Config, network parameters and the text encoder of one trained ZipIR."""
+  config: ml_collections.ConfigDict
+  params: dict[str, Any]
+  text_config: t5.T5Config
+  text_params: Any
+  tokenizer: Any
+
+
+def encoder_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The autoencoder sub-networks restoration needs: E_c and E_f (or the SD-VAE's encoder)."""
+  return ("coarse_encoder", "fine_encoder") if config.vae.kind == "lpvae" else ("encoder",)
+
+
+def expected_shapes(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Parameter shapes of every part, from ``jax.eval_shape`` (nothing allocated)."""
+  vae = autoencoder.build_autoencoder(config)
+  factor = vae.factor
+  image = (1, factor, factor, 3)
+  vae_params = jax.eval_shape(lambda: autoencoder.init_autoencoder(vae, jax.random.key(0), image))
+  latent = jnp.zeros((1, 1, 1, vae.latent_channels))
+  pd = autoencoder.build_pixel_decoder(config)
+  pd_params = jax.eval_shape(
+      lambda: nn.meta.unbox(pd.init(jax.random.key(0), latent, jnp.zeros(image)))["params"])
+  dit = dit_lib.build_dit(config)
+  dit_params = jax.eval_shape(lambda: dit_lib.init_dit(dit, jax.random.key(0),
+                                                       vae.latent_channels))
+  stats = jax.ShapeDtypeStruct((vae.latent_channels,), jnp.float32)
+  return {"vae": {k: vae_params[k] for k in encoder_keys(config)}, "pixel_decoder": pd_params,
+          "dit": dit_params, "latent_stats": {"mean": stats, "std": stats}}
+
+
+def check_params(config: ml_collections.ConfigDict, params: dict[str, Any], where: str) -> None:
+  """Raises a BundleError naming the first missing, unexpected or wrongly shaped parameters."""
+  missing_parts = [p for p in PARTS if p not in params]
+  if missing_parts:
+    raise BundleError(f"{where}: bundle has no {', '.join(missing_parts)} parameters "
+                      f"(a restoration bundle holds {', '.join(PARTS)})")
+  want = flax.traverse_util.flatten_dict(expected_shapes(config), sep="/")
+  have = flax.traverse_util.flatten_dict(params, sep="/")
+  missing = sorted(set(want) - set(have))
+  extra = sorted(set(have) - set(want))
+  wrong = sorted(k for k in set(want) & set(have) if tuple(want[k].shape) != tuple(have[k].shape))
+  problems = []
+  if missing:
+    problems.append(f"missing {len(missing)} parameters, e.g. {missing[:3]}")
+  if extra:
+    problems.append(f"{len(extra)} parameters the config does not build, e.g. {extra[:3]}")
+  if wrong:
+    k = wrong[0]
+    problems.append(f"{len(wrong)} with wrong shapes, e.g. {k}: {tuple(have[k].shape)} in the "
+                    f"bundle, {tuple(want[k].shape)} from the config")
+  if problems:
+    raise BundleError(f"{where}: parameters do not match config '{config.name}': "
+                      + "; ".join(problems))
+
+
+def random_bundle(config: ml_collections.ConfigDict, rng: jax.Array) -> Bundle:
+  """A bundle with freshly initialised weights (tests, benchmarks, pipeline checks).
+
+  D_f* starts from the LP-VAE as in training (extractor = E_f, decoder = D_f, fusion zero), the
+  latent statistics are (0, 1) and the text encoder is the tiny random ByT5-style one unless
+  ``config.text.encoder_path`` names a folder.
+  """
+  rng_vae, rng_pd, rng_dit, rng_text = jax.random.split(rng, 4)
+  vae = autoencoder.build_autoencoder(config)
+  image = (1, vae.factor, vae.factor, 3)
+  vae_params = jax.jit(lambda k: autoencoder.init_autoencoder(vae, k, image))(rng_vae)
+  pd = autoencoder.build_pixel_decoder(config)
+  latent = jnp.zeros((1, 1, 1, vae.latent_channels))
+  fresh = nn.meta.unbox(jax.jit(pd.init)(rng_pd, latent, jnp.zeros(image)))["params"]
+  lpvae = config.vae.kind == "lpvae"
+  pd_params = init_from_autoencoder(fresh, vae_params["fine_encoder" if lpvae else "encoder"],
+                                    vae_params["fine_decoder" if lpvae else "decoder"])
+  dit = dit_lib.build_dit(config)
+  params = {
+      "vae": {k: vae_params[k] for k in encoder_keys(config)},
+      "pixel_decoder": pd_params,
+      "dit": dit_lib.init_dit(dit, rng_dit, vae.latent_channels),
+      "latent_stats": {"mean": jnp.zeros(vae.latent_channels), "std": jnp.ones(vae.latent_channels)},
+  }
+  if config.text.encoder_path:
+    text_config, text_params, tokenizer = t5.load_t5_encoder(config.text.encoder_path,
+                                                             dtype=config.text.dtype)
+  else:
+    import transformers  # pylint: disable=g-import-not-at-top
+    text_config = t5.tiny_byt5_config(d_model=config.dit.text_dim, dtype=config.text.dtype)
+    text_params = t5.init_t5_encoder(text_config, rng_text)
+    tokenizer = transformers.ByT5Tokenizer()
+  return Bundle(config, params, text_config, text_params, tokenizer)
+
+
+def save_bundle(path: str, bundle: Bundle) -> None:
+  """Writes ``bundle`` to the folder ``path`` (created; an existing bundle there is refused)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  path = os.path.abspath(path)
+  if os.path.exists(os.path.join(path, "params")):
+    raise FileExistsError(f"{path}: a bundle already exists there; choose another folder")
+  check_params(bundle.config, bundle.params, path)
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+    f.write(bundle.config.to_json(indent=2))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(path, "params"), jax.tree.map(np.asarray, bundle.params))
+  checkpointer.wait_until_finished()
+  if not bundle.config.text.encoder_path:
+    t5.save_hf_encoder(os.path.join(path, "text_encoder"), bundle.text_config,
+                       bundle.text_params, bundle.tokenizer)
+
+
+def _read_config(path: str) -> ml_collections.ConfigDict:
+  config_path = os.path.join(path, "config.json")
+  if not os.path.isfile(config_path):
+    raise BundleError(f"{path}: not a ZipIR bundle (no config.json); export one from training or "
+                      "make one with zipir_jax.bundle.save_bundle")
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except json.JSONDecodeError as e:
+    raise BundleError(f"{config_path}: corrupt config ({e})") from None
+
+
+def load_bundle(path: str) -> Bundle:
+  """Reads and checks a bundle folder; every problem names the file or parameter at fault."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: checkpoint bundle folder not found")
+  config = _read_config(path)
+  params_path = os.path.join(path, "params")
+  if not os.path.isdir(params_path):
+    raise BundleError(f"{path}: bundle has no params/ folder (network weights)")
+  try:
+    params = ocp.StandardCheckpointer().restore(params_path)
+  except Exception as e:  # Orbax raises several types for unreadable checkpoints.
+    raise BundleError(f"{params_path}: cannot read the weights ({type(e).__name__}: {e})") from e
+  check_params(config, params, path)
+  text_path = config.text.encoder_path or os.path.join(path, "text_encoder")
+  if not os.path.isdir(text_path):
+    raise BundleError(f"{path}: no text encoder: neither {text_path} nor config.text.encoder_path")
+  text_config, text_params, tokenizer = t5.load_t5_encoder(text_path, dtype=config.text.dtype)
+  if text_config.d_model != config.dit.text_dim:
+    raise BundleError(f"{text_path}: text encoder width {text_config.d_model} != the DiT's "
+                      f"text_dim {config.dit.text_dim}")
+  return Bundle(config, params, text_config, text_params, tokenizer)
