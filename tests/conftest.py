@@ -7,6 +7,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # random draw per weight) dominates the suite's compile time; no test depends on the generator.
 os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
 
+import importlib.util
 import pathlib
 
 import pytest
@@ -14,6 +15,17 @@ import pytest
 from zipir_jax import config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN_DIR = ROOT / "tests" / "golden"
+
+
+def load_golden_module(name: str):
+  """A numpy-only helper of tests/golden/ (shared by a golden script and its test) as a module."""
+  spec = importlib.util.spec_from_file_location(name, GOLDEN_DIR / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 CONFIG_FILES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.py"))
 
 

@@ -1,9 +1,7 @@
 """`python -m zipir_jax.evaluate` on real photos: several methods, one Table-1-style table."""
 
-import importlib.util
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -14,9 +12,7 @@ from skimage import data as skdata
 
 from zipir_jax import evaluate
 
-from conftest import ROOT
-
-GOLDEN = pathlib.Path(__file__).resolve().parent / "golden"
+from conftest import ROOT, load_golden_module
 
 # Shares the session fixture it needs with the other files of this group on one xdist worker.
 pytestmark = pytest.mark.xdist_group("tiny_bundle")
@@ -38,10 +34,7 @@ def inception_weights(tmp_path_factory):
   """Seeded random FID-Inception weights (the real file is the user's): exercises FID/KID/pFID."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
 
-  spec = importlib.util.spec_from_file_location("inception_reference_weights",
-                                                GOLDEN / "inception_reference_weights.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_golden_module("inception_reference_weights")
   path = tmp_path_factory.mktemp("inception") / "pt_inception.safetensors"
   safetensors.numpy.save_file(module.state_dict(), str(path))
   return path

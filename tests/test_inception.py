@@ -1,6 +1,5 @@
 """FID Inception port: agreement with pytorch-fid (golden file), resize, converter, feature_fn."""
 
-import importlib.util
 import pathlib
 
 import jax
@@ -10,19 +9,13 @@ import pytest
 
 from zipir_jax.models import inception
 
+from conftest import load_golden_module
+
 GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "golden"
 GOLDEN_FILE = GOLDEN_DIR / "inception_golden.npz"
 
 
-def _load_reference_module():
-  spec = importlib.util.spec_from_file_location(
-      "inception_reference_weights", GOLDEN_DIR / "inception_reference_weights.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-reference = _load_reference_module()
+reference = load_golden_module("inception_reference_weights")
 
 
 @pytest.fixture(scope="module")

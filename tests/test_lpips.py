@@ -1,6 +1,5 @@
 """LPIPS-VGG port: agreement with the torch reference (golden file), invariants, converters."""
 
-import importlib.util
 import pathlib
 
 import jax
@@ -11,18 +10,12 @@ import pytest
 from zipir_jax import weights as weights_lib
 from zipir_jax.models import lpips
 
+from conftest import load_golden_module
+
 GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "golden"
 
 
-def _load_reference_weights_module():
-  spec = importlib.util.spec_from_file_location(
-      "lpips_reference_weights", GOLDEN_DIR / "lpips_reference_weights.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-reference = _load_reference_weights_module()
+reference = load_golden_module("lpips_reference_weights")
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import pickle
 import struct
 import zipfile
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
 import ml_dtypes
@@ -454,3 +454,17 @@ def lpips_heads_path(net: str = "vgg", version: str = "0.1") -> str:
     raise FileNotFoundError(f"{path}: LPIPS heads for net={net!r} version={version!r} not found "
                             "in the installed lpips package (expected lpips==0.1.4).")
   return path
+
+
+def tensor(state_dict: Mapping[str, Any], key: str, shape: Sequence[int], source: str,
+           dtype: Any = np.float32) -> np.ndarray:
+  """``state_dict[key]`` as ``dtype``, checked against ``shape``; errors name source, key, shapes.
+
+  The one check every converter (LPIPS, Inception, RRDBNet, ...) applies to each weight it reads.
+  """
+  if key not in state_dict:
+    raise KeyError(f"{source}: missing key '{key}' (expected shape {tuple(shape)}).")
+  value = np.asarray(state_dict[key])
+  if value.shape != tuple(shape):
+    raise ValueError(f"{source}: key '{key}' has shape {value.shape}, expected {tuple(shape)}.")
+  return value.astype(dtype)

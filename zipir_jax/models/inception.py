@@ -252,15 +252,9 @@ def param_shapes() -> dict[str, Any]:
   return jax.eval_shape(lambda im: FIDInceptionV3().init(jax.random.key(0), im), x)
 
 
-def _fetch(state_dict: Mapping[str, Any], key: str, shape: Sequence[int]) -> np.ndarray:
-  """``state_dict[key]`` as float64, checked against ``shape``; errors name key and shapes."""
-  if key not in state_dict:
-    raise KeyError(f"FID Inception: missing key '{key}' (expected shape {tuple(shape)}).")
-  value = np.asarray(state_dict[key])
-  if value.shape != tuple(shape):
-    raise ValueError(f"FID Inception: key '{key}' has shape {value.shape}, expected "
-                     f"{tuple(shape)}.")
-  return value.astype(np.float64)
+def _tensor(state_dict: Mapping[str, Any], key: str, shape: Sequence[int]) -> np.ndarray:
+  """Float64 (BatchNorm is folded in float64, then cast) via the shared check of weights.tensor."""
+  return weights_lib.tensor(state_dict, key, shape, "FID Inception", np.float64)
 
 
 def fold_batch_norm(weight: np.ndarray, gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray,
@@ -304,8 +298,8 @@ def convert(state_dict: Mapping[str, Any]) -> dict[str, Any]:
       node = node[name]
     kh, kw, cin, cout = node["conv"]["kernel"].shape
     prefix = ".".join(path)
-    weight = _fetch(state_dict, f"{prefix}.conv.weight", (cout, cin, kh, kw))
-    bn = {leaf: _fetch(state_dict, f"{prefix}.bn.{leaf}", (cout,))
+    weight = _tensor(state_dict, f"{prefix}.conv.weight", (cout, cin, kh, kw))
+    bn = {leaf: _tensor(state_dict, f"{prefix}.bn.{leaf}", (cout,))
           for leaf in ("weight", "bias", "running_mean", "running_var")}
     expected.update([f"{prefix}.conv.weight"] + [f"{prefix}.bn.{leaf}" for leaf in bn])
     if np.any(bn["running_var"] < 0):
@@ -317,9 +311,9 @@ def convert(state_dict: Mapping[str, Any]) -> dict[str, Any]:
       target = target.setdefault(name, {})
     target["conv"] = {"kernel": kernel, "bias": bias}
   if "fc.weight" in state_dict:
-    _fetch(state_dict, "fc.weight", (NUM_CLASSES, FEATURE_DIM))
+    _tensor(state_dict, "fc.weight", (NUM_CLASSES, FEATURE_DIM))
   if "fc.bias" in state_dict:
-    _fetch(state_dict, "fc.bias", (NUM_CLASSES,))
+    _tensor(state_dict, "fc.bias", (NUM_CLASSES,))
   _check_no_unexpected_keys(state_dict, expected)
   return {"params": params}
 

@@ -108,17 +108,6 @@ class LPIPS(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
-def _fetch(state_dict: Mapping[str, Any], key: str, shape: Sequence[int],
-           source: str) -> np.ndarray:
-  """``state_dict[key]`` as float32, checked against ``shape``; errors name key and shapes."""
-  if key not in state_dict:
-    raise KeyError(f"{source}: missing key '{key}' (expected shape {tuple(shape)}).")
-  value = np.asarray(state_dict[key])
-  if value.shape != tuple(shape):
-    raise ValueError(f"{source}: key '{key}' has shape {value.shape}, expected {tuple(shape)}.")
-  return value.astype(np.float32)
-
-
 def _vgg_key_prefixes(state_dict: Mapping[str, Any]) -> list[str]:
   """Key prefix of each conv: torchvision ``features.{i}`` or lpips ``net.slice{k}.{i}``."""
   if any(k.startswith("net.slice") for k in state_dict):
@@ -140,8 +129,9 @@ def convert_vgg16(state_dict: Mapping[str, Any]) -> dict[str, dict[str, np.ndarr
   prefixes = _vgg_key_prefixes(state_dict)
   channels = [c for block in VGG16_BLOCKS for c in block]
   for name, prefix, out_channels in zip(conv_names(), prefixes, channels):
-    w = _fetch(state_dict, f"{prefix}.weight", (out_channels, in_channels, 3, 3), "VGG16")
-    b = _fetch(state_dict, f"{prefix}.bias", (out_channels,), "VGG16")
+    w = weights_lib.tensor(state_dict, f"{prefix}.weight", (out_channels, in_channels, 3, 3),
+                           "VGG16")
+    b = weights_lib.tensor(state_dict, f"{prefix}.bias", (out_channels,), "VGG16")
     params[name] = {"kernel": np.transpose(w, (2, 3, 1, 0)), "bias": b}
     in_channels = out_channels
   return params
@@ -151,7 +141,8 @@ def convert_heads(state_dict: Mapping[str, Any]) -> dict[str, dict[str, np.ndarr
   """lpips ``vgg.pth`` (``lin{k}.model.1.weight``, (1, C, 1, 1)) -> ``lin{k}`` Dense params."""
   params = {}
   for k, channels in enumerate(TAP_CHANNELS):
-    w = _fetch(state_dict, f"lin{k}.model.1.weight", (1, channels, 1, 1), "LPIPS heads")
+    w = weights_lib.tensor(state_dict, f"lin{k}.model.1.weight", (1, channels, 1, 1),
+                           "LPIPS heads")
     params[f"lin{k}"] = {"kernel": w.reshape(1, channels).T}
   return params
 

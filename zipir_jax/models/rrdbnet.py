@@ -206,25 +206,15 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: RRDBNet | None = No
     node = params
     for part in re.sub(r"body\.(\d+)", r"body_\1", name).split("."):
       node = node.setdefault(part, {})
-    weight = _fetch(state_dict, f"{name}.weight", shape, source)
+    weight = weights_lib.tensor(state_dict, f"{name}.weight", shape, source)
     node["kernel"] = np.transpose(weight, (2, 3, 1, 0))
-    node["bias"] = _fetch(state_dict, f"{name}.bias", shape[:1], source)
+    node["bias"] = weights_lib.tensor(state_dict, f"{name}.bias", shape[:1], source)
     expected_keys |= {f"{name}.weight", f"{name}.bias"}
   unused = sorted(set(state_dict) - expected_keys)
   if unused:
     raise ValueError(f"{source}: keys not used by {model}: {unused[:8]}"
                      f"{' ...' if len(unused) > 8 else ''}")
   return {"params": params}
-
-
-def _fetch(state_dict: Mapping[str, Any], key: str, shape: Sequence[int],
-           source: str) -> np.ndarray:
-  if key not in state_dict:
-    raise KeyError(f"{source}: missing key '{key}' (expected shape {tuple(shape)}).")
-  value = np.asarray(state_dict[key])
-  if value.shape != tuple(shape):
-    raise ValueError(f"{source}: key '{key}' has shape {value.shape}, expected {tuple(shape)}.")
-  return value.astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------
