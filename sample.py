@@ -40,6 +40,9 @@ _COLOR_FIX = flags.DEFINE_enum("color_fix", None, ["none", "wavelet", "adain"],
 _BATCH = flags.DEFINE_integer("batch_size", 1, "Images of the same size restored together.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype of all networks.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
+_CACHE = flags.DEFINE_string("compilation_cache", None, "Folder of the persistent XLA compilation "
+                             "cache (default $JAX_COMPILATION_CACHE_DIR or ~/.cache/zipir_jax/xla; "
+                             "'' disables).")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -108,6 +111,7 @@ def main(argv):
   from zipir_jax import bundle as bundle_lib, restore  # pylint: disable=g-import-not-at-top
   from zipir_jax.data.decode import decode_image  # pylint: disable=g-import-not-at-top
 
+  restore.enable_compilation_cache(_CACHE.value)
   paths = list_inputs(_INPUT.value)
   if not paths:
     print(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) found at {_INPUT.value}",

@@ -6,6 +6,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # RBG keys compile several times faster than threefry on XLA:CPU, and parameter initialisation (a
 # random draw per weight) dominates the suite's compile time; no test depends on the generator.
 os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
+# One persistent compilation cache for the xdist workers and the CLI subprocesses of a run: the same
+# tiny programs are otherwise compiled again in every process (ignored by git; fresh in CI).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import importlib.util
 import pathlib
@@ -24,6 +29,15 @@ def load_golden_module(name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+
+
+def subprocess_env() -> dict[str, str]:
+  """Environment for CLI subprocesses: CPU, this run's RNG and compilation-cache settings."""
+  keep = ("PATH", "JAX_PLATFORMS", "JAX_DEFAULT_PRNG_IMPL", "JAX_COMPILATION_CACHE_DIR",
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+  return {k: os.environ[k] for k in keep if k in os.environ}
 
 
 CONFIG_FILES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.py"))

@@ -9,7 +9,7 @@ import pytest
 from zipir_jax import config_lib
 from zipir_jax.models import autoencoder, summary
 
-from conftest import CONFIG_FILES, ROOT
+from conftest import CONFIG_FILES, ROOT, subprocess_env
 
 # Shares the session fixture it needs with the other files of this group on one xdist worker.
 pytestmark = pytest.mark.xdist_group("tiny_lpvae")
@@ -90,7 +90,7 @@ def test_summary_counts_match_real_initialisation(tiny_config, tiny_lpvae):
 def test_summary_cli_prints_every_component_for_every_config():
   out = subprocess.run([sys.executable, "-m", "zipir_jax.models.summary", "--size=2048x1376"],
                        cwd=ROOT, capture_output=True, text=True, check=True,
-                       env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}).stdout
+                       env=subprocess_env()).stdout
   blocks = out.strip().split("\n\n")
   assert len(blocks) == len(CONFIG_FILES)
   for block, path in zip(blocks, CONFIG_FILES):
@@ -105,7 +105,7 @@ def test_summary_cli_prints_every_component_for_every_config():
 def test_summary_single_config_and_bad_size():
   run = lambda *a: subprocess.run([sys.executable, "-m", "zipir_jax.models.summary", *a], cwd=ROOT,
                                   capture_output=True, text=True,
-                                  env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+                                  env=subprocess_env())
   out = run("--config=configs/zipir_3b.py")
   assert out.returncode == 0 and out.stdout.count("==") == 1 and "(1, 64, 64, 64)" in out.stdout
   bad = run("--config=configs/zipir_3b.py", "--size=2048x")

@@ -10,7 +10,7 @@ from PIL import Image
 
 from zipir_jax.data import testing
 
-from conftest import ROOT
+from conftest import ROOT, subprocess_env
 
 BAD = ("corrupt.jpg", "truncated.jpg", "zero_bytes.png", "garbage_after_header.png")
 
@@ -19,9 +19,8 @@ pytestmark = pytest.mark.xdist_group("tiny_bundle")
 
 
 def _run(*args):
-  env = {"JAX_PLATFORMS": "cpu", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
   return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True,
-                        text=True, env=env, timeout=600)
+                        text=True, env=subprocess_env(), timeout=600)
 
 
 def test_folder_with_good_and_bad_images(tmp_path, tiny_bundle_dir):

@@ -136,6 +136,11 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   restore.color_fix = "none"  # "none" | "wavelet" | "adain"
   restore.fusion_weight = 1.0  # D_f*'s LQ-feature injection strength (0 = plain D_f).
   restore.min_lq_size = 8  # LQ images with a side below this are refused as too small.
+  # From this many output pixels on, encoder and decoder run eagerly with convolutions in row strips
+  # and whole-image GroupNorm statistics (models/tiling.py): one XLA program for a 4096² decoder
+  # compiles for minutes and holds many full-resolution buffers.
+  restore.tile_min_pixels = 4096 * 4096
+  restore.tile_strip_rows = 256
 
   # --- Host input pipeline (grain).
   config.data = data_defaults.get_data_config()

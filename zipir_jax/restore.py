@@ -5,13 +5,15 @@
   un-normalise → decode with the pixel-aware decoder D_f*(z, LQ↑) → crop → optional colour fix.
 
 Images of the same size are restored as one batch; every jitted program is compiled once per
-(batch, shape). Host-side images are uint8 or float in [0, 1] HWC RGB; inside, [-1, 1] NHWC.
+(batch, shape). From ``config.restore.tile_min_pixels`` (4096² by default) the VAE networks run
+tiled with whole-image GroupNorm statistics (models/tiling.py): same result, small programs. Host-side images are uint8 or float in [0, 1] HWC RGB; inside, [-1, 1] NHWC.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,10 +24,26 @@ import numpy as np
 from zipir_jax import diffusion, text
 from zipir_jax.bundle import Bundle
 from zipir_jax.data import degradations
-from zipir_jax.models import autoencoder, dit as dit_lib, t5
+from zipir_jax.models import autoencoder, dit as dit_lib, t5, tiling
 
 Array = jax.Array
 COLOR_FIXES = ("none", "wavelet", "adain")
+
+
+def enable_compilation_cache(path: str | None = None) -> str | None:
+  """Persists compiled programs on disk, so a repeated run at the same shapes skips compilation.
+
+  ``path`` None: ``$JAX_COMPILATION_CACHE_DIR`` if set, else ``~/.cache/zipir_jax/xla``; "" disables.
+  """
+  if path is None:
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "zipir_jax", "xla")
+  if not path:
+    return None
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,18 +158,35 @@ class Restorer:
     return text.encode_prompts(prompts, self.bundle.tokenizer, self.text_model,
                                self.bundle.text_params, self.config.text.max_length)
 
-  @functools.partial(jax.jit, static_argnums=0)
-  def _encode(self, params: Any, lq_up: Array) -> Array:
+  def _encode_fn(self, params: Any, lq_up: Array) -> Array:
     """LQ↑ -> normalised latent (the DiT's condition); the posterior mode, no sampling."""
     z, _ = self.vae.apply({"params": params["vae"]}, lq_up, method="encode")
     stats = params["latent_stats"]
     return (z - stats["mean"]) / stats["std"]
 
-  @functools.partial(jax.jit, static_argnums=0)
-  def _decode(self, params: Any, z: Array, lq_up: Array, fusion_weight: Array) -> Array:
+  def _decode_fn(self, params: Any, z: Array, lq_up: Array, fusion_weight: Array) -> Array:
     stats = params["latent_stats"]
     z = z * stats["std"] + stats["mean"]
     return self.pixel_decoder.apply({"params": params["pixel_decoder"]}, z, lq_up, fusion_weight)
+
+  _encode_jit = functools.partial(jax.jit, static_argnums=0)(_encode_fn)
+  _decode_jit = functools.partial(jax.jit, static_argnums=0)(_decode_fn)
+
+  def tiled(self, height: int, width: int) -> bool:
+    """Whether images of this (padded) size run the VAE networks tiled (see models/tiling.py)."""
+    return height * width >= self.config.restore.tile_min_pixels
+
+  def encode(self, params: Any, lq_up: Array) -> Array:
+    if self.tiled(*lq_up.shape[1:3]):
+      with tiling.tiled_convolutions(self.config.restore.tile_strip_rows):
+        return self._encode_fn(params, lq_up)
+    return self._encode_jit(params, lq_up)
+
+  def decode(self, params: Any, z: Array, lq_up: Array, fusion_weight: Array) -> Array:
+    if self.tiled(*lq_up.shape[1:3]):
+      with tiling.tiled_convolutions(self.config.restore.tile_strip_rows):
+        return self._decode_fn(params, z, lq_up, fusion_weight)
+    return self._decode_jit(params, z, lq_up, fusion_weight)
 
   def _sampler(self, steps: int):
     if steps not in self._samplers:
@@ -188,7 +223,7 @@ class Restorer:
     params = self.bundle.params
 
     # 3. Encode LQ↑ (the condition), 4. sample the restored latent with DDIM + CFG.
-    lq_latent = self._encode(params, lq_up_padded)
+    lq_latent = self.encode(params, lq_up_padded)
     text_emb, text_mask = self.encode_text(prompts)
     negative = diff.negative_prompt if options.negative_prompt is None else options.negative_prompt
     neg_emb, neg_mask = self.encode_text([negative])
@@ -201,7 +236,7 @@ class Restorer:
 
     # 5. Decode with D_f* (LQ↑ supplies pixel detail), 6. crop, 7. colour fix.
     fusion = cfg.restore.fusion_weight if options.fusion_weight is None else options.fusion_weight
-    restored = self._decode(params, z, lq_up_padded, jnp.float32(fusion))[:, :h, :w]
+    restored = self.decode(params, z, lq_up_padded, jnp.float32(fusion))[:, :h, :w]
     restored = color_fix(restored, jnp.asarray(lq_up), method)
     return np.asarray(jnp.clip((restored + 1.0) / 2.0, 0.0, 1.0))
 

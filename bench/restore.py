@@ -1,0 +1,141 @@
+r"""Full restoration with random weights: encode, DDIM step (CFG batch 2B), decode, total, memory, MFU.
+
+  python bench/restore.py --config=configs/zipir_3b.py --sizes=2048,4096 --dtype=bfloat16
+  python bench/restore.py --config=configs/tiny.py --sizes=256 --dtype=float32   # CPU smoke run
+
+Side by side in the same run: a plain JAX DiT layer stack of the same depth, width and token count
+(self-attention + MLP per layer, no adaLN/cross-attention/RoPE) — the floor ZipDiT's step is compared
+with. MFU = XLA's FLOP count of one guided step / step time / --peak_tflops (790 for bf16 on
+H100/H200, measured on random data). Medians over --repeats. Paste the output into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zipir_jax import bundle as bundle_lib, config_lib, diffusion, restore
+from zipir_jax.models import autoencoder, dit as dit_lib
+
+
+def _median_time(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _flops(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, list) else analysis
+  return float((analysis or {}).get("flops", float("nan")))
+
+
+def plain_stack_step(depth: int, hidden: int, heads: int, tokens: int, batch: int, dtype,
+                     implementation: str | None):
+  """A plain pre-norm transformer stack (attention + 4x MLP), scanned: (compiled fn, args)."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  scale = hidden ** -0.5
+  w = {"qkv": jax.random.normal(keys[0], (depth, hidden, 3 * hidden), dtype) * scale,
+       "out": jax.random.normal(keys[1], (depth, hidden, hidden), dtype) * scale,
+       "up": jax.random.normal(keys[2], (depth, hidden, 4 * hidden), dtype) * scale,
+       "down": jax.random.normal(keys[3], (depth, 4 * hidden, hidden), dtype) * scale}
+  x = jnp.ones((batch, tokens, hidden), dtype)
+
+  def layer(x, p):
+    h = x * jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), -1, keepdims=True) + 1e-6
+                          ).astype(dtype)
+    q, k, v = jnp.split(h @ p["qkv"], 3, axis=-1)
+    q, k, v = (t.reshape(batch, tokens, heads, hidden // heads) for t in (q, k, v))
+    a = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    x = x + a.reshape(batch, tokens, hidden) @ p["out"]
+    return x + jax.nn.gelu(x @ p["up"]) @ p["down"], None
+
+  fn = jax.jit(lambda x, w: jax.lax.scan(layer, x, w)[0]).lower(x, w).compile()
+  return fn, (x, w)
+
+
+def bench(config_name: str, size: int, dtype: str, repeats: int, peak_tflops: float) -> dict:
+  root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+  config = config_lib.load_config(os.path.join(root, f"{config_name}.py"))
+  config_lib.apply_overrides(config, {"vae.dtype": dtype, "dit.dtype": dtype,
+                                      "text.dtype": dtype})
+  bundle = bundle_lib.random_bundle(config, jax.random.key(0))
+  restorer = restore.Restorer(bundle)
+  params = bundle.params
+  factor = restorer.factor
+  lq = np.random.default_rng(0).integers(0, 256, (size // 8, size // 8, 3), np.uint8)
+
+  # Encode / decode as the restorer runs them (tiled from config.restore.tile_min_pixels on).
+  lq_up = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (1, size, size, 3)), jnp.float32)
+  latent = jax.block_until_ready(restorer.encode(params, lq_up))
+  encode_s = _median_time(lambda: restorer.encode(params, lq_up), repeats)
+  decode_s = _median_time(lambda: restorer.decode(params, latent, lq_up, jnp.float32(1.0)),
+                          repeats)
+
+  # One guided DDIM step: the DiT on the CFG batch 2B.
+  text_emb, text_mask = restorer.encode_text([""])
+  denoise = dit_lib.as_denoise_fn(restorer.dit)
+  step = jax.jit(lambda p, z, t: diffusion.guided_eps(
+      denoise, p, z, t, latent, text_emb, text_mask, text_emb, text_mask, 3.5))
+  t = jnp.full((1,), 500)
+  compiled = step.lower(params["dit"], latent, t).compile()
+  step_s = _median_time(lambda: compiled(params["dit"], latent, t), repeats)
+  step_flops = _flops(compiled)
+
+  tokens = (size // factor // config.dit.patch_size) ** 2
+  tokens *= 2 if config.dit.lq_fusion == "concat" else 1
+  plain, args = plain_stack_step(config.dit.depth, config.dit.hidden_size, config.dit.num_heads,
+                                 tokens, 2, autoencoder.compute_dtype(dtype),
+                                 "cudnn" if jax.default_backend() == "gpu" else None)
+  plain_s = _median_time(lambda: plain(*args), repeats)
+  plain_flops = _flops(plain)
+
+  total_s = _median_time(lambda: restorer.restore([lq], (size, size)), max(1, repeats // 2))
+  stats = jax.devices()[0].memory_stats() or {}
+  return dict(config=config_name, size=size, tokens=tokens, dtype=dtype,
+              tiled=restorer.tiled(size, size), encode_ms=encode_s * 1e3, decode_ms=decode_s * 1e3,
+              step_ms=step_s * 1e3, steps=config.diffusion.sample_steps, total_s=total_s,
+              mfu=step_flops / step_s / (peak_tflops * 1e12),
+              plain_ms=plain_s * 1e3, plain_mfu=plain_flops / plain_s / (peak_tflops * 1e12),
+              peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2 ** 30)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default="configs/zipir_3b.py")
+  parser.add_argument("--sizes", default="2048")
+  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--peak_tflops", type=float, default=790.0)
+  args = parser.parse_args()
+  name = os.path.splitext(os.path.basename(args.config))[0]
+  device = jax.devices()[0]
+  print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  {device.platform}: {device.device_kind}  "
+        f"jax {jax.__version__}  peak {args.peak_tflops} TFLOP/s")
+  print(f"# command: python {' '.join(sys.argv)}")
+  print("| config | size | tokens | dtype | tiled | encode ms | DiT step ms (CFG 2B) | MFU | "
+        "plain stack ms | plain MFU | decode ms | total s (steps) | peak GiB |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for size in (int(s) for s in args.sizes.split(",")):
+    r = bench(name, size, args.dtype, args.repeats, args.peak_tflops)
+    print(f"| {r['config']} | {r['size']}² | {r['tokens']} | {r['dtype']} | {r['tiled']} | "
+          f"{r['encode_ms']:.1f} | {r['step_ms']:.1f} | {r['mfu']:.0%} | {r['plain_ms']:.1f} | "
+          f"{r['plain_mfu']:.0%} | {r['decode_ms']:.1f} | {r['total_s']:.2f} ({r['steps']}) | "
+          f"{r['peak_gib']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
