@@ -1,0 +1,114 @@
+r"""DiT training-step throughput and MFU (the jitted ``train_step`` of stage ``dit``, random weights).
+
+  python bench/train_step.py --config=configs/zipir_3b.py:dit --resolution=1024 --batch=8
+  python bench/train_step.py --config=configs/tiny.py:dit --resolution=64 --batch=4   # CPU smoke
+
+The step is the one train.py runs: frozen LP-VAE encoding of HQ and LQ↑, ε-prediction loss with text
+dropout, AdamW, EMA, on the mesh ``config.train.mesh``. Text embeddings are random (the T5 encoder runs
+outside the step). Two FLOP counts are reported:
+
+* ``model_tflops``: the analytic DiT training FLOPs, 6·N·tokens for the dense layers plus attention
+  (self 4·T²·d, cross 4·T·L·d per layer, x3 for forward+backward), i.e. what MFU conventionally counts;
+* ``xla_tflops``: XLA's cost analysis of the compiled step (includes the VAE encoders and remat
+  recomputation; a hardware-FLOPs-utilisation view).
+
+MFU = model FLOPs per second / (peak FLOP/s per device x devices); the peak comes from
+``--peak_tflops`` or the device kind (zipir_jax.training.reporting.PEAK_TFLOPS).
+"""
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/zipir_3b.py:dit", "experiment config[:dit]")
+flags.DEFINE_integer("resolution", 1024, "HQ image side in pixels (latent side = resolution / 32)")
+flags.DEFINE_integer("batch", 8, "global batch size")
+flags.DEFINE_integer("steps", 10, "timed steps (after one warm-up step)")
+flags.DEFINE_float("peak_tflops", 0.0, "per-device peak TFLOP/s; 0 = from the device kind")
+flags.DEFINE_string("out", "", "also write the result as JSON here")
+
+
+def dit_model_flops(config, batch: int, latent_hw: tuple[int, int]) -> float:
+  """Analytic training FLOPs (forward + backward = 3x forward) of the DiT for one step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from zipir_jax.models import dit as dit_lib  # pylint: disable=g-import-not-at-top
+  counts = dit_lib.param_breakdown(config)
+  p = config.dit.patch_size
+  tokens = (latent_hw[0] // p) * (latent_hw[1] // p)
+  seq = tokens * (2 if config.dit.lq_fusion == "concat" else 1)
+  d, depth, text_len = config.dit.hidden_size, config.dit.depth, config.text.max_length
+  del jax
+  # Dense layers touch every token of the sequence (text projection: every text token).
+  text_params = counts["text_projection (T5 -> hidden)"]
+  token_params = counts["total"] - text_params
+  dense = 2 * (token_params * seq + text_params * text_len)
+  attention = depth * (4 * seq * seq * d + 4 * seq * text_len * d)
+  return 3.0 * batch * (dense + attention)
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from zipir_jax import parallel  # pylint: disable=g-import-not-at-top
+  from zipir_jax.training import reporting, state as state_lib, steps  # pylint: disable=g-import-not-at-top
+
+  config = FLAGS.config
+  if config.stage != "dit":
+    raise SystemExit(f"bench/train_step.py measures the dit stage; got stage {config.stage!r}")
+  if FLAGS.resolution % 32:
+    raise SystemExit(f"--resolution={FLAGS.resolution} must be a multiple of 32")
+  mesh = parallel.create_mesh(tuple(config.train.mesh))
+  models = state_lib.build_models(config)
+  state, shardings = state_lib.create_train_state(models, mesh, jax.random.PRNGKey(0), {})
+  step = steps.jit_train_step(models, mesh, shardings)
+  rs = np.random.RandomState(0)
+  b, r, length = FLAGS.batch, FLAGS.resolution, config.text.max_length
+  host = {"hq": rs.uniform(-1, 1, (b, r, r, 3)).astype(np.float32),
+          "lq_up": rs.uniform(-1, 1, (b, r, r, 3)).astype(np.float32),
+          "text_emb": rs.normal(size=(b, length, config.dit.text_dim)).astype(np.float32),
+          "text_mask": np.ones((b, length), np.int32)}
+  batch = parallel.global_batch(host, mesh)
+
+  t0 = time.perf_counter()
+  xla_flops = step.flops(state, batch)
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(FLAGS.steps):
+    state, metrics = step(state, batch)
+  jax.block_until_ready((state, metrics))
+  step_s = (time.perf_counter() - t0) / FLAGS.steps
+
+  model_flops = dit_model_flops(config, b, (r // 32, r // 32))
+  peak = FLAGS.peak_tflops * 1e12 if FLAGS.peak_tflops else reporting.peak_flops_per_device(
+      config.train)
+  result = {
+      "config": config.name, "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+      "mesh": dict(mesh.shape), "resolution": r, "batch": b, "dtype": config.dit.dtype,
+      "remat_policy": config.dit.remat_policy, "compile_and_first_step_s": round(compile_s, 2),
+      "step_ms": round(step_s * 1e3, 2), "examples_per_sec": round(b / step_s, 3),
+      "model_tflops_per_step": model_flops / 1e12,
+      "xla_tflops_per_step": xla_flops / 1e12 if xla_flops else None,
+      "loss": float(metrics["loss"]),
+  }
+  if peak:
+    result["mfu"] = model_flops / step_s / (peak * jax.device_count())
+    if xla_flops:
+      result["hfu_xla"] = xla_flops / step_s / (peak * jax.device_count())
+  print(json.dumps(result, indent=2))
+  if FLAGS.out:
+    with open(FLAGS.out, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,68 @@
+"""Small pieces of the training step, in process: accumulation, schedule, mesh helpers."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from zipir_jax import config_lib, parallel
+from zipir_jax.training import state as state_lib, steps
+
+
+def test_gradient_accumulation_equals_full_batch():
+  rs = np.random.RandomState(0)
+  batch = {"x": jnp.asarray(rs.normal(size=(8, 3)), jnp.float32),
+           "y": jnp.asarray(rs.normal(size=(8,)), jnp.float32)}
+  params = {"w": jnp.asarray([0.5, -1.0, 2.0])}
+
+  def loss_fn(p, b, rng):
+    del rng
+    loss = jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)
+    return loss, {"loss": loss}
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (l1, _), g1 = steps.accumulate(grad_fn, params, batch, jax.random.PRNGKey(0), 1)
+  (l4, aux4), g4 = jax.jit(lambda p, b: steps.accumulate(grad_fn, p, b, jax.random.PRNGKey(0), 4))(
+      params, batch)
+  np.testing.assert_allclose(l4, l1, rtol=1e-6)
+  np.testing.assert_allclose(aux4["loss"], l1, rtol=1e-6)
+  np.testing.assert_allclose(g4["w"], g1["w"], rtol=1e-5)
+  with pytest.raises(ValueError, match="grad_accum=3"):
+    steps.accumulate(grad_fn, params, batch, jax.random.PRNGKey(0), 3)
+
+
+def test_learning_rate_warms_up_then_decays_to_end_lr():
+  optim = config_lib.load_config("configs/zipir_3b.py:dit").optim  # supp. A: 5e-5 -> 5e-6
+  lr = state_lib.learning_rate(optim)
+  assert float(lr(0)) == 0.0
+  np.testing.assert_allclose(float(lr(optim.warmup_steps)), 5e-5, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(optim.num_steps)), 5e-6, rtol=1e-6)
+  assert (optim.b1, optim.b2, optim.weight_decay) == (0.9, 0.95, 0.05)
+
+
+def test_mesh_and_specs():
+  mesh = parallel.create_mesh((-1, 1, 1))
+  assert mesh.axis_names == ("data", "fsdp", "tensor")
+  assert mesh.devices.size == jax.device_count()
+  with pytest.raises(ValueError, match="needs 6 devices"):
+    parallel.create_mesh((2, 3, 1))
+  # A dimension the mesh axes do not divide stays replicated.
+  fake = jax.sharding.Mesh(np.asarray(jax.devices() * 4)[:4].reshape(1, 4, 1), parallel.MESH_AXES)
+  assert parallel.fit_spec(P(None, None, None, "fsdp"), (3, 3, 16, 9), fake) == P(None, None, None,
+                                                                                   None)
+  assert parallel.fit_spec(P("fsdp", "tensor"), (8, 6), fake) == P("fsdp", "tensor")
+
+
+def test_stage_partition_names_every_network():
+  for stage in state_lib.STAGES:
+    assert not set(state_lib.TRAINABLE[stage]) & set(state_lib.FROZEN[stage])
+  config = config_lib.load_config("configs/tiny.py:pixel_decoder")
+  boxed = jax.eval_shape(lambda: state_lib.boxed_init(state_lib.build_models(config),
+                                                      jax.random.PRNGKey(0)))
+  for name in state_lib.TRAINABLE["pixel_decoder"] + state_lib.FROZEN["pixel_decoder"]:
+    assert name in boxed
+  specs = jax.tree.leaves(nn.get_partition_spec(boxed["pixel_decoder"]),
+                          is_leaf=lambda x: isinstance(x, P))
+  assert any("conv_out" in tuple(s) for s in specs)  # logical names reach the sharding rules

@@ -1,0 +1,113 @@
+"""Orbax checkpoints (train state + grain iterator), stage exports and stage prerequisites.
+
+Workdir layout (``--workdir=runs/tiny``; one folder per stage, so stages chain without flags):
+
+  runs/tiny/<stage>/checkpoints/<step>/{state,data}   resumable (async, keep-N, latest restored)
+  runs/tiny/<stage>/export/{config.json,params}       EMA weights of everything later stages need
+  runs/tiny/dit/bundle/                               the restoration bundle sample.py loads
+  runs/tiny/<stage>/metrics.jsonl, images/            reporting
+
+Stage S reads the export of the stage before it (``PREREQUISITE[S]``) from
+``WORKDIR/<that stage>/export`` unless ``config.train.init_from.<that stage>`` names another folder.
+Each export carries forward what later stages need (frozen encoders, D_f, latent statistics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PREREQUISITE = {"vae_fine": "vae_coarse", "pixel_decoder": "vae_fine", "dit": "pixel_decoder"}
+
+
+class MissingPrerequisiteError(FileNotFoundError):
+  """An earlier stage's export is not where this stage looks for it."""
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+  return os.path.join(os.path.abspath(workdir), stage)
+
+
+def export_dir(workdir: str, stage: str) -> str:
+  return os.path.join(stage_dir(workdir, stage), "export")
+
+
+def prerequisite_path(config, workdir: str) -> str | None:
+  stage = config.stage
+  if stage not in PREREQUISITE:
+    return None
+  earlier = PREREQUISITE[stage]
+  return os.path.abspath(config.train.init_from[earlier] or export_dir(workdir, earlier))
+
+
+def load_prerequisites(config, workdir: str, config_file: str = "configs/<model>.py") -> dict:
+  """Parameters exported by the earlier stage; refuses with the command that produces them."""
+  path = prerequisite_path(config, workdir)
+  if path is None:
+    return {}
+  earlier = PREREQUISITE[config.stage]
+  if not os.path.isdir(os.path.join(path, "params")):
+    raise MissingPrerequisiteError(
+        f"stage {config.stage!r} needs the {earlier!r} export at {path} (its params/ folder is "
+        f"missing). Produce it with:\n  python train.py --config={config_file}:{earlier} "
+        f"--workdir={os.path.abspath(workdir)}\nor point --config.train.init_from.{earlier}=DIR at "
+        f"an existing export.")
+  return restore_export(path)
+
+
+def save_export(path: str, config, params: dict) -> None:
+  """EMA weights (+ carried-forward frozen parts) of a finished stage, readable without the code."""
+  path = os.path.abspath(path)
+  target = os.path.join(path, "params")
+  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+  if jax.process_index() == 0:
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json(indent=2))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(target, host, force=True)
+  checkpointer.wait_until_finished()
+
+
+def restore_export(path: str) -> dict:
+  return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"))
+
+
+def create_manager(directory: str, train_config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=int(train_config.keep_checkpoints),
+      save_interval_steps=int(train_config.checkpoint_every),
+      enable_async_checkpointing=bool(train_config.async_checkpointing),
+      create=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=("state", "data"))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any,
+         force: bool = False) -> bool:
+  return manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)),
+      force=force)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any,
+            step: int | None = None) -> tuple[Any, int] | None:
+  """Latest (or ``step``) checkpoint onto ``abstract_state``'s shardings (any mesh); None if none."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(data_iter)))
+  return restored["state"], step
+
+
+def read_export_config(path: str) -> dict:
+  with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+    return json.load(f)

@@ -1,0 +1,227 @@
+"""``train_and_evaluate(config, workdir)``: one stage of progressive ZipIR training, start to export.
+
+Reads the earlier stage's export (refusing clearly when it is missing), builds the sharded train
+state, resumes from the latest checkpoint in ``WORKDIR/<stage>/checkpoints`` (train state, RNG and
+grain iterator state), runs the jitted step, reports, checkpoints every N steps / at the end / on
+SIGTERM, and finally exports the EMA weights (the dit stage writes the restoration bundle).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from zipir_jax import bundle as bundle_lib, parallel, text as text_lib
+from zipir_jax.data import pipeline
+from zipir_jax.models import t5
+from zipir_jax.training import checkpointing, reporting, state as state_lib, steps
+
+
+def to_host(tree: Any) -> Any:
+  """Global (possibly sharded across hosts) arrays -> numpy, identical on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+class NonFiniteError(RuntimeError):
+  """Too many non-finite updates in a row; the last good checkpoint is on disk."""
+
+
+def text_encoder(config, rng: jax.Array):
+  """(T5Encoder, params, tokenizer): config.text.encoder_path, else the tiny random ByT5-style one."""
+  if config.text.encoder_path:
+    text_config, params, tokenizer = t5.load_t5_encoder(config.text.encoder_path,
+                                                        dtype=config.text.dtype)
+  else:
+    import transformers  # pylint: disable=g-import-not-at-top
+    text_config = t5.tiny_byt5_config(d_model=config.dit.text_dim, dtype=config.text.dtype)
+    params, tokenizer = t5.init_t5_encoder(text_config, rng), transformers.ByT5Tokenizer()
+  return text_config, params, tokenizer
+
+
+def _prerequisite_subset(stage: str, prereqs: dict) -> dict:
+  wanted = set(state_lib.TRAINABLE[stage]) | set(state_lib.FROZEN[stage])
+  if stage == "pixel_decoder":
+    wanted |= {"fine_encoder", "fine_decoder"}
+  return {k: v for k, v in prereqs.items() if k in wanted}
+
+
+def measure_latent_stats(models, params: dict, data_iter, mesh, num_batches: int) -> dict:
+  """Per-channel mean/std of the LP-VAE latent (posterior mode) over ``num_batches`` batches."""
+  encode = jax.jit(lambda p, x: models.vae.apply({"params": p}, x, method="encode")[0])
+  total = None
+  for _ in range(max(num_batches, 1)):
+    batch = parallel.global_batch({"hq": next(data_iter)["hq"]}, mesh)
+    with mesh:
+      z = encode(params, batch["hq"]).astype(jnp.float32)
+    s = jnp.stack([jnp.sum(z, axis=(0, 1, 2)), jnp.sum(z * z, axis=(0, 1, 2)),
+                   jnp.full(z.shape[-1:], z.shape[0] * z.shape[1] * z.shape[2], jnp.float32)])
+    s = np.asarray(jax.device_get(s), np.float64)
+    total = s if total is None else total + s
+  mean = total[0] / total[2]
+  std = np.sqrt(np.maximum(total[1] / total[2] - mean ** 2, 1e-12))
+  return {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}
+
+
+def _host_batch(example: dict, stage: str, step: int, nan_steps, text) -> dict[str, np.ndarray]:
+  batch = {k: np.asarray(example[k], np.float32) for k in ("hq", "lq_up")
+           if k in steps.batch_keys(stage)}
+  if step in nan_steps:  # fault-handling tests: a planted non-finite batch.
+    batch["hq"] = np.full_like(batch["hq"], np.nan)
+  if stage == "dit":
+    model, params, tokenizer, length = text
+    emb, mask = text_lib.encode_prompts([str(c) for c in example["caption"]], tokenizer, model,
+                                        params, length)
+    batch["text_emb"] = np.asarray(emb, np.float32)
+    batch["text_mask"] = np.asarray(mask, np.int32)
+  return batch
+
+
+def export(config, workdir: str, stage_state, prereqs: dict, models, data_iter, mesh,
+           text=None) -> str:
+  """Writes the stage's EMA export (dit: the restoration bundle); returns its folder."""
+  stage = config.stage
+  ema = to_host(stage_state.ema_params)
+  frozen = to_host(stage_state.frozen)
+  if stage == "dit":
+    model_config, text_params, tokenizer = text
+    params = {"vae": {k: frozen[k] for k in ("coarse_encoder", "fine_encoder")},
+              "pixel_decoder": prereqs["pixel_decoder"], "dit": ema["dit"],
+              "latent_stats": frozen["latent_stats"]}
+    path = os.path.join(checkpointing.stage_dir(workdir, stage), "bundle")
+    if jax.process_index() == 0:
+      if os.path.exists(path):
+        shutil.rmtree(path)
+      bundle_lib.save_bundle(path, bundle_lib.Bundle(config, params, model_config, text_params,
+                                                     tokenizer))
+    return path
+  params = dict(ema)
+  if stage == "vae_fine":
+    params["coarse_encoder"] = frozen["coarse_encoder"]
+    params["latent_stats"] = measure_latent_stats(
+        models, {"coarse_encoder": frozen["coarse_encoder"], "fine_encoder": ema["fine_encoder"]},
+        data_iter, mesh, int(config.train.latent_stats_batches))
+  if stage == "pixel_decoder":
+    params.update({k: prereqs[k] for k in ("coarse_encoder", "fine_encoder", "latent_stats")})
+  path = checkpointing.export_dir(workdir, stage)
+  checkpointing.save_export(path, config, params)
+  return path
+
+
+def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>.py") -> Any:
+  """Trains ``config.stage`` to ``config.optim.num_steps``; returns the final train state."""
+  stage = state_lib.check_stage(config)
+  sdir = checkpointing.stage_dir(workdir, stage)
+  mesh = parallel.create_mesh(tuple(config.train.mesh))
+  logging.info("stage %s, mesh %s, %d processes", stage, dict(mesh.shape), jax.process_count())
+  prereqs = checkpointing.load_prerequisites(config, workdir, config_file)
+  models = state_lib.build_models(config)
+  rng = jax.random.PRNGKey(config.seed)
+  rng_state, rng_text = jax.random.split(rng)
+
+  text = None
+  init_inputs = _prerequisite_subset(stage, prereqs)
+  if stage == "dit":
+    text_config, text_params, tokenizer = text_encoder(config, rng_text)
+    text_model = t5.T5Encoder(text_config)
+    null_emb, null_mask = text_lib.null_embedding(tokenizer, text_model, text_params,
+                                                  int(config.text.max_length))
+    init_inputs["null_text"] = {"emb": np.asarray(null_emb, np.float32),
+                                "mask": np.asarray(null_mask, np.int32)}
+    text = (text_model, text_params, tokenizer, int(config.text.max_length))
+
+  data_iter = pipeline.create_train_iterator(config.data, seed=config.seed,
+                                             process_index=jax.process_index(),
+                                             process_count=jax.process_count())
+  manager = checkpointing.create_manager(os.path.join(sdir, "checkpoints"), config.train)
+  abstract = jax.eval_shape(lambda r, p: state_lib.init_state(models, r, p), rng_state, init_inputs)
+  shardings = state_lib.state_shardings(models, mesh, abstract)
+  # Resume by default: the checkpoint is read straight onto this run's mesh (which may differ from
+  # the one that wrote it); only a fresh run initialises.
+  restored = checkpointing.restore(manager, state_lib.abstract_with_shardings(abstract, shardings),
+                                   data_iter)
+  if restored is not None:
+    state, start = restored
+    logging.info("resumed %s from step %d (%s)", stage, start, manager.directory)
+  else:
+    state, shardings = state_lib.create_train_state(models, mesh, rng_state, init_inputs)
+  logging.info("trainable parameters: %d; frozen: %d", state_lib.count_params(state.params),
+               state_lib.count_params(state.frozen))
+  start = int(jax.device_get(state.step))
+
+  train_step = steps.jit_train_step(models, mesh, shardings)
+  preview = jax.jit(lambda s, b: steps.preview(models, s, b)) if stage != "dit" else None
+  writer = reporting.create_writer(sdir)
+  total = int(config.optim.num_steps)
+  nan_steps = set(int(s) for s in config.train.nan_steps)
+  preempted = []
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True)) \
+      if _main_thread() else None
+  throughput = None
+  try:
+    for step in range(start, total):
+      example = next(data_iter)
+      host = _host_batch(example, stage, step, nan_steps, text)
+      batch = parallel.global_batch(host, mesh)
+      if throughput is None:
+        flops = train_step.flops(state, batch) if jax.default_backend() != "cpu" else None
+        throughput = reporting.Throughput(total, step, flops,
+                                          reporting.peak_flops_per_device(config.train))
+      state, metrics = train_step(state, batch)
+      throughput.update(int(batch["hq"].shape[0]))
+      done = step + 1
+      nonfinite = int(jax.device_get(state.nonfinite))
+      if nonfinite >= int(config.train.max_nonfinite):
+        manager.wait_until_finished()
+        last = manager.latest_step()
+        raise NonFiniteError(
+            f"stage {stage}: {nonfinite} non-finite updates in a row (steps {done - nonfinite}.."
+            f"{step}) — stopping. Last good checkpoint: "
+            f"{os.path.join(sdir, 'checkpoints', str(last)) if last is not None else 'none'}")
+      if done % int(config.train.log_every) == 0 or done == total:
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        scalars.update(throughput.report(done))
+        writer.write_scalars(done, scalars)
+      if config.train.image_every and preview is not None and (
+          done % int(config.train.image_every) == 0):
+        with mesh:
+          out = preview(state, batch)
+        local = host["hq"].shape[0]  # process 0's examples lead the global batch
+        grid = reporting.image_grid(host["hq"], example["lq_up"], to_host(out)[:local])
+        writer.write_images(done, {"hq_lq_output": grid})
+      checkpointing.save(manager, done, state, data_iter, force=bool(preempted))
+      if done == int(config.train.kill_after_step):  # crash simulation for the resume tests
+        manager.wait_until_finished()
+        os.kill(os.getpid(), signal.SIGKILL)
+      if preempted:
+        manager.wait_until_finished()
+        logging.warning("SIGTERM: checkpoint of step %d written; exiting", done)
+        return state
+    last = int(jax.device_get(state.step))
+    if manager.latest_step() != last:
+      checkpointing.save(manager, last, state, data_iter, force=True)
+    manager.wait_until_finished()
+    path = export(config, workdir, state, prereqs, models, data_iter, mesh,
+                  text and (text_config, text_params, tokenizer))
+    logging.info("stage %s done at step %d; export: %s", stage, last, path)
+    return state
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _main_thread() -> bool:
+  import threading  # pylint: disable=g-import-not-at-top
+  return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,288 @@
+"""The pure training step of every stage, jitted once per stage with explicit shardings.
+
+VAE stages (§3.1; LDM autoencoder recipe): one generator update (L1 + LPIPS + KL + adaptively
+weighted hinge-GAN generator term), then one discriminator update on the same batch; the GAN terms and
+the discriminator's updates start at ``config.loss.disc_start``. The dit stage (§3.2) encodes HQ and
+LQ↑ with the frozen LP-VAE encoders, normalises the latents with the measured per-channel statistics
+and takes the ε-prediction loss with caption dropout for classifier-free guidance.
+
+Gradient accumulation splits the batch into ``config.optim.grad_accum`` micro-batches inside the step
+(``lax.scan``); a non-finite loss or gradient leaves the whole state unchanged except the counters.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from zipir_jax import diffusion, losses, parallel
+from zipir_jax.models import dit as dit_lib
+from zipir_jax.models.lpvae import area_downsample
+from zipir_jax.training.state import GAN_STAGES, Models, TrainState, make_optimizer
+
+Array = jax.Array
+
+LAST_LAYER = {
+    "vae_coarse": ("coarse_decoder", "conv_out", "kernel"),
+    "vae_fine": ("fine_decoder", "conv_out", "kernel"),
+    "pixel_decoder": ("pixel_decoder", "decoder", "conv_out", "kernel"),
+}
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _replace(tree, path, value):
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+  flat[path] = value
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+# ------------------------------------------------------------------ VAE stages
+
+
+def gan_enabled(config) -> bool:
+  """Whether the discriminator starts within this run (delayed start, §3.1 / LDM)."""
+  return config.stage in GAN_STAGES and int(config.loss.disc_start) < int(config.optim.num_steps)
+
+
+def reconstruct(models: Models, params: dict, frozen: dict, batch: dict, rng: Array | None
+                ) -> tuple[Array, Array, dict]:
+  """(target, reconstruction, posteriors of the trained levels) of a VAE stage."""
+  stage, vae, hq = models.config.stage, models.vae, batch["hq"]
+  if stage == "vae_coarse":
+    z, post = vae.apply({"params": params}, hq, rng, method="encode_coarse")
+    recon = vae.apply({"params": params}, z, method="decode_coarse")
+    return area_downsample(hq, vae.coarse_input_factor), recon, post
+  if stage == "vae_fine":
+    variables = {"params": {**frozen, **params}}
+    z, post = vae.apply(variables, hq, rng, method="encode")
+    return hq, vae.apply(variables, z, method="decode"), {"fine": post["fine"]}
+  z, _ = vae.apply({"params": frozen}, hq, method="encode")  # frozen E_c/E_f: posterior mode
+  recon = models.pixel_decoder.apply({"params": params["pixel_decoder"]}, z, batch["lq_up"])
+  return hq, recon, {}
+
+
+def _discriminate(models: Models, disc: dict, image: Array) -> tuple[Array, dict]:
+  logits, updates = models.discriminator.apply(disc, image, train=True, mutable=["batch_stats"])
+  return logits, updates["batch_stats"]
+
+
+def _nll(models, target, recon):
+  cfg = models.config.loss
+  return losses.reconstruction_loss(target, recon, models.perceptual, cfg.l1_weight, cfg.lpips_weight)
+
+
+def generator_loss(params: dict, frozen: dict, disc: dict, batch: dict, rng: Array, step: Array,
+                   models: Models) -> tuple[Array, dict]:
+  cfg = models.config.loss
+  stage = models.config.stage
+  target, recon, post = reconstruct(models, params, frozen, batch, rng)
+  nll = _nll(models, target, recon)
+  kl = losses.kl_loss(post) if post else jnp.zeros(())
+  factor = losses.disc_factor(step, cfg.disc_start, cfg.disc_factor)
+  loss = nll + cfg.kl_weight * kl
+  metrics = {"nll": nll, "kl": kl}
+  if not gan_enabled(models.config):  # the GAN never starts in this run: no discriminator at all.
+    return loss, dict(metrics, loss=loss)
+  logits_fake, _ = _discriminate(models, disc, recon)
+  g = losses.generator_loss(logits_fake)
+
+  def adaptive(_):
+    path = LAST_LAYER[stage]
+
+    def with_kernel(w):
+      return reconstruct(models, _replace(params, path, w), frozen, batch, rng)[1]
+    return losses.adaptive_disc_weight(
+        lambda w: _nll(models, target, with_kernel(w)),
+        lambda w: losses.generator_loss(_discriminate(models, disc, with_kernel(w))[0]),
+        _get(params, path), cfg.disc_weight)
+  d_weight = jax.lax.cond(factor > 0, adaptive, lambda _: jnp.zeros(()), None)
+  loss = loss + d_weight * factor * g
+  return loss, dict(metrics, loss=loss, g_loss=g, d_weight=d_weight)
+
+
+def discriminator_loss(disc_params: dict, disc: dict, params: dict, frozen: dict, batch: dict,
+                       rng: Array, step: Array, models: Models) -> tuple[Array, dict]:
+  cfg = models.config.loss
+  target, recon, _ = reconstruct(models, params, frozen, batch, rng)
+  variables = {"params": disc_params, "batch_stats": disc["batch_stats"]}
+  logits_real, stats = _discriminate(models, variables, target)
+  logits_fake, stats = _discriminate(models, {**variables, "batch_stats": stats},
+                                     jax.lax.stop_gradient(recon))
+  factor = losses.disc_factor(step, cfg.disc_start, cfg.disc_factor)
+  d_loss = factor * losses.hinge_discriminator_loss(logits_real, logits_fake)
+  return d_loss, {"d_loss": d_loss, "logits_real": jnp.mean(logits_real),
+                  "logits_fake": jnp.mean(logits_fake), "batch_stats": stats}
+
+
+# ------------------------------------------------------------------ dit stage
+
+
+def encode_latents(models: Models, frozen: dict, image: Array) -> Array:
+  """Frozen LP-VAE encoders (posterior mode), normalised per channel with the measured stats."""
+  z, _ = models.vae.apply({"params": {k: frozen[k] for k in ("coarse_encoder", "fine_encoder")}},
+                          image, method="encode")
+  stats = frozen["latent_stats"]
+  return (z - stats["mean"]) / stats["std"]
+
+
+def dit_loss(params: dict, frozen: dict, batch: dict, rng: Array, models: Models
+             ) -> tuple[Array, dict]:
+  config = models.config
+  x0 = jax.lax.stop_gradient(encode_latents(models, frozen, batch["hq"]))
+  lq = jax.lax.stop_gradient(encode_latents(models, frozen, batch["lq_up"]))
+  null = frozen["null_text"]
+  loss, _ = diffusion.training_loss(
+      dit_lib.as_denoise_fn(models.dit), params["dit"], diffusion.schedule_from_config(
+          config.diffusion), rng, x0, lq, batch["text_emb"], batch["text_mask"], null["emb"],
+      null["mask"], text_dropout=config.dit.text_dropout, sampling=config.diffusion.timestep_sampling,
+      logit_mean=config.diffusion.logit_mean, logit_std=config.diffusion.logit_std)
+  return loss, {"loss": loss}
+
+
+# ------------------------------------------------------------------ the step
+
+
+def _microbatches(batch: dict, k: int) -> dict:
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch of {x.shape[0]} is not divisible by config.optim.grad_accum={k}")
+    return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def accumulate(grad_fn, params, batch: dict, rng: Array, k: int):
+  """Mean gradient and aux over ``k`` micro-batches (k=1: one plain call)."""
+  if k == 1:
+    return grad_fn(params, batch, rng)
+  micro = _microbatches(batch, k)
+  rngs = jax.random.split(rng, k)
+
+  def body(carry, xs):
+    (_, aux), grads = grad_fn(params, *xs)
+    acc_grads, acc_aux = carry
+    acc_grads = jax.tree.map(lambda a, g: a + g / k, acc_grads, grads)
+    acc_aux = jax.tree.map(lambda a, x: a + x / k if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                           acc_aux, aux)
+    return (acc_grads, acc_aux), None
+  (_, aux0), grads0 = grad_fn(params, jax.tree.map(lambda x: x[0], micro), rngs[0])
+  zeros = (jax.tree.map(jnp.zeros_like, grads0),
+           jax.tree.map(lambda x: jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        aux0))
+  (grads, aux), _ = jax.lax.scan(body, zeros, (micro, rngs))
+  return (aux.get("loss", aux.get("d_loss")), aux), grads
+
+
+def _all_finite(*trees) -> Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]))
+
+
+def _ema(ema, params, decay, step):
+  decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))  # warm-up: short runs still average.
+  return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params)
+
+
+def train_step(state: TrainState, batch: dict, *, models: Models) -> tuple[TrainState, dict]:
+  """One update of the stage's trainable networks (and of the discriminator for VAE stages)."""
+  config = models.config
+  optim = config.optim
+  k = int(optim.grad_accum)
+  rng_g = jax.random.fold_in(state.rng, state.step)  # the step's randomness: resumable
+  stage = config.stage
+  if stage == "dit":
+    def g_fn(p, b, r):
+      return jax.value_and_grad(dit_loss, has_aux=True)(p, state.frozen, b, r, models)
+  else:
+    def g_fn(p, b, r):
+      return jax.value_and_grad(generator_loss, has_aux=True)(
+          p, state.frozen, state.disc, b, r, state.step, models)
+  (loss, metrics), grads = accumulate(g_fn, state.params, batch, rng_g, k)
+  tx = make_optimizer(optim)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = _ema(state.ema_params, params, optim.ema_decay, state.step)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  metrics = dict(metrics, grad_norm=grad_norm)
+
+  disc, disc_opt_state = state.disc, state.disc_opt_state
+  if gan_enabled(config):
+    def d_fn(dp, b, r):
+      return jax.value_and_grad(discriminator_loss, has_aux=True)(
+          dp, state.disc, state.params, state.frozen, b, r, state.step, models)
+    (_, d_metrics), d_grads = accumulate(d_fn, state.disc["params"], batch, rng_g, k)
+    stats = d_metrics.pop("batch_stats")
+    d_tx = make_optimizer(optim, optim.disc_lr)
+    d_updates, new_d_opt = d_tx.update(d_grads, state.disc_opt_state, state.disc["params"])
+    new_disc = {"params": optax.apply_updates(state.disc["params"], d_updates),
+                "batch_stats": stats}
+    active = state.step >= config.loss.disc_start  # delayed discriminator start
+    d_finite = _all_finite(d_metrics["d_loss"], d_grads)
+    finite = finite & d_finite
+    keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
+    disc = keep_old(new_disc, state.disc)
+    disc_opt_state = keep_old(new_d_opt, state.disc_opt_state)
+    metrics.update(d_metrics, d_grad_norm=optax.global_norm(d_grads))
+
+  new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
+                      disc=disc, disc_opt_state=disc_opt_state, rng=state.rng,
+                      nonfinite=jnp.zeros_like(state.nonfinite), skipped=state.skipped)
+  skipped = state.replace(step=state.step + 1, nonfinite=state.nonfinite + 1,
+                          skipped=state.skipped + 1)
+  out = jax.tree.map(lambda n, s: jnp.where(finite, n, s), new, skipped)
+  metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
+  metrics.update(finite=finite.astype(jnp.float32), skipped=out.skipped.astype(jnp.float32),
+                 lr=make_lr(optim)(state.step))
+  return out, metrics
+
+
+def make_lr(optim):
+  from zipir_jax.training.state import learning_rate  # pylint: disable=g-import-not-at-top
+  return learning_rate(optim)
+
+
+def batch_keys(stage: str) -> tuple[str, ...]:
+  if stage == "dit":
+    return ("hq", "lq_up", "text_emb", "text_mask")
+  if stage == "pixel_decoder":
+    return ("hq", "lq_up")
+  return ("hq",)
+
+
+def jit_train_step(models: Models, mesh, shardings: TrainState):
+  """``train_step`` jitted once with explicit in/out shardings and the state donated."""
+  batch_sh = {k: parallel.batch_sharding(mesh) for k in batch_keys(models.config.stage)}
+  step = jax.jit(functools.partial(train_step, models=models),
+                 in_shardings=(shardings, batch_sh),
+                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+  def run(state, batch):
+    with mesh, nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+      return step(state, batch)
+
+  def flops(state, batch):  # XLA's FLOP count of the step as it runs (for MFU reports)
+    from zipir_jax.training import reporting  # pylint: disable=g-import-not-at-top
+    with mesh, nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+      return reporting.compiled_flops(step, state, batch)
+  run.jitted, run.flops = step, flops
+  return run
+
+
+def preview(models: Models, state: TrainState, batch: dict) -> Array:
+  """The stage's output for the image grid (EMA weights): reconstruction at HQ size."""
+  stage = models.config.stage
+  _, recon, _ = reconstruct(models, state.ema_params, state.frozen, batch, None)
+  if stage == "vae_coarse":
+    f = models.vae.coarse_input_factor
+    recon = jnp.repeat(jnp.repeat(recon, f, axis=1), f, axis=2)
+  return recon
