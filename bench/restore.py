@@ -5,8 +5,11 @@ r"""Full restoration with random weights: encode, DDIM step (CFG batch 2B), deco
 
 Side by side in the same run: a plain JAX DiT layer stack of the same depth, width and token count
 (self-attention + MLP per layer, no adaLN/cross-attention/RoPE) — the floor ZipDiT's step is compared
-with. MFU = XLA's FLOP count of one guided step / step time / --peak_tflops (790 for bf16 on
-H100/H200, measured on random data). Medians over --repeats. Paste the output into BENCHMARKS.md.
+with. MFU = the analytic FLOPs of one guided step (``zipir_jax.flops``: XLA's cost analysis counts a
+scanned stack once and misses cuDNN attention) / step time / the bf16 (or --dtype) matmul rate
+measured at the start of the same run (``bench/common.py``). Every time is a median over --repeats
+after one untimed warm-up call. ``--parts_only`` skips the full restore (e.g. memory at 8192²).
+Paste the output into BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -14,33 +17,23 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
-import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import common  # pylint: disable=g-import-not-at-top
 from zipir_jax import bundle as bundle_lib, config_lib, diffusion, restore
 from zipir_jax.models import autoencoder, dit as dit_lib
+from zipir_jax import flops as flops_lib
 
 
-def _median_time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def _flops(compiled) -> float:
-  analysis = compiled.cost_analysis()
-  analysis = analysis[0] if isinstance(analysis, list) else analysis
-  return float((analysis or {}).get("flops", float("nan")))
+def plain_stack_flops(depth: int, hidden: int, tokens: int, batch: int) -> float:
+  """Forward FLOPs of :func:`plain_stack_step`: 12·d² weights per token and attention per layer."""
+  return batch * depth * (2.0 * 12 * hidden * hidden * tokens + 4.0 * tokens * tokens * hidden)
 
 
 def plain_stack_step(depth: int, hidden: int, heads: int, tokens: int, batch: int, dtype,
@@ -67,11 +60,18 @@ def plain_stack_step(depth: int, hidden: int, heads: int, tokens: int, batch: in
   return fn, (x, w)
 
 
-def bench(config_name: str, size: int, dtype: str, repeats: int, peak_tflops: float) -> dict:
+def _progress(message: str) -> None:
+  """Phase marks on stderr, so a run cut off by a time limit still shows how far it got."""
+  print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+def bench(config_name: str, size: int, dtype: str, repeats: int, total_repeats: int,
+          peak_tflops: float, parts_only: bool) -> dict:
   root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
   config = config_lib.load_config(os.path.join(root, f"{config_name}.py"))
   config_lib.apply_overrides(config, {"vae.dtype": dtype, "dit.dtype": dtype,
                                       "text.dtype": dtype})
+  _progress(f"{config_name} {size}²: initialising random weights")
   bundle = bundle_lib.random_bundle(config, jax.random.key(0))
   restorer = restore.Restorer(bundle)
   params = bundle.params
@@ -80,30 +80,38 @@ def bench(config_name: str, size: int, dtype: str, repeats: int, peak_tflops: fl
 
   # Encode / decode as the restorer runs them (tiled from config.restore.tile_min_pixels on).
   lq_up = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (1, size, size, 3)), jnp.float32)
+  _progress("encode")
   latent = jax.block_until_ready(restorer.encode(params, lq_up))
-  encode_s = _median_time(lambda: restorer.encode(params, lq_up), repeats)
-  decode_s = _median_time(lambda: restorer.decode(params, latent, lq_up, jnp.float32(1.0)),
-                          repeats)
+  encode_s = common.median_time(lambda: restorer.encode(params, lq_up), repeats)
+  _progress(f"encode {encode_s * 1e3:.1f} ms; decode")
+  decode_s = common.median_time(
+      lambda: restorer.decode(params, latent, lq_up, jnp.float32(1.0)), repeats)
 
-  # One guided DDIM step: the DiT on the CFG batch 2B.
+  _progress(f"decode {decode_s * 1e3:.1f} ms; DiT step")
+  # One guided DDIM step: the DiT on the CFG batch 2B, with the sampler's parameters.
   text_emb, text_mask = restorer.encode_text([""])
   denoise = dit_lib.as_denoise_fn(restorer.dit)
   step = jax.jit(lambda p, z, t: diffusion.guided_eps(
       denoise, p, z, t, latent, text_emb, text_mask, text_emb, text_mask, 3.5))
   t = jnp.full((1,), 500)
-  compiled = step.lower(params["dit"], latent, t).compile()
-  step_s = _median_time(lambda: compiled(params["dit"], latent, t), repeats)
-  step_flops = _flops(compiled)
+  compiled = step.lower(restorer.dit_params, latent, t).compile()
+  step_s = common.median_time(lambda: compiled(restorer.dit_params, latent, t), repeats)
+  step_flops = flops_lib.dit_forward_flops(config, 2 * latent.shape[0], latent.shape[1:3])
 
+  _progress(f"DiT step {step_s * 1e3:.1f} ms; plain stack")
   tokens = (size // factor // config.dit.patch_size) ** 2
   tokens *= 2 if config.dit.lq_fusion == "concat" else 1
   plain, args = plain_stack_step(config.dit.depth, config.dit.hidden_size, config.dit.num_heads,
                                  tokens, 2, autoencoder.compute_dtype(dtype),
                                  "cudnn" if jax.default_backend() == "gpu" else None)
-  plain_s = _median_time(lambda: plain(*args), repeats)
-  plain_flops = _flops(plain)
+  plain_s = common.median_time(lambda: plain(*args), repeats)
+  plain_flops = plain_stack_flops(config.dit.depth, config.dit.hidden_size, tokens, 2)
 
-  total_s = _median_time(lambda: restorer.restore([lq], (size, size)), max(1, repeats // 2))
+  total_s = float("nan")
+  _progress(f"plain stack {plain_s * 1e3:.1f} ms; peak so far "
+            f"{(jax.devices()[0].memory_stats() or {}).get('peak_bytes_in_use', 0) / 2**30:.1f} GiB")
+  if not parts_only:
+    total_s = common.median_time(lambda: restorer.restore([lq], (size, size)), total_repeats)
   stats = jax.devices()[0].memory_stats() or {}
   return dict(config=config_name, size=size, tokens=tokens, dtype=dtype,
               tiled=restorer.tiled(size, size), encode_ms=encode_s * 1e3, decode_ms=decode_s * 1e3,
@@ -118,19 +126,25 @@ def main() -> None:
   parser.add_argument("--config", default="configs/zipir_3b.py")
   parser.add_argument("--sizes", default="2048")
   parser.add_argument("--dtype", default="bfloat16")
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--peak_tflops", type=float, default=790.0)
+  parser.add_argument("--repeats", type=int, default=5, help="timed calls per part")
+  parser.add_argument("--total_repeats", type=int, default=3, help="timed full restores")
+  parser.add_argument("--peak_tflops", type=float, default=0.0,
+                      help="MFU denominator; 0 = the matmul rate measured now")
+  parser.add_argument("--parts_only", action="store_true", help="skip the full restore")
   args = parser.parse_args()
   name = os.path.splitext(os.path.basename(args.config))[0]
   device = jax.devices()[0]
+  peak = args.peak_tflops or common.matmul_tflops(
+      8192 if device.platform == "gpu" else 1024, autoencoder.compute_dtype(args.dtype))
   print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  {device.platform}: {device.device_kind}  "
-        f"jax {jax.__version__}  peak {args.peak_tflops} TFLOP/s")
+        f"jax {jax.__version__}  MFU denominator {peak:.0f} TFLOP/s "
+        f"({'given' if args.peak_tflops else 'measured matmul rate'})")
   print(f"# command: python {' '.join(sys.argv)}")
   print("| config | size | tokens | dtype | tiled | encode ms | DiT step ms (CFG 2B) | MFU | "
         "plain stack ms | plain MFU | decode ms | total s (steps) | peak GiB |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for size in (int(s) for s in args.sizes.split(",")):
-    r = bench(name, size, args.dtype, args.repeats, args.peak_tflops)
+    r = bench(name, size, args.dtype, args.repeats, args.total_repeats, peak, args.parts_only)
     print(f"| {r['config']} | {r['size']}² | {r['tokens']} | {r['dtype']} | {r['tiled']} | "
           f"{r['encode_ms']:.1f} | {r['step_ms']:.1f} | {r['mfu']:.0%} | {r['plain_ms']:.1f} | "
           f"{r['plain_mfu']:.0%} | {r['decode_ms']:.1f} | {r['total_s']:.2f} ({r['steps']}) | "

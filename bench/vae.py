@@ -23,15 +23,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax
 import jax.numpy as jnp
 
-from zipir_jax import config_lib
+from zipir_jax import config_lib, flops
 from zipir_jax.models import autoencoder
-
-
-def _flops(compiled) -> float:
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, list):  # older jax returns one dict per program
-    analysis = analysis[0]
-  return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
 
 
 def _time(fn, *args, repeats: int) -> list[float]:
@@ -63,7 +56,10 @@ def bench_one(config_name: str, size: int, batch: int, dtype: str, repeats: int)
 
   enc = statistics.median(_time(encode, params, image, repeats=repeats))
   dec = statistics.median(_time(decode, params, z, repeats=repeats))
-  enc_flops, dec_flops = _flops(encode), _flops(decode)
+  enc_flops = flops.jaxpr_flops(lambda p, x: module.apply({"params": p}, x, method="encode")[0],
+                                params, image)
+  dec_flops = flops.jaxpr_flops(lambda p, z: module.apply({"params": p}, z, method="decode"),
+                                params, z)
   return dict(config=config_name, size=size, batch=batch, dtype=dtype, compile_s=compile_s,
               encode_ms=enc * 1e3, decode_ms=dec * 1e3, encode_gflop=enc_flops / 1e9,
               decode_gflop=dec_flops / 1e9, gflops=(enc_flops + dec_flops) / (enc + dec) / 1e9,

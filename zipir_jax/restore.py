@@ -149,6 +149,8 @@ class Restorer:
     self.dit = dit_lib.build_dit(config)
     self.text_model = t5.T5Encoder(bundle.text_config)
     self._samplers: dict[int, Any] = {}
+    self.dit_params = dit_lib.inference_params(
+        bundle.params["dit"], autoencoder.compute_dtype(config.dit.dtype))
 
   @property
   def factor(self) -> int:
@@ -228,7 +230,7 @@ class Restorer:
     negative = diff.negative_prompt if options.negative_prompt is None else options.negative_prompt
     neg_emb, neg_mask = self.encode_text([negative])
     z = self._sampler(steps)(
-        params["dit"], lq_latent, text_emb, text_mask, neg_emb, neg_mask,
+        self.dit_params, lq_latent, text_emb, text_mask, neg_emb, neg_mask,
         jax.random.key(options.seed),
         cfg_scale=diff.cfg_scale if options.cfg_scale is None else options.cfg_scale,
         eta=diff.eta if options.eta is None else options.eta,

@@ -484,6 +484,18 @@ def init_dit(model: ZipDiT, rng: Array, channels: int = 64) -> dict:
   return nn.meta.unbox(jax.jit(model.init)(rng, *dummy_inputs(model, channels)))["params"]
 
 
+def inference_params(params: Any, dtype: Any) -> Any:
+  """``params`` with every matmul kernel cast to the compute ``dtype`` once, for sampling.
+
+  Training keeps float32 master weights and casts inside each step; a 25-step sampler would
+  otherwise re-read the float32 kernels (10 GB for the paper's DiT) on every step. Norm scales,
+  biases and embeddings stay float32, as the modules compute them.
+  """
+  def cast(path, x):
+    return x.astype(dtype) if path[-1].key == "kernel" else x
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def as_denoise_fn(model: ZipDiT) -> Callable[..., Array]:
   """``denoise_fn(params, z_t, t, lq_latent, text_emb, text_mask) -> eps`` for the samplers."""
   def denoise_fn(params, z_t, t, lq_latent, text_emb, text_mask):

@@ -7,7 +7,10 @@ runs as a sequence of row strips, each with exactly the halo its kernel needs. G
 activations, residual sums and resampling see whole arrays, so GroupNorm uses the statistics of the
 *whole image* and the result equals the untiled network up to float summation order — unlike tiled
 VAEs that normalise each tile separately and shift colours between tiles. Only small per-strip
-convolution programs are compiled (once per strip shape).
+convolution programs are compiled (once per strip shape). GroupNorm runs as one fused program that
+accumulates its statistics in float32 but returns the input's dtype: the networks' float32 norm
+output would be a second, twice-as-large copy of a full-resolution activation (16 GiB at 4096² x
+256 channels, which is what ran an H100 out of memory).
 
   with tiled_convolutions(strip_rows=256):
     z, _ = vae.apply({"params": params}, image, method="encode")   # not inside jax.jit
@@ -70,6 +73,31 @@ def tiled_conv(conv: nn.Conv, x: Array, strip_rows: int) -> Array:
   return jnp.concatenate(strips, axis=1)
 
 
+@functools.partial(jax.jit, static_argnames=("num_groups", "epsilon"))
+def _group_norm(x: Array, scale: Array | None, bias: Array | None, num_groups: int,
+                epsilon: float) -> Array:
+  """GroupNorm over (H, W, channels-in-group) with float32 statistics, output in ``x.dtype``."""
+  b, h, w, c = x.shape
+  g = x.reshape(b, h, w, num_groups, c // num_groups)
+  mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True, dtype=jnp.float32)
+  var = jnp.mean(jnp.square(g.astype(jnp.float32) - mean), axis=(1, 2, 4), keepdims=True)
+  y = ((g - mean) * jax.lax.rsqrt(var + epsilon)).reshape(b, h, w, c)
+  if scale is not None:
+    y = y * scale
+  if bias is not None:
+    y = y + bias
+  return y.astype(x.dtype)
+
+
+def tiled_group_norm(norm: nn.GroupNorm, x: Array) -> Array:
+  """``norm(x)`` on the whole image (exact statistics) without a float32 copy of ``x``."""
+  if norm.num_groups is None or norm.group_size is not None or x.ndim != 4:
+    raise NotImplementedError("tiled GroupNorm supports num_groups on NHWC inputs")
+  params = norm.variables.get("params", {})
+  return _group_norm(x, params.get("scale"), params.get("bias"), num_groups=norm.num_groups,
+                     epsilon=norm.epsilon)
+
+
 @contextlib.contextmanager
 def tiled_convolutions(strip_rows: int = 256) -> Iterator[None]:
   """Within this context, every ``nn.Conv`` on inputs taller than ``strip_rows`` runs in strips.
@@ -81,9 +109,12 @@ def tiled_convolutions(strip_rows: int = 256) -> Iterator[None]:
     raise ValueError(f"strip_rows must be positive, got {strip_rows}")
 
   def interceptor(next_fun, args, kwargs, context):
-    if (isinstance(context.module, nn.Conv) and context.method_name == "__call__"
-        and not kwargs and len(args) == 1 and args[0].shape[1] > strip_rows):
-      return tiled_conv(context.module, args[0], strip_rows)
+    if (context.method_name == "__call__" and not kwargs and len(args) == 1
+        and args[0].ndim == 4 and args[0].shape[1] > strip_rows):
+      if isinstance(context.module, nn.Conv):
+        return tiled_conv(context.module, args[0], strip_rows)
+      if isinstance(context.module, nn.GroupNorm):
+        return tiled_group_norm(context.module, args[0])
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(interceptor):

@@ -173,9 +173,9 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
       host = _host_batch(example, stage, step, nan_steps, text)
       batch = parallel.global_batch(host, mesh)
       if throughput is None:
-        flops = train_step.flops(state, batch) if jax.default_backend() != "cpu" else None
-        throughput = reporting.Throughput(total, step, flops,
-                                          reporting.peak_flops_per_device(config.train))
+        peak = reporting.peak_flops_per_device(config.train)  # None on CPU: no MFU there
+        throughput = reporting.Throughput(total, step,
+                                          train_step.flops(state, batch) if peak else None, peak)
       state, metrics = train_step(state, batch)
       throughput.update(int(batch["hq"].shape[0]))
       done = step + 1

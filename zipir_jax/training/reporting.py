@@ -109,18 +109,6 @@ def peak_flops_per_device(train_config) -> float | None:
   return None
 
 
-def compiled_flops(jitted, *args) -> float | None:
-  """FLOPs of one call from XLA's cost analysis (None when the backend does not report them)."""
-  try:
-    cost = jitted.lower(*args).compile().cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  flops = (cost or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
-
-
 class Throughput:
   """steps/s, examples/s, MFU and ETA over the interval since the last report."""
 

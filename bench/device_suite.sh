@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Every GPU benchmark of the project in one call, most important first (the order below), each under its own time cap
+# and all under one deadline (device time is scarce). Logs go to $OUT (or bench_out/).
+#   bash bench/device_suite.sh [DEADLINE_S]        # SMALL=1: tiny config, CPU-sized smoke run
+#   ONLY='restore_4096|train_mid' bash bench/device_suite.sh 240   # a subset, by step name
+set -u
+cd "$(dirname "$0")/.."
+out="${OUT:-bench_out}"; mkdir -p "$out"
+deadline=$(( $(date +%s) + ${1:-530} ))
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/zipir_jax_xla}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+py=${PYTHON:-python3}
+
+step() {  # step NAME CAP_S CMD...: runs CMD under min(CAP, time left), output to $out/NAME.log
+  local name=$1 cap=$2; shift 2
+  [[ -n "${ONLY:-}" && ! "$name" =~ ^(${ONLY})$ ]] && return
+  local left=$(( deadline - $(date +%s) ))
+  (( left < 20 )) && { echo "## $name: skipped, ${left}s left"; return; }
+  (( cap > left )) && cap=$left
+  echo "## $name (cap ${cap}s) $(date +%T): $*"
+  local t0=$(date +%s)
+  timeout -k 5 "$cap" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  grep -v "^\s*$" "$out/$name.log" | grep -E "^\||^\{|^ |^#|^\[|Error|error|Traceback" | tail -40
+  echo "## $name: rc=$rc in $(( $(date +%s) - t0 ))s"
+}
+
+if [[ "${SMALL:-0}" == 1 ]]; then
+  big=configs/tiny.py; mid=configs/tiny.py; s1=64; s2=128; s4=256; s8=512; dt=float32
+else
+  big=configs/zipir_3b.py; mid=configs/zipir_0p7b.py; s1=1024; s2=2048; s4=4096; s8=8192; dt=bfloat16
+fi
+step env 30 $py -c "import jax, flax, optax, orbax.checkpoint as o, ml_collections; print('#', jax.__version__, flax.__version__, optax.__version__, jax.devices())"
+step restore_$s2 200 $py bench/restore.py --config=$big --sizes=$s2 --dtype=$dt --repeats=5 --total_repeats=3
+step restore_$s4 170 $py bench/restore.py --config=$big --sizes=$s4 --dtype=$dt --repeats=2 --total_repeats=1
+step train_big_$s1 150 $py bench/train_step.py --config=$big:dit --resolution=$s1 --batch=8 --steps=5 --out="$out/train_big_$s1.json"
+step train_mid_$s1 100 $py bench/train_step.py --config=$mid:dit --resolution=$s1 --batch=8 --steps=5 --out="$out/train_mid_$s1.json"
+step train_big_$s2 130 $py bench/train_step.py --config=$big:dit --resolution=$s2 --batch=2 --steps=5 --out="$out/train_big_$s2.json"
+step train_mid_$s2 100 $py bench/train_step.py --config=$mid:dit --resolution=$s2 --batch=2 --steps=5 --out="$out/train_mid_$s2.json"
+step restore_${s8}_parts 600 $py bench/restore.py --config=$big --sizes=$s8 --dtype=$dt --repeats=1 --parts_only
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
