@@ -20,7 +20,7 @@ demo: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m zipir_jax.demo --output demo_out
 
 test: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=15 tests
 
 bench: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) bench/vae.py

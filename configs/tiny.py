@@ -35,5 +35,10 @@ def get_config(arg=None):
   config.optim.warmup_steps = 10
   config.optim.batch_size = 4
   config.optim.num_steps = 100
+  if stage == "pixel_decoder":
+    # D_f*'s fusion is multiplicative (h + w·(h·scale + shift)); at 1e-3 its activations overflow
+    # within a few dozen steps (seen in `make demo`), as StableSR's CFW would: it trains at 5e-5.
+    config.optim.lr = 1e-4
+    config.optim.end_lr = 1e-5
   config.lock()
   return config

@@ -107,3 +107,26 @@ def test_table_layout_and_errors(tmp_path, photos):
     evaluate.evaluate(["zipir"], str(photos), "sr8", 320, str(tmp_path), log=lambda m: None)
   with pytest.raises(ValueError, match="no usable image"):
     evaluate.evaluate(["bicubic"], str(photos), "sr8", 4096, str(tmp_path), log=lambda m: None)
+
+
+def test_restored_folders_are_scored_like_methods(tmp_path, photos):
+  """--restored scores another program's outputs (e.g. sample.py) for the same fixed LQ images."""
+  first = evaluate.evaluate(["bicubic"], str(photos), "fig4", 128, str(tmp_path / "a"),
+                            log=lambda m: None)
+  second = evaluate.evaluate([], str(photos), "fig4", 128, str(tmp_path / "b"),
+                             log=lambda m: None, restored={"copy": str(tmp_path / "a" / "bicubic")})
+  assert second["methods"]["copy"] == first["methods"]["bicubic"]
+  for name in first["images"]:  # the same deterministic LQ images in both runs
+    with Image.open(tmp_path / "a" / "lq" / f"{name}.png") as a, \
+        Image.open(tmp_path / "b" / "lq" / f"{name}.png") as b:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  os.remove(tmp_path / "a" / "bicubic" / "coffee.png")
+  with pytest.raises(FileNotFoundError, match="coffee.png is missing"):
+    evaluate.evaluate([], str(photos), "fig4", 128, str(tmp_path / "c"), log=lambda m: None,
+                      restored={"copy": str(tmp_path / "a" / "bicubic")})
+  with pytest.raises(ValueError, match="is 128x128, expected 96x96"):
+    evaluate.evaluate([], str(photos), "fig4", 96, str(tmp_path / "d"), log=lambda m: None,
+                      restored={"copy": str(tmp_path / "a" / "bicubic")}, )
+  with pytest.raises(ValueError, match="both as --method and --restored"):
+    evaluate.evaluate(["bicubic"], str(photos), "fig4", 128, str(tmp_path / "e"),
+                      restored={"bicubic": str(tmp_path)})

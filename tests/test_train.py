@@ -1,5 +1,5 @@
 """train.py end to end on the tiny config: every stage from the command line, prerequisites, frozen
-parts, fault handling and resume after SIGKILL.
+parts, image grids and TensorBoard events, fault handling, resume after SIGKILL and after SIGTERM.
 
 Each run is a fresh ``python train.py`` process; they share a persistent XLA compilation cache so a
 stage's step compiles once per test session.
@@ -8,8 +8,12 @@ stage's step compiles once per test session.
 import json
 import os
 import pathlib
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -36,14 +40,18 @@ def env(tmp_path_factory):
   return {"root": root, "data": str(data), "environ": environ}
 
 
+def train_command(env, stage, workdir, *overrides, num_steps=2):
+  """`make demo`'s own train.py command (so its flags are checked here) + the tests' settings."""
+  from zipir_jax import demo
+  return [*demo.stage_command(stage, str(workdir), env["data"], num_steps),
+          "--config.train.log_every=1",  # the demo's bucket is the tests' ((64,64,4),)
+          "--config.train.image_every=0", "--config.train.latent_stats_batches=2",
+          "--config.train.async_checkpointing=False", *overrides]
+
+
 def run_train(env, stage, workdir, *overrides, num_steps=2):
-  cmd = [sys.executable, "train.py", f"--config=configs/tiny.py:{stage}", f"--workdir={workdir}",
-         f"--config.data.path={env['data']}", "--config.data.buckets=((64,64,4),)",
-         f"--config.optim.num_steps={num_steps}", "--config.train.log_every=1",
-         "--config.train.image_every=0", "--config.train.latent_stats_batches=2",
-         "--config.train.async_checkpointing=False", *overrides]
-  return subprocess.run(cmd, cwd=ROOT, env=env["environ"], capture_output=True, text=True,
-                        timeout=600)
+  return subprocess.run(train_command(env, stage, workdir, *overrides, num_steps=num_steps),
+                        cwd=ROOT, env=env["environ"], capture_output=True, text=True, timeout=600)
 
 
 def ok(result):
@@ -54,6 +62,15 @@ def ok(result):
 def read_metrics(path):
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f]
+
+
+def read_events(folder):
+  """TensorBoard's own reader over a stage folder's event files."""
+  from tensorboard.backend.event_processing import event_accumulator
+  accumulator = event_accumulator.EventAccumulator(str(folder), size_guidance={
+      event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0})
+  accumulator.Reload()
+  return accumulator
 
 
 def restore_raw(path):
@@ -75,7 +92,7 @@ def flat(tree, prefix=""):
   return out
 
 
-def test_stages_chain_from_command_line(env):
+def test_stages_chain_from_command_line_then_make_demo(env, tmp_path, capsys):
   workdir = env["root"] / "chain"
   refused = run_train(env, "vae_fine", workdir)
   assert refused.returncode == 2
@@ -84,13 +101,30 @@ def test_stages_chain_from_command_line(env):
 
   for stage in STAGES:
     n = 6 if stage == "vae_coarse" else 2
-    extra = {"vae_coarse": COARSE, "pixel_decoder": ("--config.train.image_every=2",)}
+    extra = {"vae_coarse": COARSE, "pixel_decoder": ("--config.train.image_every=2",),
+             "dit": ("--config.train.image_every=1",)}
     ok(run_train(env, stage, workdir, *extra.get(stage, ()), num_steps=n))
     assert (workdir / stage / "checkpoints" / str(n) / "state").is_dir(), stage
     metrics = read_metrics(workdir / stage / "metrics.jsonl")
     assert len(metrics) == n and all(np.isfinite([m["loss"] for m in metrics])), (stage, metrics)
   grids = list((workdir / "pixel_decoder" / "images").glob("*.png"))
   assert len(grids) == 1  # HQ | LQ↑ | output
+  # dit: HQ | LQ↑ | restoration (short DDIM from the EMA DiT, decoded by D_f*) after every step,
+  # as PNG and as a TensorBoard image; 4 examples of 64x64 stacked, 3 panels wide.
+  from PIL import Image
+  grids = sorted((workdir / "dit" / "images").glob("*.png"))
+  assert [p.name for p in grids] == ["00000001_hq_lq_output.png", "00000002_hq_lq_output.png"]
+  for path in grids:
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (4 * 64, 3 * 64, 3), grid.shape
+    assert grid[:, 128:].std() > 0  # the restoration panels hold an image, not a constant
+  events = read_events(workdir / "dit")
+  images = events.Images("hq_lq_output")
+  assert [(e.step, e.width, e.height) for e in images] == [(1, 192, 256), (2, 192, 256)]
+  loss = [m["loss"] for m in read_metrics(workdir / "dit" / "metrics.jsonl")]
+  scalars = events.Scalars("loss")
+  assert [e.step for e in scalars] == [1, 2]
+  assert [e.value for e in scalars] == pytest.approx(loss, rel=1e-6)  # float32 in the event file
   d_losses = [m["d_loss"] for m in read_metrics(workdir / "vae_coarse" / "metrics.jsonl")]
   assert d_losses[:2] == [0.0, 0.0] and all(d > 0 for d in d_losses[2:])  # delayed start
 
@@ -117,6 +151,34 @@ def test_stages_chain_from_command_line(env):
   restored = bundle.load_bundle(str(workdir / "dit" / "bundle"))
   np.testing.assert_array_equal(restored.params["latent_stats"]["std"], fine["latent_stats"]["std"])
 
+  # `make demo` on these trained stages (its train.py commands are the ones run above).
+  check_make_demo_reuses_finished_stages(workdir, tmp_path, capsys)
+
+
+def check_make_demo_reuses_finished_stages(chain, tmp_path, capsys):
+  """`make demo` after training: stages reused, sample.py + evaluate run, panels and table written."""
+  from PIL import Image
+
+  from zipir_jax import demo
+  out = tmp_path / "demo_out"
+  shutil.copytree(chain, out / "work")
+  assert demo.main(["--output", str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert printed.count("finished earlier, reusing") == len(STAGES)
+  assert "NOT the paper's model" in printed and "not the paper's model" in printed
+  names = sorted(name for _, name in demo.HELDOUT_PHOTOS)
+  for name in names:
+    with Image.open(out / "side_by_side" / f"{name}.png") as panel:
+      assert panel.size == (5 * demo.SIZE, demo.SIZE + 16)  # LQ | bicubic | ESRGAN | ZipIR | HQ
+    with Image.open(out / "restored" / f"{name}.png") as restored:
+      assert restored.size == (demo.SIZE, demo.SIZE)
+  table = (out / "metrics.md").read_text()
+  for method in ("bicubic", "realesrgan", "zipir"):
+    assert f"| {method} |" in table
+  results = json.loads((out / "eval" / "metrics.json").read_text())
+  assert sorted(results["images"]) == names and results["preset"] == "fig4"
+  assert list((out / "work" / "dit").glob("events.out.tfevents.*"))  # TensorBoard logs
+
 
 def test_nonfinite_batches_are_skipped_then_stop(env):
   workdir = env["root"] / "nan"
@@ -139,7 +201,26 @@ def test_nonfinite_batches_are_skipped_then_stop(env):
     np.testing.assert_array_equal(flat(s2["params"])[k], v)
 
 
-def test_resume_after_sigkill_matches_straight_run(env):
+def run_until_sigterm(env, cmd, ready, log_path):
+  """Runs ``cmd``, sends SIGTERM once its output shows ``ready``; (exit status, output)."""
+  with open(log_path, "w", encoding="utf-8") as log:
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env["environ"], stdout=log,
+                               stderr=subprocess.STDOUT)
+    try:
+      deadline = time.monotonic() + 300
+      while ready not in log_path.read_text():
+        assert process.poll() is None, log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {ready!r} in 300 s"
+        time.sleep(0.02)
+      process.send_signal(signal.SIGTERM)
+      returncode = process.wait(timeout=120)
+    finally:
+      if process.poll() is None:
+        process.kill()
+  return returncode, log_path.read_text()
+
+
+def test_resume_after_sigkill_and_sigterm_matches_straight_run(env):
   straight, resumed = env["root"] / "straight", env["root"] / "resumed"
   common = ("--config.train.checkpoint_every=1", *COARSE)
   ok(run_train(env, "vae_coarse", straight, *common, num_steps=6))
@@ -147,7 +228,31 @@ def test_resume_after_sigkill_matches_straight_run(env):
                      num_steps=6)
   assert killed.returncode == -9, killed.stderr[-3000:]
   assert not (resumed / "vae_coarse" / "export").exists()
-  ok(run_train(env, "vae_coarse", resumed, *common, num_steps=6))
+
+  # Preemption: SIGTERM as soon as the resumed run's loop is set up (its first step then takes
+  # seconds: no race with the run's end). Checkpoints now only every 1000 steps, asynchronous: a
+  # checkpoint of the step in flight can only be the SIGTERM handler's.
+  cmd = train_command(env, "vae_coarse", resumed, *COARSE,
+                      "--config.train.async_checkpointing=True", num_steps=6)
+  returncode, output = run_until_sigterm(env, cmd, "training vae_coarse: steps 4..6",
+                                         env["root"] / "sigterm.log")
+  assert returncode == 0, output[-3000:]
+  match = re.search(r"SIGTERM: checkpoint of step (\d+) written; exiting", output)
+  assert match, output[-3000:]
+  step = int(match.group(1))
+  assert 3 < step < 6
+  checkpoints = resumed / "vae_coarse" / "checkpoints"
+  names = [p.name for p in checkpoints.iterdir()]
+  assert all(n.isdigit() for n in names), names  # no half-written *.orbax-checkpoint-tmp
+  assert max(map(int, names)) == step, names
+  assert {p.name for p in (checkpoints / str(step)).iterdir()} >= {"state", "data"}
+  assert not (resumed / "vae_coarse" / "export").exists()
+
+  # The same command again: resumes from the SIGTERM checkpoint and finishes.
+  again = ok(subprocess.run(cmd, cwd=ROOT, env=env["environ"], capture_output=True, text=True,
+                            timeout=600))
+  assert f"resumed vae_coarse from step {step} " in again.stderr
+  assert (resumed / "vae_coarse" / "export" / "params").is_dir()
   a = read_metrics(straight / "vae_coarse" / "metrics.jsonl")
   b = read_metrics(resumed / "vae_coarse" / "metrics.jsonl")
   assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
@@ -158,3 +263,6 @@ def test_resume_after_sigkill_matches_straight_run(env):
   assert sa.keys() == sb.keys()
   for k in sa:
     np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+  # TensorBoard: the three processes' event files read as one run, one value per step.
+  loss = read_events(resumed / "vae_coarse").Scalars("loss")
+  assert [e.step for e in loss] == [1, 2, 3, 4, 5, 6]

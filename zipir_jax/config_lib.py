@@ -130,6 +130,7 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   text.encoder_path = ""
   text.max_length = 128  # prompts are padded/cut to this many tokens (one compile per shape).
   text.dtype = "bfloat16"
+  text.embedding_cache = ""  # dit: folder of `python -m zipir_jax.training.text_cache`; "" = T5.
 
   # --- Restoration (sample.py, restore.py).
   restore = config.restore = ml_collections.ConfigDict()
@@ -169,6 +170,7 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   tr.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices.
   tr.log_every = 50
   tr.image_every = 1000  # image grids HQ | LQ↑ | output; 0 = never.
+  tr.preview_steps = 0  # DDIM steps of the dit stage's image grid; 0 = min(8, diffusion.sample_steps).
   tr.checkpoint_every = 1000
   tr.keep_checkpoints = 3
   tr.async_checkpointing = True

@@ -6,7 +6,9 @@ r"""The paper's evaluation (§4, Table 1): degrade HQ photos with a fixed preset
 
 Each HQ image is centre-cropped to --size (images smaller than that are skipped and reported),
 degraded with the preset (sr16 | sr8 | mix | fig4, deterministic per seed and image) and restored by
-every method. Written to --output: ``lq/`` and ``<method>/`` PNGs, ``metrics.json`` (per image and
+every method. ``--restored=NAME=FOLDER`` scores restorations another program already wrote for these
+LQ images (e.g. ``sample.py`` on ``<output>/lq``; ``FOLDER/<image>.png``) as method NAME. Written to
+--output: ``lq/`` and ``<method>/`` PNGs, ``metrics.json`` (per image and
 mean, per method) and ``table.md`` (Table 1's layout, one row per method). PSNR/SSIM are on RGB in
 [0, 1] (SSIM per channel, averaged); LPIPS-VGG on [-1, 1]; FID/KID on Inception pool features of
 whole images, patch-FID on seeded random 299² crops at full resolution. A metric whose weights are
@@ -64,6 +66,31 @@ def load_hq_images(folder: str, size: int, limit: int, log: Callable[[str], None
   if not items:
     raise ValueError(f"--data={folder}: no usable image of at least {size}x{size}")
   return items
+
+
+def degrade(items: Sequence[tuple[str, np.ndarray, str]], preset: str, seed: int
+            ) -> list[np.ndarray]:
+  """The LQ image of every (name, HQ, caption) item: preset with seed ``seed + index``."""
+  from zipir_jax.data import eval_presets  # pylint: disable=g-import-not-at-top
+  return [eval_presets.make_eval_pair(hq, preset, seed + index)[0]
+          for index, (_, hq, _) in enumerate(items)]
+
+
+def read_restored(folder: str) -> Callable[[str, tuple[int, int]], np.ndarray]:
+  """``read(image name, size) -> float [0, 1] HWC`` from ``folder/<name>.png`` (checked)."""
+  from zipir_jax.data.decode import decode_image  # pylint: disable=g-import-not-at-top
+
+  def read(name: str, size: tuple[int, int]) -> np.ndarray:
+    path = os.path.join(folder, f"{name}.png")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"--restored: {path} is missing (no restoration of {name!r})")
+    with open(path, "rb") as f:
+      image = decode_image(f.read())
+    if image.shape[:2] != tuple(size):
+      raise ValueError(f"--restored: {path} is {image.shape[0]}x{image.shape[1]}, expected "
+                       f"{size[0]}x{size[1]}")
+    return image.astype(np.float32) / 255.0
+  return read
 
 
 def make_method(name: str, checkpoint: str | None, steps: int | None, seed: int
@@ -169,8 +196,9 @@ def evaluate(methods: Sequence[str], data: str, preset: str, size: int, output: 
              checkpoint: str | None = None, limit: int = 0, seed: int = 0,
              steps: int | None = None, lpips_path: str | None = None,
              inception_path: str | None = None, num_crops: int = 10,
-             log: Callable[[str], None] = print) -> dict:
-  """Runs every method on the degraded images; returns and writes the metrics."""
+             log: Callable[[str], None] = print,
+             restored: dict[str, str] | None = None) -> dict:
+  """Runs every method on the degraded images, scores ``restored`` folders too; writes metrics."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
@@ -179,16 +207,21 @@ def evaluate(methods: Sequence[str], data: str, preset: str, size: int, output: 
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
+  restored = dict(restored or {})
+  clash = sorted(set(restored) & set(methods))
+  if clash:
+    raise ValueError(f"{clash} named both as --method and --restored")
+  for name, folder in restored.items():
+    if not os.path.isdir(folder):
+      raise FileNotFoundError(f"--restored={name}={folder}: folder not found")
   eval_presets.get_preset(preset)  # fails early on an unknown preset, naming the valid ones
   items = load_hq_images(data, size, limit, log)
   scorer = Scorer(lpips_path, inception_path, num_crops, seed)
   os.makedirs(os.path.join(output, "lq"), exist_ok=True)
 
-  pairs = []
-  for index, (name, hq, _) in enumerate(items):
-    lq, _ = eval_presets.make_eval_pair(hq, preset, seed + index)
+  pairs = degrade(items, preset, seed)
+  for (name, _, _), lq in zip(items, pairs):
     Image.fromarray(lq).save(os.path.join(output, "lq", f"{name}.png"))
-    pairs.append(lq)
   references = [hq.astype(np.float32) / 255.0 for _, hq, _ in items]
   real = ([], [])
   if scorer.features is not None:
@@ -199,18 +232,25 @@ def evaluate(methods: Sequence[str], data: str, preset: str, size: int, output: 
 
   results = {"preset": preset, "size": size, "seed": seed, "images": [n for n, _, _ in items],
              "methods": {}}
-  for method in methods:
-    restore_fn = make_method(method, checkpoint, steps, seed)
+  for method in [*methods, *restored]:
+    if method in restored:
+      read = read_restored(restored[method])
+      restore_fn = lambda lq, size, caption, name: read(name, size)
+    else:
+      fn = make_method(method, checkpoint, steps, seed)
+      restore_fn = lambda lq, size, caption, name, fn=fn: fn(lq, size, caption)
     os.makedirs(os.path.join(output, method), exist_ok=True)
     per_image, fake = {}, ([], [])
     for index, ((name, _, caption), lq, hq) in enumerate(
         tqdm(list(zip(items, pairs, references)), desc=method, unit="img", file=sys.stdout)):
-      restored = np.clip(restore_fn(lq, (size, size), caption), 0.0, 1.0).astype(np.float32)
-      Image.fromarray(np.round(restored * 255).astype(np.uint8)).save(
-          os.path.join(output, method, f"{name}.png"))
-      per_image[name] = scorer.pair(restored, hq)
+      out = np.clip(restore_fn(lq, (size, size), caption, name), 0.0, 1.0)
+      # Scored as written (8-bit PNG), so a method's scores and its files agree exactly.
+      out8 = np.round(out * 255).astype(np.uint8)
+      Image.fromarray(out8).save(os.path.join(output, method, f"{name}.png"))
+      out = out8.astype(np.float32) / 255.0
+      per_image[name] = scorer.pair(out, hq)
       if scorer.features is not None:
-        whole, crops = scorer.image_features(restored, index)
+        whole, crops = scorer.image_features(out, index)
         fake[0].append(whole)
         fake[1].append(crops)
     means = {k: float(np.mean([s[k] for s in per_image.values()])) for k in next(
@@ -244,6 +284,8 @@ def define_flags() -> None:
   flags.DEFINE_string("inception", None,
                       "pt_inception-2015-12-05 weights for FID / KID / patch-FID.")
   flags.DEFINE_integer("num_crops", 10, "Random 299² crops per image for patch-FID.")
+  flags.DEFINE_multi_string("restored", [], "NAME=FOLDER: score FOLDER/<image>.png (restorations "
+                            "made elsewhere, e.g. by sample.py on <output>/lq) as method NAME.")
 
 
 def main(argv):
@@ -252,11 +294,17 @@ def main(argv):
   if not f.data or not f.output:
     raise app.UsageError("--data and --output are required")
   methods = [m.strip() for m in f.method.split(",") if m.strip()]
+  restored = {}
+  for spec in f.restored:
+    name, sep, folder = spec.partition("=")
+    if not sep or not name or not folder:
+      raise app.UsageError(f"--restored={spec!r}: expected NAME=FOLDER")
+    restored[name] = folder
   try:
     results = evaluate(methods, f.data, f.preset, f.size, f.output, checkpoint=f.checkpoint,
                        limit=f.limit, seed=f.seed, steps=f.steps, lpips_path=f.lpips_vgg16,
                        inception_path=f.inception, num_crops=f.num_crops,
-                       log=lambda m: print(m, file=sys.stderr))
+                       log=lambda m: print(m, file=sys.stderr), restored=restored)
   except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

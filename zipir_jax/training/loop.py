@@ -4,10 +4,19 @@ Reads the earlier stage's export (refusing clearly when it is missing), builds t
 state, resumes from the latest checkpoint in ``WORKDIR/<stage>/checkpoints`` (train state, RNG and
 grain iterator state), runs the jitted step, reports, checkpoints every N steps / at the end / on
 SIGTERM, and finally exports the EMA weights (the dit stage writes the restoration bundle).
+
+Preemption: a SIGTERM once the loop is set up (logged as "training <stage>: steps a..b") lets the
+step in flight finish, writes a checkpoint of that step even off the ``checkpoint_every`` schedule,
+waits until it is on disk, logs "SIGTERM: checkpoint of step N written; exiting" and returns without
+exporting; train.py then exits 0. Running the same command again resumes from step N. With several
+processes the stop is agreed on after every step (one process's SIGTERM stops all at the same step).
+A SIGTERM before that (loading, initialising, restoring) has the default effect: the process dies
+(status 143, -15 to Python's subprocess) and no step is lost.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -21,7 +30,7 @@ from absl import logging
 from zipir_jax import bundle as bundle_lib, parallel, text as text_lib
 from zipir_jax.data import pipeline
 from zipir_jax.models import t5
-from zipir_jax.training import checkpointing, reporting, state as state_lib, steps
+from zipir_jax.training import checkpointing, reporting, state as state_lib, steps, text_cache
 
 
 def to_host(tree: Any) -> Any:
@@ -46,6 +55,26 @@ def text_encoder(config, rng: jax.Array):
     text_config = t5.tiny_byt5_config(d_model=config.dit.text_dim, dtype=config.text.dtype)
     params, tokenizer = t5.init_t5_encoder(text_config, rng), transformers.ByT5Tokenizer()
   return text_config, params, tokenizer
+
+
+def run_rngs(config) -> tuple[jax.Array, jax.Array]:
+  """(train-state rng, text-encoder rng) of a run, from config.seed."""
+  return tuple(jax.random.split(jax.random.PRNGKey(config.seed)))
+
+
+def dit_text_encoder(config):
+  """The dit stage's (config, params, tokenizer); the caption cache is built with the same."""
+  return text_encoder(config, run_rngs(config)[1])
+
+
+def caption_encoder(config, text_config, text_params, tokenizer):
+  """captions -> (embeddings, masks): config.text.embedding_cache's lookup, else T5 itself."""
+  if config.text.embedding_cache:
+    return text_cache.load(config.text.embedding_cache, config, text_config, text_params,
+                           tokenizer).lookup
+  return functools.partial(text_lib.encode_prompts, tokenizer=tokenizer,
+                           model=t5.T5Encoder(text_config), params=text_params,
+                           max_length=int(config.text.max_length))
 
 
 def _prerequisite_subset(stage: str, prereqs: dict) -> dict:
@@ -73,14 +102,13 @@ def measure_latent_stats(models, params: dict, data_iter, mesh, num_batches: int
 
 
 def _host_batch(example: dict, stage: str, step: int, nan_steps, text) -> dict[str, np.ndarray]:
+  """``text``: the dit stage's :func:`caption_encoder` (None for the other stages)."""
   batch = {k: np.asarray(example[k], np.float32) for k in ("hq", "lq_up")
            if k in steps.batch_keys(stage)}
   if step in nan_steps:  # fault-handling tests: a planted non-finite batch.
     batch["hq"] = np.full_like(batch["hq"], np.nan)
   if stage == "dit":
-    model, params, tokenizer, length = text
-    emb, mask = text_lib.encode_prompts([str(c) for c in example["caption"]], tokenizer, model,
-                                        params, length)
+    emb, mask = text([str(c) for c in example["caption"]])
     batch["text_emb"] = np.asarray(emb, np.float32)
     batch["text_mask"] = np.asarray(mask, np.int32)
   return batch
@@ -125,19 +153,16 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
   logging.info("stage %s, mesh %s, %d processes", stage, dict(mesh.shape), jax.process_count())
   prereqs = checkpointing.load_prerequisites(config, workdir, config_file)
   models = state_lib.build_models(config)
-  rng = jax.random.PRNGKey(config.seed)
-  rng_state, rng_text = jax.random.split(rng)
+  rng_state = run_rngs(config)[0]
 
   text = None
   init_inputs = _prerequisite_subset(stage, prereqs)
   if stage == "dit":
-    text_config, text_params, tokenizer = text_encoder(config, rng_text)
-    text_model = t5.T5Encoder(text_config)
-    null_emb, null_mask = text_lib.null_embedding(tokenizer, text_model, text_params,
-                                                  int(config.text.max_length))
+    text_config, text_params, tokenizer = dit_text_encoder(config)
+    text = caption_encoder(config, text_config, text_params, tokenizer)
+    null_emb, null_mask = text([""])  # the CFG null condition, from the cache when there is one
     init_inputs["null_text"] = {"emb": np.asarray(null_emb, np.float32),
                                 "mask": np.asarray(null_mask, np.int32)}
-    text = (text_model, text_params, tokenizer, int(config.text.max_length))
 
   data_iter = pipeline.create_train_iterator(config.data, seed=config.seed,
                                              process_index=jax.process_index(),
@@ -159,13 +184,18 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
   start = int(jax.device_get(state.step))
 
   train_step = steps.jit_train_step(models, mesh, shardings)
-  preview = jax.jit(lambda s, b: steps.preview(models, s, b)) if stage != "dit" else None
-  writer = reporting.create_writer(sdir)
+  preview = jax.jit(lambda s, b, pd: steps.preview(models, s, b, pd))
+  # The dit state holds no decoder: its preview decodes with D_f* of the pixel_decoder export.
+  preview_decoder = jax.device_put(prereqs["pixel_decoder"], parallel.replicated(mesh)) if (
+      stage == "dit" and config.train.image_every) else None
+  writer = reporting.create_writer(sdir, start_step=start)
   total = int(config.optim.num_steps)
   nan_steps = set(int(s) for s in config.train.nan_steps)
   preempted = []
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True)) \
       if _main_thread() else None
+  logging.info("training %s: steps %d..%d (SIGTERM from here on: checkpoint and stop)", stage,
+               start + 1, total)
   throughput = None
   try:
     for step in range(start, total):
@@ -191,18 +221,18 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         scalars.update(throughput.report(done))
         writer.write_scalars(done, scalars)
-      if config.train.image_every and preview is not None and (
-          done % int(config.train.image_every) == 0):
+      if config.train.image_every and done % int(config.train.image_every) == 0:
         with mesh:
-          out = preview(state, batch)
+          out = preview(state, batch, preview_decoder)
         local = host["hq"].shape[0]  # process 0's examples lead the global batch
         grid = reporting.image_grid(host["hq"], example["lq_up"], to_host(out)[:local])
         writer.write_images(done, {"hq_lq_output": grid})
-      checkpointing.save(manager, done, state, data_iter, force=bool(preempted))
+      stop = _any_process(bool(preempted))  # read once: a later SIGTERM waits for the next step
+      checkpointing.save(manager, done, state, data_iter, force=stop)
       if done == int(config.train.kill_after_step):  # crash simulation for the resume tests
         manager.wait_until_finished()
         os.kill(os.getpid(), signal.SIGKILL)
-      if preempted:
+      if stop:
         manager.wait_until_finished()
         logging.warning("SIGTERM: checkpoint of step %d written; exiting", done)
         return state
@@ -220,6 +250,14 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
     writer.close()
     if previous_handler is not None:
       signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _any_process(flag: bool) -> bool:
+  """``flag`` of any process, so that every process takes the same save-and-stop decision."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def _main_thread() -> bool:

@@ -1,13 +1,18 @@
 """Metrics writers, throughput / MFU and progress with ETA.
 
-``clu.metric_writers`` (TensorBoard) needs TensorFlow; when it cannot be imported a plain writer takes
-over: scalars to ``metrics.jsonl`` and the log, image grids to ``images/<step>_<name>.png``.
+Every run writes scalars to ``metrics.jsonl`` and the log and image grids to
+``images/<step>_<name>.png`` (:class:`PlainWriter`), plus TensorBoard event files in the same
+folder: through ``clu.metric_writers`` when it imports (it needs TensorFlow), else through
+:class:`TensorBoardWriter`, which needs only the ``tensorboard`` package. Only process 0 writes.
 """
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import os
+import socket
 import time
 from typing import Any
 
@@ -58,37 +63,123 @@ class PlainWriter:
       self._file.close()
 
 
-class _Both:
-  """TensorBoard via clu plus the plain JSONL file (kept so runs are comparable with or without TF)."""
+_FILE_COUNTER = itertools.count()
 
-  def __init__(self, clu_writer, plain: PlainWriter):
-    self.clu, self.plain = clu_writer, plain
+
+class TensorBoardWriter:
+  """TensorBoard event file of scalars and PNG images from the ``tensorboard`` package alone.
+
+  Records go through tensorboard's ``RecordWriter`` and protos directly, not its
+  ``EventFileWriter``, whose file I/O resolves ``tensorboard.compat.tf`` and so imports TensorFlow
+  whenever it is installed. Writes are synchronous (no thread to lose on SIGTERM); CRC-32C is pure
+  Python there (~0.5 s per MB of PNG), negligible at image_every's pace. Each file opens with
+  SessionLog START at ``start_step + 1``, the first step this process logs: on resume TensorBoard
+  then drops what an earlier process logged past the checkpoint (after a SIGKILL, say).
+  """
+
+  def __init__(self, logdir: str, start_step: int = 0):
+    # pylint: disable=g-import-not-at-top
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer import record_writer
+    # pylint: enable=g-import-not-at-top
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    self.active = jax.process_index() == 0
+    self.path = None
+    if not self.active:
+      return
+    os.makedirs(logdir, exist_ok=True)
+    # The name TensorFlow's writers use; TensorBoard reads every events.out.tfevents.* of a folder.
+    self.path = os.path.join(logdir, f"events.out.tfevents.{int(time.time()):010d}."
+                                     f"{socket.gethostname()}.{os.getpid()}.{next(_FILE_COUNTER)}")
+    file = open(self.path, "wb")  # pylint: disable=consider-using-with  # closed by close()
+    self._records = record_writer.RecordWriter(file)
+    self._write(event_pb2.Event(file_version="brain.Event:2"))  # version 2: SessionLog purges
+    self._write(event_pb2.Event(step=int(start_step) + 1, session_log=event_pb2.SessionLog(
+        status=event_pb2.SessionLog.START)))
+    self.flush()
+
+  def _write(self, event) -> None:
+    event.wall_time = time.time()
+    self._records.write(event.SerializeToString())
+
+  def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
+    if not self.active:
+      return
+    value = self._summary_pb2.Summary.Value
+    summary = self._summary_pb2.Summary(
+        value=[value(tag=k, simple_value=float(v)) for k, v in scalars.items()])
+    self._write(self._event_pb2.Event(step=int(step), summary=summary))
+    self.flush()
+
+  def write_images(self, step: int, images: dict[str, np.ndarray]) -> None:
+    """uint8 (H, W, C) or (N, H, W, C) images, C in {1, 3, 4}; N > 1 are tagged ``name/i``."""
+    if not self.active:
+      return
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    values = []
+    for name, array in images.items():
+      array = np.asarray(array)
+      batch = array[None] if array.ndim == 3 else array
+      for i, image in enumerate(batch):
+        png = io.BytesIO()
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(png, format="PNG")
+        values.append(self._summary_pb2.Summary.Value(
+            tag=name if len(batch) == 1 else f"{name}/{i}",
+            image=self._summary_pb2.Summary.Image(
+                height=image.shape[0], width=image.shape[1], colorspace=image.shape[-1],
+                encoded_image_string=png.getvalue())))
+    self._write(self._event_pb2.Event(step=int(step),
+                                      summary=self._summary_pb2.Summary(value=values)))
+    self.flush()
+
+  def flush(self) -> None:
+    if self.active:
+      self._records.flush()
+
+  def close(self) -> None:
+    if self.active and not self._records.closed:
+      self._records.close()
+
+
+class MultiWriter:
+  """Sends every call to several writers (TensorBoard and the plain JSONL/PNG one)."""
+
+  def __init__(self, *writers):
+    self.writers = writers
 
   def write_scalars(self, step, scalars):
-    self.clu.write_scalars(step, scalars)
-    self.plain.write_scalars(step, scalars)
+    for w in self.writers:
+      w.write_scalars(step, scalars)
 
   def write_images(self, step, images):
-    self.clu.write_images(step, images)
-    self.plain.write_images(step, images)
+    for w in self.writers:
+      w.write_images(step, images)
 
   def flush(self):
-    self.clu.flush()
-    self.plain.flush()
+    for w in self.writers:
+      w.flush()
 
   def close(self):
-    self.clu.close()
-    self.plain.close()
+    for w in self.writers:
+      w.close()
 
 
-def create_writer(logdir: str):
+def create_writer(logdir: str, start_step: int = 0) -> MultiWriter:
+  """metrics.jsonl + PNG grids, and TensorBoard events: clu's writer if it imports, else ours."""
   plain = PlainWriter(logdir)
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top  # imports TensorFlow
   except ImportError as e:
-    logging.info("clu.metric_writers unavailable (%s); writing metrics.jsonl and PNG grids only", e)
-    return plain
-  return _Both(metric_writers.create_default_writer(
+    try:
+      board = TensorBoardWriter(logdir, start_step)
+    except ImportError as e2:
+      logging.warning("no TensorBoard events: clu.metric_writers (%s) and the tensorboard package "
+                      "(%s) are unavailable; writing metrics.jsonl and PNG grids only", e, e2)
+      return MultiWriter(plain)
+    logging.info("clu.metric_writers unavailable (%s); TensorBoard events via the tensorboard "
+                 "package: %s", e, board.path)
+    return MultiWriter(board, plain)
+  return MultiWriter(metric_writers.create_default_writer(
       logdir, just_logging=jax.process_index() > 0, asynchronous=True), plain)
 
 

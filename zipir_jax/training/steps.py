@@ -293,11 +293,49 @@ def jit_train_step(models: Models, mesh, shardings: TrainState):
   return run
 
 
-def preview(models: Models, state: TrainState, batch: dict) -> Array:
-  """The stage's output for the image grid (EMA weights): reconstruction at HQ size."""
+# Sampling steps of the dit stage's preview when config.train.preview_steps is 0 (capped at
+# config.diffusion.sample_steps): enough to tell a restoration from noise, cheap next to image_every
+# training steps.
+PREVIEW_SAMPLE_STEPS = 8
+
+
+def preview(models: Models, state: TrainState, batch: dict, pixel_decoder: dict | None = None
+            ) -> Array:
+  """The stage's output for the HQ | LQ↑ | output grid, at HQ size, from the EMA weights.
+
+  VAE stages: the reconstruction. dit: a short restoration as restore.py does it — DDIM with CFG
+  from the LQ↑ latent (config.diffusion's scale, η, strength; the unconditional branch is the empty
+  prompt the state holds, not config.diffusion.negative_prompt), noise fixed per run so previews
+  compare across steps — decoded by D_f*, whose ``pixel_decoder`` params the caller passes (the dit
+  state does not hold them; they come from the pixel_decoder export).
+  """
   stage = models.config.stage
+  if stage == "dit":
+    if pixel_decoder is None:
+      raise ValueError("the dit preview decodes with D_f*: pass the pixel_decoder export's params")
+    return _restore_preview(models, state, batch, pixel_decoder)
   _, recon, _ = reconstruct(models, state.ema_params, state.frozen, batch, None)
   if stage == "vae_coarse":
     f = models.vae.coarse_input_factor
     recon = jnp.repeat(jnp.repeat(recon, f, axis=1), f, axis=2)
   return recon
+
+
+def _restore_preview(models: Models, state: TrainState, batch: dict, pixel_decoder: dict) -> Array:
+  config, frozen = models.config, state.frozen
+  diff = config.diffusion
+  num_steps = (int(config.train.preview_steps)
+               or min(PREVIEW_SAMPLE_STEPS, int(diff.sample_steps)))
+  null = frozen["null_text"]
+  with nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):  # as in the train step
+    lq_latent = encode_latents(models, frozen, batch["lq_up"])
+    z = diffusion.ddim_sample(
+        dit_lib.as_denoise_fn(models.dit), state.ema_params["dit"],
+        diffusion.schedule_from_config(diff), lq_latent, batch["text_emb"], batch["text_mask"],
+        null["emb"], null["mask"], jax.random.fold_in(state.rng, 0x5EED), num_steps=num_steps,
+        cfg_scale=diff.cfg_scale, eta=diff.eta, strength=diff.strength,
+        clip_x0=diff.clip_x0 or None)
+    stats = frozen["latent_stats"]
+    z = z * stats["std"] + stats["mean"]  # as restore.Restorer._decode_fn
+    return models.pixel_decoder.apply({"params": pixel_decoder}, z, batch["lq_up"],
+                                      config.restore.fusion_weight)
