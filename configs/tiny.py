@@ -36,8 +36,9 @@ def get_config(arg=None):
   config.optim.batch_size = 4
   config.optim.num_steps = 100
   if stage == "pixel_decoder":
-    # D_f*'s fusion is multiplicative (h + w·(h·scale + shift)); at 1e-3 its activations overflow
-    # within a few dozen steps (seen in `make demo`), as StableSR's CFW would: it trains at 5e-5.
+    # D_f*'s fusion layers start at zero and modulate every decoder level: the decoder copied from
+    # D_f is far more sensitive to them than fresh layers, so this stage trains at a tenth of the
+    # tiny lr (StableSR trains its fusion at 5e-5, as the paper's configs do).
     config.optim.lr = 1e-4
     config.optim.end_lr = 1e-5
   config.lock()

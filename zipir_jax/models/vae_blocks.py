@@ -144,9 +144,11 @@ class PixelFusion(nn.Module):
   """Residual injection of extractor features into a decoder level (D_f*, §3.1 / Fig. 8).
 
   Follows the feature-warping layer of StableSR (the paper's [46]): from [h; f] a residual block predicts
-  a per-pixel scale and shift, and ``h + w * (h * scale + shift)`` is returned. Both predicting convs are
-  zero-initialised, so a freshly built D_f* equals D_f exactly; ``w`` is an inference-time
-  fidelity knob (0 = ignore the LQ image).
+  a per-pixel scale and shift, and ``h + w * (h * tanh(scale) + shift)`` is returned. Both predicting
+  convs are zero-initialised, so a freshly built D_f* equals D_f exactly; ``w`` is an inference-time
+  fidelity knob (0 = ignore the LQ image). The tanh is ours: StableSR's scale is unbounded, and since
+  it is predicted from ``h`` itself, ``h * scale`` grows like ``h²`` per level — in training that
+  overflowed float32 within a few dozen steps (``make demo``); bounded, each level can at most double h.
   """
   num_groups: int = 32
   dtype: Dtype = jnp.float32
@@ -158,7 +160,7 @@ class PixelFusion(nn.Module):
     e = ResnetBlock(c, self.num_groups, self.dtype, name="block")(e)
     scale = conv(c, zero_init=True, dtype=self.dtype, name="scale")(e)
     shift = conv(c, zero_init=True, dtype=self.dtype, name="shift")(e)
-    return h + weight * (h * scale + shift)
+    return h + weight * (h * jnp.tanh(scale) + shift)
 
 
 class Decoder(nn.Module):
