@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU benchmark of the project in one call, most important first (the order below), each under its own time cap
-# and all under one deadline (device time is scarce). Logs go to $OUT (or bench_out/).
+# Every GPU benchmark of the project in one call, most important first (the order below), each
+# under its own time cap and all under one deadline (device time is scarce). Logs (and a jax.profiler trace of the paper
+# config's training step, for TensorBoard's profile plugin / Perfetto) go to $OUT (or bench_out/);
+# tar the folder to bring it back from a device machine.
 #   bash bench/device_suite.sh [DEADLINE_S]        # SMALL=1: tiny config, CPU-sized smoke run
 #   ONLY='restore_4096|train_mid' bash bench/device_suite.sh 240   # a subset, by step name
 set -u
@@ -34,7 +36,7 @@ fi
 step env 30 $py -c "import jax, flax, optax, orbax.checkpoint as o, ml_collections; print('#', jax.__version__, flax.__version__, optax.__version__, jax.devices())"
 step restore_$s2 200 $py bench/restore.py --config=$big --sizes=$s2 --dtype=$dt --repeats=5 --total_repeats=3
 step restore_$s4 170 $py bench/restore.py --config=$big --sizes=$s4 --dtype=$dt --repeats=2 --total_repeats=1
-step train_big_$s1 150 $py bench/train_step.py --config=$big:dit --resolution=$s1 --batch=8 --steps=5 --out="$out/train_big_$s1.json"
+step train_big_$s1 150 $py bench/train_step.py --config=$big:dit --resolution=$s1 --batch=8 --steps=5 --out="$out/train_big_$s1.json" --profile_dir="$out/profile_big_$s1"
 step train_mid_$s1 100 $py bench/train_step.py --config=$mid:dit --resolution=$s1 --batch=8 --steps=5 --out="$out/train_mid_$s1.json"
 step train_big_$s2 130 $py bench/train_step.py --config=$big:dit --resolution=$s2 --batch=2 --steps=5 --out="$out/train_big_$s2.json"
 step train_mid_$s2 100 $py bench/train_step.py --config=$mid:dit --resolution=$s2 --batch=2 --steps=5 --out="$out/train_mid_$s2.json"

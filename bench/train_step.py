@@ -32,10 +32,12 @@ flags.DEFINE_integer("batch", 8, "global batch size")
 flags.DEFINE_integer("steps", 10, "timed steps after one warm-up step (median reported)")
 flags.DEFINE_float("peak_tflops", 0.0, "per-device datasheet peak TFLOP/s; 0 = from the device kind")
 flags.DEFINE_string("out", "", "also write the result as JSON here")
+flags.DEFINE_string("profile_dir", "", "also record a jax.profiler trace of 3 steps here")
 
 
 def main(argv):
   del argv
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from bench import common  # pylint: disable=g-import-not-at-top
@@ -72,6 +74,17 @@ def main(argv):
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
+  # The frozen encoders alone (HQ and LQ↑), as the step runs them: how much of the step they take.
+  with mesh, nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+    encode = jax.jit(lambda frozen, x, y: (steps.encode_latents(models, frozen, x),
+                                           steps.encode_latents(models, frozen, y)))
+    encode_s = common.median_time(lambda: encode(state.frozen, batch["hq"], batch["lq_up"]),
+                                  FLAGS.steps)
+  if FLAGS.profile_dir:
+    with jax.profiler.trace(FLAGS.profile_dir):
+      for _ in range(3):
+        state, metrics = step(state, batch)
+      jax.block_until_ready((state, metrics))
 
   gpu = jax.devices()[0].platform == "gpu"
   measured = common.matmul_tflops(8192 if gpu else 1024,
@@ -83,6 +96,7 @@ def main(argv):
       "mesh": dict(mesh.shape), "resolution": r, "batch": b, "dtype": config.dit.dtype,
       "remat_policy": config.dit.remat_policy, "compile_and_first_step_s": round(compile_s, 2),
       "step_ms": round(step_s * 1e3, 2), "examples_per_sec": round(b / step_s, 3),
+      "frozen_encoders_ms": round(encode_s * 1e3, 2),
       "model_tflops_per_step": model_flops / 1e12,
       "loss": float(metrics["loss"]),
   }
