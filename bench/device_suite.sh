@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of the project in one call, most important first (the order below), each
-# under its own time cap and all under one deadline (device time is scarce). Logs (and a jax.profiler trace of the paper
-# config's training step, for TensorBoard's profile plugin / Perfetto) go to $OUT (or bench_out/);
-# tar the folder to bring it back from a device machine.
+# under its own time cap and all under one deadline (device time is scarce). Logs, and a
+# jax.profiler trace of the paper config's training step (TensorBoard profile plugin / Perfetto),
+# go to $OUT (or bench_out/); tar the folder to bring it back from a device machine.
 #   bash bench/device_suite.sh [DEADLINE_S]        # SMALL=1: tiny config, CPU-sized smoke run
 #   ONLY='restore_4096|train_mid' bash bench/device_suite.sh 240   # a subset, by step name
 set -u
