@@ -23,6 +23,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN_DIR = ROOT / "tests" / "golden"
 
 
+def read_events(folder):
+  """TensorBoard's own reader over a stage folder's event files."""
+  from tensorboard.backend.event_processing import event_accumulator
+  accumulator = event_accumulator.EventAccumulator(str(folder), size_guidance={
+      event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0})
+  accumulator.Reload()
+  return accumulator
+
+
 def load_golden_module(name: str):
   """A numpy-only helper of tests/golden/ (shared by a golden script and its test) as a module."""
   spec = importlib.util.spec_from_file_location(name, GOLDEN_DIR / f"{name}.py")

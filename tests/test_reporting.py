@@ -11,13 +11,7 @@ from PIL import Image
 
 from zipir_jax.training import reporting
 
-
-def read_events(folder):
-  from tensorboard.backend.event_processing import event_accumulator
-  accumulator = event_accumulator.EventAccumulator(str(folder), size_guidance={
-      event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0})
-  accumulator.Reload()
-  return accumulator
+from conftest import read_events
 
 
 def test_tensorboard_writer_round_trips_scalars_and_images(tmp_path):

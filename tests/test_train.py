@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import read_events
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ("vae_coarse", "vae_fine", "pixel_decoder", "dit")
 # Every vae_coarse run here compiles the same step (6 steps, discriminator from step 2: GAN
@@ -62,15 +64,6 @@ def ok(result):
 def read_metrics(path):
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f]
-
-
-def read_events(folder):
-  """TensorBoard's own reader over a stage folder's event files."""
-  from tensorboard.backend.event_processing import event_accumulator
-  accumulator = event_accumulator.EventAccumulator(str(folder), size_guidance={
-      event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0})
-  accumulator.Reload()
-  return accumulator
 
 
 def restore_raw(path):
