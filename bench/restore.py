@@ -80,45 +80,68 @@ def bench(config_name: str, size: int, dtype: str, repeats: int, total_repeats: 
 
   # Encode / decode as the restorer runs them (tiled from config.restore.tile_min_pixels on).
   lq_up = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (1, size, size, 3)), jnp.float32)
-  _progress("encode")
-  latent = jax.block_until_ready(restorer.encode(params, lq_up))
-  encode_s = common.median_time(lambda: restorer.encode(params, lq_up), repeats)
-  _progress(f"encode {encode_s * 1e3:.1f} ms; decode")
-  decode_s = common.median_time(
-      lambda: restorer.decode(params, latent, lq_up, jnp.float32(1.0)), repeats)
+  failures: dict[str, str] = {}
 
-  _progress(f"decode {decode_s * 1e3:.1f} ms; DiT step")
+  def phase(name: str, fn, *, repeats: int = repeats) -> float:
+    """Median seconds of ``fn`` (nan if it fails: e.g. out of memory at 8192², reported by name)."""
+    _progress(f"{name}: start")
+    try:
+      seconds = common.median_time(fn, repeats)
+    except Exception as e:  # pylint: disable=broad-except
+      failures[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+      _progress(f"{name}: FAILED {failures[name]}")
+      return float("nan")
+    _progress(f"{name}: {seconds * 1e3:.1f} ms; peak so far {_peak_gib():.1f} GiB")
+    return seconds
+
+  encode_s = phase("encode", lambda: restorer.encode(params, lq_up))
+  # The decoder's input: the latent of the right shape (zeros if the encoder failed).
+  latent = jnp.zeros((1, size // factor, size // factor, bundle.params["latent_stats"]["mean"]
+                      .shape[-1]), jnp.float32)
+  decode_s = phase("decode", lambda: restorer.decode(params, latent, lq_up, jnp.float32(1.0)))
+
   # One guided DDIM step: the DiT on the CFG batch 2B, with the sampler's parameters.
   text_emb, text_mask = restorer.encode_text([""])
   denoise = dit_lib.as_denoise_fn(restorer.dit)
   step = jax.jit(lambda p, z, t: diffusion.guided_eps(
       denoise, p, z, t, latent, text_emb, text_mask, text_emb, text_mask, 3.5))
   t = jnp.full((1,), 500)
-  compiled = step.lower(restorer.dit_params, latent, t).compile()
-  step_s = common.median_time(lambda: compiled(restorer.dit_params, latent, t), repeats)
+  step_s = phase("DiT step", lambda: step(restorer.dit_params, latent, t))
   step_flops = flops_lib.dit_forward_flops(config, 2 * latent.shape[0], latent.shape[1:3])
 
-  _progress(f"DiT step {step_s * 1e3:.1f} ms; plain stack")
   tokens = (size // factor // config.dit.patch_size) ** 2
   tokens *= 2 if config.dit.lq_fusion == "concat" else 1
-  plain, args = plain_stack_step(config.dit.depth, config.dit.hidden_size, config.dit.num_heads,
-                                 tokens, 2, autoencoder.compute_dtype(dtype),
-                                 "cudnn" if jax.default_backend() == "gpu" else None)
-  plain_s = common.median_time(lambda: plain(*args), repeats)
+  plain_s = phase("plain stack", lambda: _plain_call(config, tokens, dtype))
   plain_flops = plain_stack_flops(config.dit.depth, config.dit.hidden_size, tokens, 2)
 
   total_s = float("nan")
-  _progress(f"plain stack {plain_s * 1e3:.1f} ms; peak so far "
-            f"{(jax.devices()[0].memory_stats() or {}).get('peak_bytes_in_use', 0) / 2**30:.1f} GiB")
   if not parts_only:
-    total_s = common.median_time(lambda: restorer.restore([lq], (size, size)), total_repeats)
-  stats = jax.devices()[0].memory_stats() or {}
+    total_s = phase("full restore", lambda: restorer.restore([lq], (size, size)),
+                    repeats=total_repeats)
   return dict(config=config_name, size=size, tokens=tokens, dtype=dtype,
               tiled=restorer.tiled(size, size), encode_ms=encode_s * 1e3, decode_ms=decode_s * 1e3,
               step_ms=step_s * 1e3, steps=config.diffusion.sample_steps, total_s=total_s,
               mfu=step_flops / step_s / (peak_tflops * 1e12),
               plain_ms=plain_s * 1e3, plain_mfu=plain_flops / plain_s / (peak_tflops * 1e12),
-              peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2 ** 30)
+              peak_gib=_peak_gib(), failures=failures)
+
+
+_PLAIN: dict = {}
+
+
+def _plain_call(config, tokens: int, dtype: str):
+  """One call of the side-by-side plain stack (compiled on first use, inside the timed warm-up)."""
+  key = (tokens, dtype)
+  if key not in _PLAIN:
+    _PLAIN[key] = plain_stack_step(config.dit.depth, config.dit.hidden_size, config.dit.num_heads,
+                                   tokens, 2, autoencoder.compute_dtype(dtype),
+                                   "cudnn" if jax.default_backend() == "gpu" else None)
+  fn, args = _PLAIN[key]
+  return fn(*args)
+
+
+def _peak_gib() -> float:
+  return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / 2 ** 30
 
 
 def main() -> None:
@@ -149,6 +172,8 @@ def main() -> None:
           f"{r['encode_ms']:.1f} | {r['step_ms']:.1f} | {r['mfu']:.0%} | {r['plain_ms']:.1f} | "
           f"{r['plain_mfu']:.0%} | {r['decode_ms']:.1f} | {r['total_s']:.2f} ({r['steps']}) | "
           f"{r['peak_gib']:.1f} |", flush=True)
+    for name, error in r["failures"].items():
+      print(f"# {r['config']} {r['size']}²: {name} failed: {error}", flush=True)
 
 
 if __name__ == "__main__":

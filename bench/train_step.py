@@ -4,8 +4,9 @@ r"""DiT training-step throughput and MFU (the jitted ``train_step`` of stage ``d
   python bench/train_step.py --config=configs/tiny.py:dit --resolution=64 --batch=4   # CPU smoke
 
 The step is the one train.py runs: frozen LP-VAE encoding of HQ and LQ↑, ε-prediction loss with text
-dropout, AdamW, EMA, on the mesh ``config.train.mesh``. Text embeddings are random (the T5 encoder runs
-outside the step). Model FLOPs (``zipir_jax.training.steps.model_flops``): 3x the DiT's analytic
+dropout, AdamW, EMA, on the mesh ``config.train.mesh``; the frozen encoders run at
+``config.vae.frozen_dtype`` and are also timed alone (and at float32: --compare_f32_encoders). Text embeddings
+are random (the T5 encoder runs outside the step). Model FLOPs (``zipir_jax.training.steps.model_flops``): 3x the DiT's analytic
 forward (``zipir_jax.flops.dit_forward_flops``) plus the frozen encoders' forward on HQ and LQ↑,
 counted from their jaxpr; remat recomputation is not counted, as MFU conventionally.
 
@@ -14,6 +15,7 @@ datasheet peak (``--peak_tflops`` or the device kind, zipir_jax.training.reporti
 against the dense matmul rate measured at the start of this run (``bench/common.py``).
 """
 
+import dataclasses
 import json
 import os
 import statistics
@@ -33,6 +35,8 @@ flags.DEFINE_integer("steps", 10, "timed steps after one warm-up step (median re
 flags.DEFINE_float("peak_tflops", 0.0, "per-device datasheet peak TFLOP/s; 0 = from the device kind")
 flags.DEFINE_string("out", "", "also write the result as JSON here")
 flags.DEFINE_string("profile_dir", "", "also record a jax.profiler trace of 3 steps here")
+flags.DEFINE_bool("compare_f32_encoders", False,
+                  "also time the frozen encoders at float32 (one more compile)")
 
 
 def main(argv):
@@ -74,12 +78,17 @@ def main(argv):
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
-  # The frozen encoders alone (HQ and LQ↑), as the step runs them: how much of the step they take.
-  with mesh, nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-    encode = jax.jit(lambda frozen, x, y: (steps.encode_latents(models, frozen, x),
-                                           steps.encode_latents(models, frozen, y)))
-    encode_s = common.median_time(lambda: encode(state.frozen, batch["hq"], batch["lq_up"]),
-                                  FLAGS.steps)
+  # The frozen encoders alone (HQ and LQ↑), as the step runs them: how much of the step they take;
+  # side by side, the same encoders at float32 (what the step ran before vae.frozen_dtype).
+  encode_ms = {}
+  for dtype in dict.fromkeys((config.vae.frozen_dtype,) + (("float32",) if FLAGS.compare_f32_encoders
+                                                           else ())):
+    vae = autoencoder.build_autoencoder(config, dtype)
+    with mesh, nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+      encode = jax.jit(lambda frozen, x, y, m=dataclasses.replace(models, frozen_vae=vae): (
+          steps.encode_latents(m, frozen, x), steps.encode_latents(m, frozen, y)))
+      encode_ms[dtype] = 1e3 * common.median_time(
+          lambda: encode(state.frozen, batch["hq"], batch["lq_up"]), FLAGS.steps)
   if FLAGS.profile_dir:
     with jax.profiler.trace(FLAGS.profile_dir):
       for _ in range(3):
@@ -94,9 +103,12 @@ def main(argv):
   result = {
       "config": config.name, "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
       "mesh": dict(mesh.shape), "resolution": r, "batch": b, "dtype": config.dit.dtype,
-      "remat_policy": config.dit.remat_policy, "compile_and_first_step_s": round(compile_s, 2),
+      "remat_policy": config.dit.remat_policy, "frozen_dtype": config.vae.frozen_dtype,
+      "compile_and_first_step_s": round(compile_s, 2),
       "step_ms": round(step_s * 1e3, 2), "examples_per_sec": round(b / step_s, 3),
-      "frozen_encoders_ms": round(encode_s * 1e3, 2),
+      "frozen_encoders_ms": {k: round(v, 2) for k, v in encode_ms.items()},
+      "peak_gib": round((jax.devices()[0].memory_stats() or {}).get(
+          "peak_bytes_in_use", float("nan")) / 2 ** 30, 1),
       "model_tflops_per_step": model_flops / 1e12,
       "loss": float(metrics["loss"]),
   }

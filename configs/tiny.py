@@ -21,6 +21,7 @@ def get_config(arg=None):
   config.dit.num_heads = 4
   config.dit.text_dim = 64
   config.dit.dtype = "float32"
+  config.vae.frozen_dtype = "float32"  # CPU: XLA emulates bf16 convolutions (slower, not faster).
   config.diffusion.sample_steps = 4
   config.text.max_length = 32
   config.text.dtype = "float32"

@@ -184,11 +184,11 @@ def test_rope_depends_only_on_relative_positions():
 
 
 def test_scan_with_remat_equals_the_unrolled_stack(model, params, forward):
-  """The default (scanned, remat 'nothing_saveable') stack against an unrolled one without remat:
+  """The default (scanned, remat of the config) stack against an unrolled one without remat:
   same output for the same weights, and its gradient matches a central finite difference."""
   trained = _perturb(params)
   z, t, lq, text, mask = _inputs()
-  assert model.scan_layers and model.remat_policy == "nothing_saveable"
+  assert model.scan_layers and model.remat_policy == "dots_with_no_batch_dims_saveable"
   unrolled = model.clone(scan_layers=False, remat_policy="none")
   reference = forward(trained, z, t, lq, text, mask)
   out = jax.jit(dit.as_denoise_fn(unrolled))(dit.unstack_layers(trained, 2), z, t, lq, text, mask)
@@ -210,7 +210,7 @@ def test_scan_with_remat_equals_the_unrolled_stack(model, params, forward):
   np.testing.assert_allclose(analytic, finite_difference, rtol=2e-2)
   # The other policies trace (shapes only; no compile).
   loss_fn = lambda m: lambda p: jnp.mean(m.apply({"params": p}, z, t, lq, text, mask))
-  for policy in ["dots_saveable", "dots_with_no_batch_dims_saveable", "none"]:
+  for policy in sorted(set(dit.REMAT_POLICIES) - {model.remat_policy}):
     jax.eval_shape(jax.grad(loss_fn(model.clone(remat_policy=policy))), trained)
 
 

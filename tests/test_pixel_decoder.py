@@ -90,3 +90,24 @@ def test_requires_matching_lq(setup):
     pdec.apply({"params": params}, z, lq[:, :32])
   with pytest.raises(ValueError, match="multiples of 32"):
     pdec.apply({"params": params}, z, jnp.zeros((2, 60, 96, 3)))
+
+
+def test_bf16_decoder_keeps_bf16_activations(tiny_config, setup):
+  """Every block of a bf16 D_f* hands bf16 on, also with a float32 array fusion weight (as
+  restore passes it): a float32 full-resolution copy ran an 8192² decode out of memory."""
+  *_, params, z, lq = setup
+  pdec = autoencoder.build_pixel_decoder(tiny_config).clone(dtype=jnp.bfloat16)
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    name = context.module.name or ""
+    if context.method_name == "__call__" and any(k in name for k in ("block", "sample", "fusion")):
+      seen.append((name, jnp.dtype(out.dtype)))
+    return out
+
+  with flax.linen.intercept_methods(record):  # dtypes only: tracing is enough
+    out = jax.eval_shape(lambda: pdec.apply({"params": params}, z, lq, jnp.float32(0.5)))
+  assert out.dtype == jnp.float32  # the image leaves conv_out in float32
+  assert any(name.endswith("_fusion") for name, _ in seen)
+  assert {dtype for _, dtype in seen} == {jnp.dtype(jnp.bfloat16)}, seen

@@ -23,9 +23,11 @@ def test_tiled_encode_decode_and_pixel_decoder_equal_untiled(tiny_config, tiny_l
   calls = []
   original = tiling.tiled_conv
 
-  def counting(conv, x, strip_rows):
-    calls.append(x.shape)
-    return original(conv, x, strip_rows)
+  def counting(conv, x, strip_rows, **kwargs):
+    calls.append({"up": kwargs.get("up", 1), "norm": kwargs.get("affine") is not None,
+                  "parts": len(x) if isinstance(x, (list, tuple)) else 1,
+                  "strided": conv.strides not in (None, 1, (1, 1))})
+    return original(conv, x, strip_rows, **kwargs)
 
   tiling.tiled_conv = counting
   try:
@@ -35,6 +37,10 @@ def test_tiled_encode_decode_and_pixel_decoder_equal_untiled(tiny_config, tiny_l
   finally:
     tiling.tiled_conv = original
   assert len(calls) > 10  # the full-resolution convs really ran in strips
+  # ... with each block's strip-wise form: norm + swish inside the conv strips (ResnetBlock),
+  # strided with the padding inside (Downsample), upsampled per strip (Upsample).
+  assert any(c["norm"] for c in calls) and any(c["up"] == 2 for c in calls)
+  assert any(c["strided"] for c in calls)
   np.testing.assert_allclose(z_tiled, z, atol=1e-3, rtol=0)
   np.testing.assert_allclose(recon_tiled, recon, atol=1e-3, rtol=0)
 
@@ -46,8 +52,13 @@ def test_tiled_encode_decode_and_pixel_decoder_equal_untiled(tiny_config, tiny_l
     decoder[name] = jax.tree.map(lambda x: x + 1e-3, decoder[name])
   pd_params = {**pd_params, "decoder": decoder}
   out = jax.jit(pdec.apply)({"params": pd_params}, z, image)
-  with tiling.tiled_convolutions(strip_rows=16):
-    out_tiled = pdec.apply({"params": pd_params}, z, image)
+  tiling.tiled_conv, calls = counting, []
+  try:
+    with tiling.tiled_convolutions(strip_rows=16):
+      out_tiled = pdec.apply({"params": pd_params}, z, image)
+  finally:
+    tiling.tiled_conv = original
+  assert any(c["parts"] == 2 for c in calls)  # D_f*'s fusion: [h; f] concatenated per strip
   assert np.abs(out - recon).max() > 1e-3
   np.testing.assert_allclose(out_tiled, out, atol=1e-3, rtol=0)
 
@@ -61,6 +72,36 @@ def test_strided_and_explicitly_padded_convs_are_exact():
     want = conv.apply(variables, x)
     with tiling.tiled_convolutions(strip_rows=4):
       got = conv.apply(variables, x)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_upsampling_conv_in_strips_equals_conv_of_the_upsampled_image():
+  x = jax.random.normal(jax.random.key(0), (2, 13, 7, 5))
+  up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  for conv in (nn.Conv(6, (3, 3), padding="SAME"), nn.Conv(6, (3, 3), padding="VALID"),
+               nn.Conv(6, (4, 4), strides=(2, 2), padding=((1, 2), (1, 1)))):
+    variables = conv.init(jax.random.key(1), up)
+    want = conv.apply(variables, up)
+    for strip_rows in (1, 3, 5, 40):
+      got = tiling.tiled_conv(conv.bind(variables), x, strip_rows, up=2)
+      np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_norm_swish_and_concat_inside_strips_equal_the_whole_image_ops():
+  """GroupNorm (whole-image statistics, groups straddling the two parts) + swish + concat, done
+  per strip inside the convolution, equal the same ops on whole arrays."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  parts = [2.0 + jax.random.normal(keys[0], (2, 19, 9, 6)),
+           jax.random.normal(keys[1], (2, 19, 9, 10))]
+  x = jnp.concatenate(parts, axis=-1)
+  norm = nn.GroupNorm(num_groups=4, epsilon=1e-6)
+  norm_vars = jax.tree.map(lambda p: p + jax.random.normal(keys[2], p.shape), norm.init(keys[2], x))
+  conv = nn.Conv(5, (3, 3), padding="SAME")
+  conv_vars = conv.init(jax.random.key(3), x)
+  want = conv.apply(conv_vars, jax.nn.swish(norm.apply(norm_vars, x)))
+  affine = tiling.group_norm_affine(parts, norm_vars["params"], 4, 1e-6)
+  for strip_rows in (1, 4, 19):
+    got = tiling.tiled_conv(conv.bind(conv_vars), parts, strip_rows, affine=affine, swish=True)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 

@@ -66,3 +66,30 @@ def test_stage_partition_names_every_network():
   specs = jax.tree.leaves(nn.get_partition_spec(boxed["pixel_decoder"]),
                           is_leaf=lambda x: isinstance(x, P))
   assert any("conv_out" in tuple(s) for s in specs)  # logical names reach the sharding rules
+
+
+
+
+def _conv_dtypes(fn, *args) -> set[str]:
+  """Result element types ("f32", "bf16") of the convolutions in ``fn``'s lowered StableHLO."""
+  hlo = jax.jit(fn).lower(*args).as_text()
+  return {line.split("->")[-1].rsplit("x", 1)[-1].rstrip(">") for line in hlo.splitlines()
+          if "stablehlo.convolution" in line}
+
+
+
+def test_frozen_encoders_run_at_frozen_dtype():
+  """dit/pixel_decoder run E_c/E_f at vae.frozen_dtype (bf16 halves the dit step's encoder time)."""
+  batch = {k: jax.ShapeDtypeStruct((2, 32, 64, 3), jnp.float32) for k in ("hq", "lq_up")}
+  for frozen_dtype, short in (("float32", "f32"), ("bfloat16", "bf16")):
+    config = config_lib.load_config("configs/tiny.py:pixel_decoder")
+    config_lib.apply_overrides(config, {"vae.frozen_dtype": frozen_dtype})
+    models = state_lib.build_models(config)
+    params = nn.unbox(jax.eval_shape(lambda m=models: state_lib.boxed_init(m, jax.random.key(0))))
+    frozen = {k: params[k] for k in state_lib.FROZEN["pixel_decoder"]}
+    frozen["latent_stats"] = {"mean": jnp.zeros(64), "std": jnp.ones(64)}
+    encode = lambda f, b, m=models: steps.encode_latents(m, f, b["hq"])  # the dit stage's
+    reconstruct = lambda f, p, b, m=models: steps.reconstruct(  # the pixel_decoder stage's
+        m, {"pixel_decoder": p}, f, b, None)[1]
+    assert _conv_dtypes(encode, frozen, batch) == {short}
+    assert _conv_dtypes(reconstruct, frozen, params["pixel_decoder"], batch) == {short, "f32"}

@@ -64,6 +64,9 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   vae.z_channels = 64
   vae.mid_attention = False  # the LP-VAE has none (§3.1); the LDM baseline keeps its mid attention.
   vae.dtype = "float32"  # compute dtype; params are always float32.
+  # Compute dtype of E_c/E_f where a later stage runs them frozen (pixel_decoder, dit): bf16 halves
+  # the dit step's encoder time (half its FLOPs); restore with --dtype=bfloat16 to match.
+  vae.frozen_dtype = "bfloat16"
 
   # --- Pixel-aware decoder D_f* (§3.1, supp. A / Fig. 8).
   pd = config.pixel_decoder = ml_collections.ConfigDict()
@@ -102,8 +105,11 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   dit.rope_theta = 10000.0  # 2D RoPE over (row, col): resolution-agnostic positions.
   dit.attention_impl = "auto"  # "auto" (cuDNN on GPU, XLA elsewhere) | "xla" | "cudnn"
   dit.scan_layers = True  # nn.scan over the blocks: one compiled layer, params stacked on 'layers'.
-  # "nothing_saveable" | "dots_saveable" | "dots_with_no_batch_dims_saveable" | "none" (no remat)
-  dit.remat_policy = "nothing_saveable"
+  # "nothing_saveable" | "dots_saveable" | "dots_with_no_batch_dims_saveable" | "none" (no remat).
+  # Saving the dense layers' outputs skips recomputing the matmuls in the backward pass (the
+  # BENCHMARKS.md training rows); memory: 72 GiB for zipir_3b at 1024² x 8 on one device, 104 GiB at
+  # 2048² x 2 — shard with fsdp, or take "nothing_saveable" on an 80 GB card without it.
+  dit.remat_policy = "dots_with_no_batch_dims_saveable"
   dit.dtype = "bfloat16"  # compute dtype; params are always float32.
   dit.text_dropout = 0.05  # §3.2: caption replaced by the empty prompt's embedding, for CFG.
 

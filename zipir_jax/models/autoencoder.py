@@ -29,10 +29,14 @@ def compute_dtype(name: str) -> jnp.dtype:
   return valid[name]
 
 
-def build_autoencoder(config: ml_collections.ConfigDict) -> LPVAE | SDVAE:
-  """The experiment's VAE: the LP-VAE (§3.1) or the f32c64 SD-VAE baseline (Table 4)."""
+def build_autoencoder(config: ml_collections.ConfigDict, dtype: str | None = None
+                      ) -> LPVAE | SDVAE:
+  """The experiment's VAE: the LP-VAE (§3.1) or the f32c64 SD-VAE baseline (Table 4).
+
+  ``dtype`` overrides ``config.vae.dtype`` (the frozen encoders run at ``vae.frozen_dtype``).
+  """
   vae = config.vae
-  dtype = compute_dtype(vae.dtype)
+  dtype = compute_dtype(dtype or vae.dtype)
   if vae.kind == "lpvae":
     return LPVAE(ch=vae.ch, coarse_ch_mult=tuple(vae.coarse_ch_mult),
                  fine_ch_mult=tuple(vae.fine_ch_mult), num_res_blocks=vae.num_res_blocks,

@@ -13,6 +13,7 @@ device mesh; activations are constrained to ``('batch', 'height', 'width', 'chan
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,8 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from zipir_jax.models import tiling
 
 Array = jax.Array
 Dtype = Any
@@ -42,10 +45,13 @@ def conv(features: int, kernel_size: int = 3, strides: int = 1, padding: str | S
       name=name)
 
 
+NORM_EPS = 1e-6
+
+
 def group_norm(num_groups: int, name: str | None = None) -> nn.GroupNorm:
   """GroupNorm as in LDM (eps 1e-6), computed in float32 whatever the compute dtype."""
   return nn.GroupNorm(
-      num_groups=num_groups, epsilon=1e-6, dtype=jnp.float32,
+      num_groups=num_groups, epsilon=NORM_EPS, dtype=jnp.float32,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
       name=name)
@@ -66,6 +72,25 @@ class ResnetBlock(nn.Module):
     if x.shape[-1] != self.features:
       x = conv(self.features, kernel_size=1, dtype=self.dtype, name="nin_shortcut")(x)
     return nn.with_logical_constraint(x.astype(h.dtype) + h, ACTIVATION_AXES)
+
+  def tiled_call(self, x: Array | Sequence[Array], strip_rows: int) -> Array:
+    """``__call__`` on a huge image (models/tiling.py): each norm + swish is applied inside the
+    next convolution's strips and a concatenated input (``x`` a list) is never built, so at most
+    the input, two intermediates and the output are alive."""
+    parts = list(x) if isinstance(x, (list, tuple)) else [x]
+    p = self.variables["params"]
+    affine = tiling.group_norm_affine(parts, p["norm1"], self.num_groups, NORM_EPS)
+    h = tiling.tiled_conv(tiling.bound_conv(p["conv1"], self.dtype), parts, strip_rows,
+                          affine=affine, swish=True)
+    affine = tiling.group_norm_affine([h], p["norm2"], self.num_groups, NORM_EPS)
+    h = tiling.tiled_conv(tiling.bound_conv(p["conv2"], self.dtype), h, strip_rows,
+                          affine=affine, swish=True)
+    if "nin_shortcut" in p:
+      shortcut = tiling.tiled_conv(tiling.bound_conv(p["nin_shortcut"], self.dtype), parts,
+                                   strip_rows)
+    else:
+      (shortcut,) = parts
+    return tiling.add_into(h, shortcut)
 
 
 class AttnBlock(nn.Module):
@@ -92,6 +117,12 @@ class Downsample(nn.Module):
     x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
     return conv(x.shape[-1], strides=2, padding="VALID", dtype=self.dtype, name="conv")(x)
 
+  def tiled_call(self, x: Array, strip_rows: int) -> Array:
+    """``__call__`` in strips, the (0, 1) padding inside them (no padded copy of the image)."""
+    conv_ = tiling.bound_conv(self.variables["params"]["conv"], self.dtype, strides=2,
+                              padding=((0, 1), (0, 1)))
+    return tiling.tiled_conv(conv_, x, strip_rows)
+
 
 class Upsample(nn.Module):
   """Nearest-neighbour 2x followed by a 3x3 conv (LDM)."""
@@ -101,6 +132,11 @@ class Upsample(nn.Module):
   def __call__(self, x: Array) -> Array:
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     return conv(x.shape[-1], dtype=self.dtype, name="conv")(x)
+
+  def tiled_call(self, x: Array, strip_rows: int) -> Array:
+    """``__call__`` in strips, each upsampled on its own (no 4x-size copy of the image)."""
+    conv_ = tiling.bound_conv(self.variables["params"]["conv"], self.dtype)
+    return tiling.tiled_conv(conv_, x, strip_rows, up=2)
 
 
 class Encoder(nn.Module):
@@ -160,7 +196,29 @@ class PixelFusion(nn.Module):
     e = ResnetBlock(c, self.num_groups, self.dtype, name="block")(e)
     scale = conv(c, zero_init=True, dtype=self.dtype, name="scale")(e)
     shift = conv(c, zero_init=True, dtype=self.dtype, name="shift")(e)
-    return h + weight * (h * jnp.tanh(scale) + shift)
+    # The weight arrives as a float32 array (a traced knob): cast it, or bf16 h is promoted to a
+    # float32 full-resolution copy (32 GiB at 8192² x 128 channels: what ran out of memory).
+    return _fusion(scale, h, shift, jnp.asarray(weight, h.dtype))
+
+  def tiled_call(self, h: Array, feature: Array, weight: float | Array = 1.0, *,
+                 strip_rows: int) -> Array:
+    """``__call__`` on a huge image: [h; f] is concatenated strip by strip inside the block's
+    convolutions (at 8192² it would be a 32 GiB array), the output overwrites ``scale``."""
+    p = self.variables["params"]
+    block = ResnetBlock(h.shape[-1], self.num_groups, self.dtype, parent=None).bind(
+        {"params": p["block"]})
+    e = block.tiled_call([h, feature.astype(h.dtype)], strip_rows)
+    scale = tiling.tiled_conv(tiling.bound_conv(p["scale"], self.dtype), e, strip_rows)
+    shift = tiling.tiled_conv(tiling.bound_conv(p["shift"], self.dtype), e, strip_rows)
+    del e
+    return _fusion_output(scale, h, shift, jnp.asarray(weight, h.dtype))
+
+
+def _fusion(scale: Array, h: Array, shift: Array, weight: Array) -> Array:
+  return h + weight * (h * jnp.tanh(scale) + shift)
+
+
+_fusion_output = jax.jit(_fusion, donate_argnums=0)  # the tiled path: written over ``scale``
 
 
 class Decoder(nn.Module):

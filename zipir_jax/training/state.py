@@ -64,6 +64,7 @@ class Models:
   """The stage's networks (static: hashed into the jitted step by identity)."""
   config: ml_collections.ConfigDict
   vae: Any
+  frozen_vae: Any  # the same LP-VAE at config.vae.frozen_dtype: where its encoders are frozen
   pixel_decoder: Any
   discriminator: Any
   dit: Any
@@ -89,6 +90,7 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
   stage = check_stage(config)
   gan = stage in GAN_STAGES
   return Models(config=config, vae=autoencoder.build_autoencoder(config),
+                frozen_vae=autoencoder.build_autoencoder(config, config.vae.frozen_dtype),
                 pixel_decoder=autoencoder.build_pixel_decoder(config),
                 discriminator=autoencoder.build_discriminator(config) if gan else None,
                 dit=dit_lib.build_dit(config) if stage == "dit" else None,

@@ -67,7 +67,7 @@ def reconstruct(models: Models, params: dict, frozen: dict, batch: dict, rng: Ar
     variables = {"params": {**frozen, **params}}
     z, post = vae.apply(variables, hq, rng, method="encode")
     return hq, vae.apply(variables, z, method="decode"), {"fine": post["fine"]}
-  z, _ = vae.apply({"params": frozen}, hq, method="encode")  # frozen E_c/E_f: posterior mode
+  z, _ = models.frozen_vae.apply({"params": frozen}, hq, method="encode")  # posterior mode
   recon = models.pixel_decoder.apply({"params": params["pixel_decoder"]}, z, batch["lq_up"])
   return hq, recon, {}
 
@@ -130,7 +130,7 @@ def discriminator_loss(disc_params: dict, disc: dict, params: dict, frozen: dict
 
 def encode_latents(models: Models, frozen: dict, image: Array) -> Array:
   """Frozen LP-VAE encoders (posterior mode), normalised per channel with the measured stats."""
-  z, _ = models.vae.apply({"params": {k: frozen[k] for k in ("coarse_encoder", "fine_encoder")}},
+  z, _ = models.frozen_vae.apply({"params": {k: frozen[k] for k in ("coarse_encoder", "fine_encoder")}},
                           image, method="encode")
   stats = frozen["latent_stats"]
   return (z - stats["mean"]) / stats["std"]
