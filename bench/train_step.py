@@ -5,9 +5,9 @@ r"""DiT training-step throughput and MFU (the jitted ``train_step`` of stage ``d
 
 The step is the one train.py runs: frozen LP-VAE encoding of HQ and LQ↑, ε-prediction loss with text
 dropout, AdamW, EMA, on the mesh ``config.train.mesh``; the frozen encoders run at
-``config.vae.frozen_dtype`` and are also timed alone (and at float32: --compare_f32_encoders). Text embeddings
-are random (the T5 encoder runs outside the step). Model FLOPs (``zipir_jax.training.steps.model_flops``): 3x the DiT's analytic
-forward (``zipir_jax.flops.dit_forward_flops``) plus the frozen encoders' forward on HQ and LQ↑,
+``config.vae.frozen_dtype`` and are also timed alone (and at float32: --compare_f32_encoders).
+Text embeddings are random (the T5 encoder runs outside the step). Model FLOPs
+(``zipir_jax.training.steps.model_flops``): 3x the DiT's analytic forward (``zipir_jax.flops.dit_forward_flops``) plus the frozen encoders' forward on HQ and LQ↑,
 counted from their jaxpr; remat recomputation is not counted, as MFU conventionally.
 
 MFU = model FLOPs per second / (peak FLOP/s per device x devices), reported twice: against the
@@ -81,8 +81,10 @@ def main(argv):
   # The frozen encoders alone (HQ and LQ↑), as the step runs them: how much of the step they take;
   # side by side, the same encoders at float32 (what the step ran before vae.frozen_dtype).
   encode_ms = {}
-  for dtype in dict.fromkeys((config.vae.frozen_dtype,) + (("float32",) if FLAGS.compare_f32_encoders
-                                                           else ())):
+  dtypes = [config.vae.frozen_dtype]
+  if FLAGS.compare_f32_encoders and dtypes[0] != "float32":
+    dtypes.append("float32")
+  for dtype in dtypes:
     vae = autoencoder.build_autoencoder(config, dtype)
     with mesh, nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
       encode = jax.jit(lambda frozen, x, y, m=dataclasses.replace(models, frozen_vae=vae): (

@@ -11,7 +11,7 @@ statistics come from a first pass over the *whole image* (per-channel moments, f
 per-channel affine) — so the result equals the untiled network up to float summation order, unlike
 tiled VAEs that normalise each tile separately and shift colours between tiles. Blocks that know a
 strip-wise form expose it as ``tiled_call``; any other ``nn.Conv`` and ``nn.GroupNorm`` are tiled
-one by one (GroupNorm as one fused program with float32 statistics that returns the input's dtype).
+one by one (GroupNorm with float32 statistics, returning the input's dtype: no float32 copy).
 Only small per-strip programs are compiled (once per strip shape).
 
   with tiled_convolutions(strip_rows=256):
@@ -34,7 +34,7 @@ Array = jax.Array
 @functools.partial(jax.jit, static_argnames=("strides", "up", "skip", "rows", "pads", "swish"),
                    donate_argnums=0)
 def _conv_strip_into(out: Array, xs: tuple[Array, ...], row: Array, kernel: Array,
-                     bias: Array | None, affine: tuple[Array, Array] | None,
+                     bias: Array | None, affine: tuple[Array, Array, Array] | None,
                      strides: tuple[int, int], up: int, skip: int, rows: int,
                      pads: tuple[tuple[int, int], tuple[int, int]], swish: bool) -> Array:
   """Writes one strip of ``conv(pad(nearest_up(act(a·concat(xs) + b))))`` into ``out`` at output
@@ -42,16 +42,14 @@ def _conv_strip_into(out: Array, xs: tuple[Array, ...], row: Array, kernel: Arra
 
   ``xs`` hold the input rows the strip needs (before the ``up``-fold nearest upsampling, of which
   ``rows`` rows from ``skip`` on are used), concatenated along channels here, per strip; ``affine``
-  is a whole-image GroupNorm as per-(batch, channel) ``(a, b)`` (float32, then swish if ``swish``);
+  is a whole-image GroupNorm (:func:`group_norm_affine`; float32, then swish if ``swish``);
   ``pads`` is the zero padding of the window: the conv's own padding where it touches the image
   border, else 0 (the halo is real data).
   """
   if affine is None:
     x = jnp.concatenate([x.astype(kernel.dtype) for x in xs], axis=-1)
   else:
-    a, b = affine
-    x = jnp.concatenate([x.astype(jnp.float32) for x in xs], axis=-1) * a[:, None, None] + b[
-        :, None, None]
+    x = _normalize(jnp.concatenate([x.astype(jnp.float32) for x in xs], axis=-1), affine)
     x = (jax.nn.swish(x) if swish else x).astype(kernel.dtype)
   if up > 1:
     x = jnp.repeat(jnp.repeat(x, up, axis=1), up, axis=2)
@@ -80,12 +78,12 @@ def _explicit_padding(conv: nn.Conv, in_hw: tuple[int, int]) -> list[tuple[int, 
 
 
 def tiled_conv(conv: nn.Conv, x: Array | Sequence[Array], strip_rows: int, up: int = 1,
-               affine: tuple[Array, Array] | None = None, swish: bool = False) -> Array:
+               affine: tuple[Array, Array, Array] | None = None, swish: bool = False) -> Array:
   """``conv(x)`` in strips of at most ``strip_rows`` output rows with exact halos, written into one
   preallocated output: besides the input and the result only one strip is ever alive.
 
   ``x`` may be several arrays, concatenated along channels strip by strip (never whole); the
-  input may first go through ``swish(a·x + b)`` (``affine``: :func:`group_norm_affine`) and a
+  input may first go through a GroupNorm and swish (``affine``: :func:`group_norm_affine`) and a
   nearest ``up``-fold upsampling — both per strip, so the normalised or upsampled image is never
   materialised.
   """
@@ -125,27 +123,37 @@ def bound_conv(params: dict, dtype, strides: int = 1, padding: str | Sequence = 
 
 @jax.jit
 def _channel_moments(x: Array) -> tuple[Array, Array]:
+  """Per-(batch, channel) mean and variance in float32 (two passes: no cancellation)."""
   x = x.astype(jnp.float32)
-  return jnp.mean(x, axis=(1, 2)), jnp.mean(jnp.square(x), axis=(1, 2))
+  mean = jnp.mean(x, axis=(1, 2))
+  return mean, jnp.mean(jnp.square(x - mean[:, None, None]), axis=(1, 2))
 
 
 def group_norm_affine(parts: Sequence[Array], params: dict, num_groups: int, epsilon: float
-                      ) -> tuple[Array, Array]:
-  """GroupNorm of ``concat(parts)`` over the whole image as per-(batch, channel) ``(a, b)``.
+                      ) -> tuple[Array, Array, Array]:
+  """GroupNorm of ``concat(parts)`` over the whole image as per-(batch, channel) ``(m, a, b)``.
 
-  ``a·x + b`` equals flax's ``nn.GroupNorm`` (statistics in float32, variance as E[x²] - E[x]²),
-  from one reduction pass per part: the concatenated or normalised image is never built.
+  ``(x - m)·a + b`` (:func:`_normalize`) equals flax's ``nn.GroupNorm`` up to float32 rounding,
+  from per-channel moments of each part (groups combine them exactly: the mean of the channel
+  variances plus the variance of the channel means), so the concatenated or normalised image is
+  never built. The mean is subtracted before scaling, as flax does: folding it into the shift would
+  cancel digits when the mean is large against the spread.
   """
   moments = [_channel_moments(p) for p in parts]
-  m1 = jnp.concatenate([m for m, _ in moments], axis=-1)
-  m2 = jnp.concatenate([m for _, m in moments], axis=-1)
-  b, c = m1.shape
-  mean = jnp.mean(m1.reshape(b, num_groups, -1), axis=-1)
-  var = jnp.maximum(jnp.mean(m2.reshape(b, num_groups, -1), axis=-1) - jnp.square(mean), 0.0)
+  mean_c = jnp.concatenate([m for m, _ in moments], axis=-1)
+  var_c = jnp.concatenate([v for _, v in moments], axis=-1)
+  b, c = mean_c.shape
+  mean_c, var_c = mean_c.reshape(b, num_groups, -1), var_c.reshape(b, num_groups, -1)
+  mean = jnp.mean(mean_c, axis=-1)
+  var = jnp.mean(var_c + jnp.square(mean_c - mean[..., None]), axis=-1)
   rstd = jnp.repeat(jax.lax.rsqrt(var + epsilon), c // num_groups, axis=-1)
   mean = jnp.repeat(mean, c // num_groups, axis=-1)
-  a = rstd * params.get("scale", 1.0)
-  return a, params.get("bias", 0.0) - mean * a
+  return mean, rstd * params.get("scale", 1.0), jnp.broadcast_to(params.get("bias", 0.0), (b, c))
+
+
+def _normalize(x: Array, affine: tuple[Array, Array, Array]) -> Array:
+  m, a, b = (v[:, None, None] for v in affine)
+  return (x - m) * a + b
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -154,20 +162,9 @@ def add_into(y: Array, x: Array) -> Array:
   return y + x.astype(y.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("num_groups", "epsilon"))
-def _group_norm(x: Array, scale: Array | None, bias: Array | None, num_groups: int,
-                epsilon: float) -> Array:
-  """GroupNorm over (H, W, channels-in-group) with float32 statistics, output in ``x.dtype``."""
-  b, h, w, c = x.shape
-  g = x.reshape(b, h, w, num_groups, c // num_groups)
-  mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True, dtype=jnp.float32)
-  var = jnp.mean(jnp.square(g.astype(jnp.float32) - mean), axis=(1, 2, 4), keepdims=True)
-  y = ((g - mean) * jax.lax.rsqrt(var + epsilon)).reshape(b, h, w, c)
-  if scale is not None:
-    y = y * scale
-  if bias is not None:
-    y = y + bias
-  return y.astype(x.dtype)
+@jax.jit
+def _apply_norm(x: Array, affine: tuple[Array, Array, Array]) -> Array:
+  return _normalize(x.astype(jnp.float32), affine).astype(x.dtype)
 
 
 def tiled_group_norm(norm: nn.GroupNorm, x: Array) -> Array:
@@ -175,8 +172,7 @@ def tiled_group_norm(norm: nn.GroupNorm, x: Array) -> Array:
   if norm.num_groups is None or norm.group_size is not None or x.ndim != 4:
     raise NotImplementedError("tiled GroupNorm supports num_groups on NHWC inputs")
   params = norm.variables.get("params", {})
-  return _group_norm(x, params.get("scale"), params.get("bias"), num_groups=norm.num_groups,
-                     epsilon=norm.epsilon)
+  return _apply_norm(x, group_norm_affine([x], params, norm.num_groups, norm.epsilon))
 
 
 @contextlib.contextmanager

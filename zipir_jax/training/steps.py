@@ -130,8 +130,8 @@ def discriminator_loss(disc_params: dict, disc: dict, params: dict, frozen: dict
 
 def encode_latents(models: Models, frozen: dict, image: Array) -> Array:
   """Frozen LP-VAE encoders (posterior mode), normalised per channel with the measured stats."""
-  z, _ = models.frozen_vae.apply({"params": {k: frozen[k] for k in ("coarse_encoder", "fine_encoder")}},
-                          image, method="encode")
+  encoders = {k: frozen[k] for k in ("coarse_encoder", "fine_encoder")}
+  z, _ = models.frozen_vae.apply({"params": encoders}, image, method="encode")
   stats = frozen["latent_stats"]
   return (z - stats["mean"]) / stats["std"]
 
