@@ -126,6 +126,7 @@ def main(argv):
     with bundle.config.unlocked():
       bundle.config.vae.dtype = bundle.config.dit.dtype = _DTYPE.value
   restorer = restore.Restorer(bundle)
+  del bundle  # the Restorer holds its own device copy; this frees the float32 DiT
   options = restore.RestoreOptions(
       steps=_STEPS.value, cfg_scale=_CFG.value, negative_prompt=_NEGATIVE.value, eta=_ETA.value,
       strength=_STRENGTH.value, color_fix=_COLOR_FIX.value, seed=_SEED.value)
@@ -142,9 +143,9 @@ def main(argv):
       with open(path, "rb") as f:
         image = decode_image(f.read())
       out_size = restore.target_size(image.shape[:2], _SCALE.value, size)
-      if min(image.shape[:2]) < bundle.config.restore.min_lq_size:
+      if min(image.shape[:2]) < restorer.config.restore.min_lq_size:
         raise ValueError(f"too small ({image.shape[0]}x{image.shape[1]}; sides of at least "
-                         f"{bundle.config.restore.min_lq_size} px)")
+                         f"{restorer.config.restore.min_lq_size} px)")
     except (OSError, ValueError) as e:
       failures[path] = str(e)
       continue

@@ -74,8 +74,12 @@ def bench(config_name: str, size: int, dtype: str, repeats: int, total_repeats: 
                                       "text.dtype": dtype})
   _progress(f"{config_name} {size}²: initialising random weights")
   bundle = bundle_lib.random_bundle(config, jax.random.key(0))
+  _progress("random weights ready; the Restorer casts the DiT")
   restorer = restore.Restorer(bundle)
-  params = bundle.params
+  del bundle  # the Restorer keeps the DiT only in the compute dtype: the device holds what
+  # sample.py holds, without the bundle's float32 copy.
+  params = restorer.params
+  _progress(f"restorer ready; {_live_gib():.1f} GiB of arrays on the device")
   factor = restorer.factor
   lq = np.random.default_rng(0).integers(0, 256, (size // 8, size // 8, 3), np.uint8)
 
@@ -97,7 +101,7 @@ def bench(config_name: str, size: int, dtype: str, repeats: int, total_repeats: 
 
   encode_s = phase("encode", lambda: restorer.encode(params, lq_up))
   # The decoder's input: the latent of the right shape (zeros if the encoder failed).
-  latent = jnp.zeros((1, size // factor, size // factor, bundle.params["latent_stats"]["mean"]
+  latent = jnp.zeros((1, size // factor, size // factor, params["latent_stats"]["mean"]
                       .shape[-1]), jnp.float32)
   decode_s = phase("decode", lambda: restorer.decode(params, latent, lq_up, jnp.float32(1.0)))
 
@@ -138,6 +142,10 @@ def _plain_call(config, tokens: int, dtype: str):
 def _plain_stack(depth: int, hidden: int, heads: int, tokens: int, dtype: str):
   return plain_stack_step(depth, hidden, heads, tokens, 2, autoencoder.compute_dtype(dtype),
                           "cudnn" if jax.default_backend() == "gpu" else None)
+
+
+def _live_gib() -> float:
+  return sum(x.nbytes for x in jax.live_arrays()) / 2 ** 30
 
 
 def _peak_gib() -> float:

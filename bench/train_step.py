@@ -66,6 +66,12 @@ def main(argv):
           "text_mask": np.ones((b, length), np.int32)}
   batch = parallel.global_batch(host, mesh)
 
+  gpu = jax.devices()[0].platform == "gpu"
+  measured = common.matmul_tflops(8192 if gpu else 1024,
+                                  autoencoder.compute_dtype(config.dit.dtype)) * 1e12
+  peak = FLAGS.peak_tflops * 1e12 if FLAGS.peak_tflops else reporting.peak_flops_per_device(
+      config.train)
+
   t0 = time.perf_counter()
   model_flops = step.flops(state, batch)
   state, metrics = step(state, batch)
@@ -78,6 +84,11 @@ def main(argv):
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
+  # One line now, so a run cut off while timing the encoders alone still reports the step.
+  print(json.dumps({"step_ms": round(step_s * 1e3, 2), "compile_and_first_step_s": round(
+      compile_s, 2), "mfu": model_flops / step_s / (peak * jax.device_count()) if peak else None,
+                    "mfu_vs_measured": model_flops / step_s / (measured * jax.device_count())}),
+        flush=True)
   # The frozen encoders alone (HQ and LQ↑), as the step runs them: how much of the step they take;
   # side by side, the same encoders at float32 (what the step ran before vae.frozen_dtype).
   encode_ms = {}
@@ -97,14 +108,11 @@ def main(argv):
         state, metrics = step(state, batch)
       jax.block_until_ready((state, metrics))
 
-  gpu = jax.devices()[0].platform == "gpu"
-  measured = common.matmul_tflops(8192 if gpu else 1024,
-                                  autoencoder.compute_dtype(config.dit.dtype)) * 1e12
-  peak = FLAGS.peak_tflops * 1e12 if FLAGS.peak_tflops else reporting.peak_flops_per_device(
-      config.train)
   result = {
       "config": config.name, "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
       "mesh": dict(mesh.shape), "resolution": r, "batch": b, "dtype": config.dit.dtype,
+      "dit": f"{config.dit.depth} x {config.dit.hidden_size}, {config.dit.num_heads} heads of "
+             f"{config.dit.hidden_size // config.dit.num_heads}",
       "remat_policy": config.dit.remat_policy, "frozen_dtype": config.vae.frozen_dtype,
       "compile_and_first_step_s": round(compile_s, 2),
       "step_ms": round(step_s * 1e3, 2), "examples_per_sec": round(b / step_s, 3),

@@ -13,8 +13,6 @@ def get_config(arg=None):
   config.name = "sdvae_f32c64"
   config.vae.kind = "sdvae"
   config.vae.mid_attention = True
-  config.dit.depth = 20
-  config.dit.hidden_size = 1152
-  config.dit.num_heads = 16
+  config_lib.ablation_dit(config)
   config.lock()
   return config

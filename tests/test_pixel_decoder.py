@@ -32,7 +32,7 @@ def setup(tiny_config, tiny_lpvae):
   lq = jax.random.uniform(jax.random.key(3), SHAPE, minval=-1, maxval=1)
   z, _ = vae.apply({"params": vae_params}, hq, method="encode")
   pdec = autoencoder.build_pixel_decoder(tiny_config)
-  fresh = flax.linen.meta.unbox(pdec.init(jax.random.key(4), z, lq))["params"]
+  fresh = flax.linen.meta.unbox(jax.jit(pdec.init)(jax.random.key(4), z, lq))["params"]
   params = init_from_autoencoder(fresh, vae_params["fine_encoder"], vae_params["fine_decoder"])
   return vae, vae_params, pdec, fresh, params, z, lq
 

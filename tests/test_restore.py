@@ -1,7 +1,9 @@
 """Restoration path (restore.py) and the checkpoint bundle: shapes, determinism, colour fixes, errors."""
 
+import gc
 import json
 import shutil
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +47,45 @@ def test_odd_sizes_batch_and_seed(restorer):
   assert not np.array_equal(out, other)
   # Non-square explicit size that is not a multiple of 32 either way.
   assert restorer.restore([_lq(2)], (50, 77)).shape == (1, 50, 77, 3)
+
+
+def test_restorer_holds_one_device_copy_with_the_dit_in_the_compute_dtype(tiny_bundle_dir):
+  bundle = bundle_lib.load_bundle(str(tiny_bundle_dir))  # host (numpy) arrays, float32
+  with bundle.config.unlocked():
+    bundle.config.dit.dtype = "bfloat16"
+  kernels = {jax.tree_util.keystr(p): weakref.ref(x)
+             for p, x in jax.tree_util.tree_leaves_with_path(bundle.params["dit"])
+             if p[-1].key == "kernel"}
+  restorer = restore.Restorer(bundle)
+  del bundle
+  gc.collect()
+  # Nothing keeps the bundle's float32 DiT kernels alive: dropping the bundle frees them.
+  assert kernels and not [k for k, ref in kernels.items() if ref() is not None]
+  leaves = jax.tree_util.tree_leaves_with_path(restorer.params)
+  assert all(isinstance(x, jax.Array) for _, x in leaves)  # on the device, transferred once
+  dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in leaves}
+  assert {k for k, d in dtypes.items() if d == jnp.bfloat16} == {
+      "['dit']" + k for k in kernels}  # only the DiT's kernels, all of them
+  assert set(dtypes.values()) == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
+
+
+def test_each_prompt_is_encoded_once(restorer, monkeypatch):
+  from zipir_jax import text
+  want_emb, want_mask = text.encode_prompts(
+      ["a cat", "a dog", "a cat"], restorer.bundle.tokenizer, restorer.text_model,
+      restorer.bundle.text_params, restorer.config.text.max_length)
+  calls = []
+  encode = text.encode_prompts
+  monkeypatch.setattr(text, "encode_prompts", lambda p, *a: calls.append(list(p)) or encode(p, *a))
+  restorer._text_cache.clear()  # pylint: disable=protected-access
+  emb, mask = restorer.encode_text(["a cat", "a dog", "a cat"])
+  np.testing.assert_allclose(emb, want_emb, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(mask, want_mask)
+  assert calls == [["a cat", "a dog", ""]]  # new prompts once each, padded to the batch size
+  again, _ = restorer.encode_text(["a dog", "a cat", "a dog"])
+  np.testing.assert_array_equal(again, emb[np.array([1, 0, 1])])
+  restorer.encode_text(["a bird", "a cat", "a dog"])
+  assert calls == [["a cat", "a dog", ""], ["a bird", "", ""]]
 
 
 def test_refuses_mixed_sizes_tiny_images_and_bad_options(restorer):

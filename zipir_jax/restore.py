@@ -11,6 +11,7 @@ tiled with whole-image GroupNorm statistics (models/tiling.py): same result, sma
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
@@ -28,6 +29,7 @@ from zipir_jax.models import autoencoder, dit as dit_lib, t5, tiling
 
 Array = jax.Array
 COLOR_FIXES = ("none", "wavelet", "adain")
+TEXT_CACHE_SIZE = 64  # prompt embeddings a Restorer keeps (2 MB each at T5-XXL width)
 
 
 def enable_compilation_cache(path: str | None = None) -> str | None:
@@ -142,23 +144,57 @@ class Restorer:
   """Restores batches of same-size LQ images with a loaded :class:`~zipir_jax.bundle.Bundle`."""
 
   def __init__(self, bundle: Bundle):
-    self.bundle = bundle
     self.config = config = bundle.config
     self.vae = autoencoder.build_autoencoder(config)
     self.pixel_decoder = autoencoder.build_pixel_decoder(config)
     self.dit = dit_lib.build_dit(config)
     self.text_model = t5.T5Encoder(bundle.text_config)
     self._samplers: dict[int, Any] = {}
-    self.dit_params = dit_lib.inference_params(
-        bundle.params["dit"], autoencoder.compute_dtype(config.dit.dtype))
+    # Weights go to the device once (a loaded bundle holds host arrays, which every jitted call
+    # would otherwise copy again), the DiT's kernels already in the compute dtype. The Restorer
+    # keeps no reference to the bundle's float32 DiT (12 GB for the paper's): drop the bundle to
+    # free it.
+    params = dict(bundle.params)
+    params["dit"] = dit_lib.inference_params(params["dit"],
+                                             autoencoder.compute_dtype(config.dit.dtype))
+    self.bundle = dataclasses.replace(bundle, params=jax.device_put(params))
+    self._text_cache: collections.OrderedDict[str, tuple[Array, Array]] = (
+        collections.OrderedDict())
+
+  @property
+  def params(self) -> dict[str, Any]:
+    return self.bundle.params
+
+  @property
+  def dit_params(self) -> Any:
+    return self.bundle.params["dit"]
 
   @property
   def factor(self) -> int:
     return self.vae.factor
 
   def encode_text(self, prompts: Sequence[str]) -> tuple[Array, Array]:
-    return text.encode_prompts(prompts, self.bundle.tokenizer, self.text_model,
-                               self.bundle.text_params, self.config.text.max_length)
+    """T5 embeddings and masks of ``prompts``, each distinct prompt encoded once.
+
+    A folder restored under one prompt (and the fixed negative prompt) runs the text encoder once,
+    so its weights (9.5 GB for T5-XXL) can stay where the bundle holds them (the host, when
+    loaded) instead of occupying the device next to the 8K decoder. The last
+    ``TEXT_CACHE_SIZE`` prompts are kept; new ones are encoded together, padded to the batch size
+    (one compiled encoder per batch size).
+    """
+    missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+    if missing:
+      padded = missing + [""] * (len(prompts) - len(missing))
+      emb, mask = text.encode_prompts(padded, self.bundle.tokenizer, self.text_model,
+                                      self.bundle.text_params, self.config.text.max_length)
+      for i, prompt in enumerate(missing):
+        self._text_cache[prompt] = (emb[i], mask[i])
+    for prompt in prompts:
+      self._text_cache.move_to_end(prompt)
+    rows = [self._text_cache[p] for p in prompts]
+    while len(self._text_cache) > max(TEXT_CACHE_SIZE, len(prompts)):
+      self._text_cache.popitem(last=False)
+    return jnp.stack([e for e, _ in rows]), jnp.stack([m for _, m in rows])
 
   def _encode_fn(self, params: Any, lq_up: Array) -> Array:
     """LQ↑ -> normalised latent (the DiT's condition); the posterior mode, no sampling."""
@@ -222,7 +258,7 @@ class Restorer:
     lq_up = np.stack([degradations.upsample(im, (h, w), mode) for im in lq])
     lq_up = np.clip(lq_up, 0.0, 1.0) * 2.0 - 1.0
     lq_up_padded = jnp.asarray(pad_to_multiple(lq_up, self.factor))
-    params = self.bundle.params
+    params = self.params
 
     # 3. Encode LQ↑ (the condition), 4. sample the restored latent with DDIM + CFG.
     lq_latent = self.encode(params, lq_up_padded)

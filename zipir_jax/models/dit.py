@@ -489,10 +489,11 @@ def inference_params(params: Any, dtype: Any) -> Any:
 
   Training keeps float32 master weights and casts inside each step; a 25-step sampler would
   otherwise re-read the float32 kernels (10 GB for the paper's DiT) on every step. Norm scales,
-  biases and embeddings stay float32, as the modules compute them.
+  biases and embeddings stay float32, as the modules compute them. Kernels are cast on the device
+  one at a time, so host (loaded) parameters never need a whole float32 copy there.
   """
   def cast(path, x):
-    return x.astype(dtype) if path[-1].key == "kernel" else x
+    return jnp.asarray(x).astype(dtype) if path[-1].key == "kernel" else x
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
