@@ -152,7 +152,7 @@ class Restorer:
     self._samplers: dict[int, Any] = {}
     # Weights go to the device once (a loaded bundle holds host arrays, which every jitted call
     # would otherwise copy again), the DiT's kernels already in the compute dtype. The Restorer
-    # keeps no reference to the bundle's float32 DiT (12 GB for the paper's): drop the bundle to
+    # keeps no reference to the bundle's float32 DiT (9.5 GiB for the paper's): drop the bundle to
     # free it.
     params = dict(bundle.params)
     params["dit"] = dit_lib.inference_params(params["dit"],
