@@ -8,7 +8,8 @@ Side by side in the same run: a plain JAX DiT layer stack of the same depth, wid
 with. MFU = the analytic FLOPs of one guided step (``zipir_jax.flops``: XLA's cost analysis counts a
 scanned stack once and misses cuDNN attention) / step time / the bf16 (or --dtype) matmul rate
 measured at the start of the same run (``bench/common.py``). Every time is a median over --repeats
-after one untimed warm-up call. ``--parts_only`` skips the full restore (e.g. memory at 8192²).
+after one untimed warm-up call. ``--parts`` picks what runs (e.g. ``encode,decode`` for the memory
+at 8192²; parts not run print as nan).
 Paste the output into BENCHMARKS.md.
 """
 
@@ -30,6 +31,8 @@ from bench import common  # pylint: disable=g-import-not-at-top
 from zipir_jax import bundle as bundle_lib, config_lib, diffusion, restore
 from zipir_jax.models import autoencoder, dit as dit_lib
 from zipir_jax import flops as flops_lib
+
+PARTS = ("encode", "decode", "step", "plain", "total")
 
 
 def plain_stack_flops(depth: int, hidden: int, tokens: int, batch: int) -> float:
@@ -67,7 +70,7 @@ def _progress(message: str) -> None:
 
 
 def bench(config_name: str, size: int, dtype: str, repeats: int, total_repeats: int,
-          peak_tflops: float, parts_only: bool) -> dict:
+          peak_tflops: float, parts: frozenset[str] = frozenset(PARTS)) -> dict:
   root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
   config = config_lib.load_config(os.path.join(root, f"{config_name}.py"))
   config_lib.apply_overrides(config, {"vae.dtype": dtype, "dit.dtype": dtype,
@@ -87,8 +90,11 @@ def bench(config_name: str, size: int, dtype: str, repeats: int, total_repeats: 
   lq_up = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (1, size, size, 3)), jnp.float32)
   failures: dict[str, str] = {}
 
-  def phase(name: str, fn, *, repeats: int = repeats) -> float:
-    """Median seconds of ``fn`` (nan if it fails: e.g. out of memory at 8192², reported by name)."""
+  def phase(name: str, part: str, fn, *, repeats: int = repeats) -> float:
+    """Median seconds of ``fn`` (nan if it fails: e.g. out of memory at 8192², reported by name;
+    nan without running if ``part`` is not in ``parts``)."""
+    if part not in parts:
+      return float("nan")
     _progress(f"{name}: start")
     try:
       seconds = common.median_time(fn, repeats)
@@ -99,11 +105,12 @@ def bench(config_name: str, size: int, dtype: str, repeats: int, total_repeats: 
     _progress(f"{name}: {seconds * 1e3:.1f} ms; peak so far {_peak_gib():.1f} GiB")
     return seconds
 
-  encode_s = phase("encode", lambda: restorer.encode(params, lq_up))
+  encode_s = phase("encode", "encode", lambda: restorer.encode(params, lq_up))
   # The decoder's input: the latent of the right shape (zeros if the encoder failed).
   latent = jnp.zeros((1, size // factor, size // factor, params["latent_stats"]["mean"]
                       .shape[-1]), jnp.float32)
-  decode_s = phase("decode", lambda: restorer.decode(params, latent, lq_up, jnp.float32(1.0)))
+  decode_s = phase("decode", "decode",
+                   lambda: restorer.decode(params, latent, lq_up, jnp.float32(1.0)))
 
   # One guided DDIM step: the DiT on the CFG batch 2B, with the sampler's parameters.
   text_emb, text_mask = restorer.encode_text([""])
@@ -111,18 +118,16 @@ def bench(config_name: str, size: int, dtype: str, repeats: int, total_repeats: 
   step = jax.jit(lambda p, z, t: diffusion.guided_eps(
       denoise, p, z, t, latent, text_emb, text_mask, text_emb, text_mask, 3.5))
   t = jnp.full((1,), 500)
-  step_s = phase("DiT step", lambda: step(restorer.dit_params, latent, t))
+  step_s = phase("DiT step", "step", lambda: step(restorer.dit_params, latent, t))
   step_flops = flops_lib.dit_forward_flops(config, 2 * latent.shape[0], latent.shape[1:3])
 
   tokens = (size // factor // config.dit.patch_size) ** 2
   tokens *= 2 if config.dit.lq_fusion == "concat" else 1
-  plain_s = phase("plain stack", lambda: _plain_call(config, tokens, dtype))
+  plain_s = phase("plain stack", "plain", lambda: _plain_call(config, tokens, dtype))
   plain_flops = plain_stack_flops(config.dit.depth, config.dit.hidden_size, tokens, 2)
 
-  total_s = float("nan")
-  if not parts_only:
-    total_s = phase("full restore", lambda: restorer.restore([lq], (size, size)),
-                    repeats=total_repeats)
+  total_s = phase("full restore", "total", lambda: restorer.restore([lq], (size, size)),
+                  repeats=total_repeats)
   return dict(config=config_name, size=size, tokens=tokens, dtype=dtype,
               tiled=restorer.tiled(size, size), encode_ms=encode_s * 1e3, decode_ms=decode_s * 1e3,
               step_ms=step_s * 1e3, steps=config.diffusion.sample_steps, total_s=total_s,
@@ -161,8 +166,12 @@ def main() -> None:
   parser.add_argument("--total_repeats", type=int, default=3, help="timed full restores")
   parser.add_argument("--peak_tflops", type=float, default=0.0,
                       help="MFU denominator; 0 = the matmul rate measured now")
-  parser.add_argument("--parts_only", action="store_true", help="skip the full restore")
+  parser.add_argument("--parts", default=",".join(PARTS),
+                      help=f"comma-separated subset of {','.join(PARTS)} (total: the full restore)")
   args = parser.parse_args()
+  parts = frozenset(args.parts.split(","))
+  if not parts or not parts <= set(PARTS):
+    parser.error(f"--parts={args.parts}: choose from {','.join(PARTS)}")
   name = os.path.splitext(os.path.basename(args.config))[0]
   device = jax.devices()[0]
   peak = args.peak_tflops or common.matmul_tflops(
@@ -175,7 +184,7 @@ def main() -> None:
         "plain stack ms | plain MFU | decode ms | total s (steps) | peak GiB |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for size in (int(s) for s in args.sizes.split(",")):
-    r = bench(name, size, args.dtype, args.repeats, args.total_repeats, peak, args.parts_only)
+    r = bench(name, size, args.dtype, args.repeats, args.total_repeats, peak, parts)
     print(f"| {r['config']} | {r['size']}² | {r['tokens']} | {r['dtype']} | {r['tiled']} | "
           f"{r['encode_ms']:.1f} | {r['step_ms']:.1f} | {r['mfu']:.0%} | {r['plain_ms']:.1f} | "
           f"{r['plain_mfu']:.0%} | {r['decode_ms']:.1f} | {r['total_s']:.2f} ({r['steps']}) | "
