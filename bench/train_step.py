@@ -85,10 +85,10 @@ def main(argv):
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
   # One line now, so a run cut off while timing the encoders alone still reports the step.
-  print(json.dumps({"step_ms": round(step_s * 1e3, 2), "compile_and_first_step_s": round(
-      compile_s, 2), "mfu": model_flops / step_s / (peak * jax.device_count()) if peak else None,
-                    "mfu_vs_measured": model_flops / step_s / (measured * jax.device_count())}),
-        flush=True)
+  early = {"step_ms": round(step_s * 1e3, 2), "compile_and_first_step_s": round(compile_s, 2),
+           "mfu": model_flops / step_s / (peak * jax.device_count()) if peak else None,
+           "mfu_vs_measured": model_flops / step_s / (measured * jax.device_count())}
+  print(json.dumps(early), flush=True)
   # The frozen encoders alone (HQ and LQ↑), as the step runs them: how much of the step they take;
   # side by side, the same encoders at float32 (what the step ran before vae.frozen_dtype).
   encode_ms = {}

@@ -7,7 +7,6 @@ summary and tests all build identical networks.
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Sequence
 
 import flax.linen as nn
