@@ -55,8 +55,9 @@ step env 30 $py -c "import jax, flax, optax, orbax.checkpoint as o, ml_collectio
 # Open questions first: does the 8192² decode fit an H200 now (#4); the 0.68 B rows at 18 heads of
 # 64, then at the former 16 of 72 and without remat for the side-by-side (#5); then the paper
 # config and its remat split.
-mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
-if [[ "${SMALL:-0}" == 1 ]] || (( ${mib:-0} >= 120000 )); then  # 8192² needs an H200's memory
+mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -d ' ')
+[[ "$mib" =~ ^[0-9]+$ ]] || mib=$(( 1 << 30 ))  # unknown: try it
+if [[ "${SMALL:-0}" == 1 ]] || (( mib >= 120000 )); then  # 8192² needs an H200's memory
   # Encode and decode only: the 8192² DiT step ran in session 3 (2.89 s); the decode is open.
   step restore_${s8}_parts 300 $py bench/restore.py --config=$big --sizes=$s8 --dtype=$dt --repeats=1 \
     --parts=encode,decode
