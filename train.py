@@ -1,8 +1,9 @@
 r"""Trains one stage of ZipIR: ``python train.py --config=configs/tiny.py:vae_coarse --workdir=runs/tiny``.
 
-Stages run in order (vae_coarse -> vae_fine -> pixel_decoder -> dit) with the same --workdir; each
-reads the previous stage's export from WORKDIR/<stage>/export (or config.train.init_from.<stage>) and
-refuses with the producing command when it is missing. Runs resume from the latest checkpoint.
+Stages run in order (vae_coarse -> vae_fine -> pixel_decoder -> dit; the SD-VAE ablation of
+configs/sdvae_f32c64.py: vae -> dit) with the same --workdir; each reads the previous stage's export
+from WORKDIR/<stage>/export (or config.train.init_from.<stage>) and refuses with the producing
+command when it is missing. Runs resume from the latest checkpoint.
 Override any field: --config.optim.num_steps=10 --config.train.mesh='(2,4,1)'.
 Multi-host: --distributed (TPU pods / SLURM auto-detect) or --coordinator=host:port
 --num_processes=N --process_id=i.

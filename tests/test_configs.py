@@ -15,9 +15,9 @@ from conftest import CONFIG_FILES, ROOT, subprocess_env
 pytestmark = pytest.mark.xdist_group("tiny_lpvae")
 
 
-def test_the_four_configs_exist():
+def test_the_configs_exist():
   assert {"configs/zipir_3b.py", "configs/zipir_0p7b.py", "configs/sdvae_f32c64.py",
-          "configs/tiny.py"} <= set(CONFIG_FILES)
+          "configs/tiny.py", "configs/tiny_sdvae.py"} <= set(CONFIG_FILES)
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES)
@@ -96,9 +96,11 @@ def test_summary_cli_prints_every_component_for_every_config():
   for block, path in zip(blocks, CONFIG_FILES):
     assert block.startswith(f"== {path}")
     names = (["E_c", "D_c", "E_f", "D_f ", "D_f*"] if "sdvae" not in path
-             else ["encoder", "decoder", "D_f*"]) + ["discriminator"]
+             else ["encoder", "decoder"]) + ["discriminator", "DiT"]
     for name in names:
       assert any(line.startswith(name) for line in block.splitlines()), (path, name)
+    # The SD-VAE ablation restores with its own decoder: no pixel-aware decoder to count.
+    assert ("D_f*" in block) == ("sdvae" not in path), path
     assert "(1, 64, 43, 64)" in block
 
 

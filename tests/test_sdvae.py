@@ -1,5 +1,7 @@
-"""The f32c64 SD-VAE baseline (Table 4) shares the LP-VAE's interface."""
+"""The f32c64 SD-VAE baseline (Table 4) shares the LP-VAE's interface and restores with its own
+decoder (training it: tests/test_train.py)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +12,8 @@ from zipir_jax.models import autoencoder
 
 
 @pytest.fixture(scope="module")
-def sdvae(tiny_config):
-  config = config_lib.load_config("configs/tiny.py")
-  with config.unlocked():
-    config.vae.kind = "sdvae"
-    config.vae.mid_attention = True
+def sdvae():
+  config = config_lib.load_config("configs/tiny_sdvae.py")
   module = autoencoder.build_autoencoder(config)
   return module, autoencoder.init_autoencoder(module, jax.random.key(0), (1, 64, 64, 3))
 
@@ -46,3 +45,21 @@ def test_refuses_bad_size(sdvae):
   module, params = sdvae
   with pytest.raises(ValueError, match=r"\(1, 80, 64, 3\).*multiples of 32"):
     module.apply({"params": params}, jnp.zeros((1, 80, 64, 3)), method="encode")
+
+
+def test_ablation_restores_with_the_plain_sdvae_decoder(sdvae):
+  """No fusion levels: D_f* is the SD-VAE's decoder itself (no extractor, blind to the LQ image)."""
+  module, params = sdvae
+  config = config_lib.load_config("configs/tiny_sdvae.py:dit")
+  decoder = autoencoder.build_pixel_decoder(config)
+  z = jax.random.normal(jax.random.key(1), (2, 2, 3, 64))
+  lq = jax.random.uniform(jax.random.key(2), (2, 64, 96, 3), minval=-1, maxval=1)
+  shapes = nn.meta.unbox(jax.eval_shape(decoder.init, jax.random.key(0), z, lq))["params"]
+  assert set(shapes) == {"decoder"}
+  assert jax.tree.structure(shapes["decoder"]) == jax.tree.structure(params["decoder"])
+  out = jax.jit(decoder.apply)({"params": {"decoder": params["decoder"]}}, z, lq)
+  np.testing.assert_array_equal(out, jax.jit(lambda p, z: module.apply(
+      {"params": p}, z, method="decode"))(params, z))
+  np.testing.assert_array_equal(out, jax.jit(decoder.apply)(
+      {"params": {"decoder": params["decoder"]}}, z, -lq))
+

@@ -109,17 +109,20 @@ def tiny():
   return config, params, tokenizer
 
 
-def test_null_embedding_is_the_empty_prompt(tiny):
+def test_null_condition_is_the_empty_prompt(tiny):
+  """The CFG null condition (training's dropped captions, the default negative prompt) is the
+  encoded empty prompt: EOS only, the same inside a batch as alone, not a zero tensor."""
   config, params, tokenizer = tiny
   model = t5.T5Encoder(config)
-  null, null_mask = text.null_embedding(tokenizer, model, params, max_length=16)
+  null, null_mask = text.encode_prompts([""], tokenizer, model, params, max_length=16)
   assert null.shape == (1, 16, config.d_model) and null_mask.shape == (1, 16)
   np.testing.assert_array_equal(null_mask[0], [1] + [0] * 15)  # Only EOS.
   batch, mask = text.encode_prompts(["a cat", ""], tokenizer, model, params, max_length=16)
   np.testing.assert_allclose(batch[1], null[0], atol=1e-6)
   np.testing.assert_array_equal(mask[1], null_mask[0])
   assert np.abs(np.asarray(batch[0, 0] - null[0, 0])).max() > 1e-3  # Prompts do matter.
-  again, _ = text.null_embedding(tokenizer, model, params, max_length=16)
+  assert np.abs(np.asarray(null)).max() > 1e-3
+  again, _ = text.encode_prompts([""], tokenizer, model, params, max_length=16)
   np.testing.assert_array_equal(again, null)
 
 

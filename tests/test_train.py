@@ -42,17 +42,18 @@ def env(tmp_path_factory):
   return {"root": root, "data": str(data), "environ": environ}
 
 
-def train_command(env, stage, workdir, *overrides, num_steps=2):
+def train_command(env, stage, workdir, *overrides, num_steps=2, config="configs/tiny.py"):
   """`make demo`'s own train.py command (so its flags are checked here) + the tests' settings."""
   from zipir_jax import demo
-  return [*demo.stage_command(stage, str(workdir), env["data"], num_steps),
+  return [*demo.stage_command(stage, str(workdir), env["data"], num_steps, config),
           "--config.train.log_every=1",  # the demo's bucket is the tests' ((64,64,4),)
           "--config.train.image_every=0", "--config.train.latent_stats_batches=2",
           "--config.train.async_checkpointing=False", *overrides]
 
 
-def run_train(env, stage, workdir, *overrides, num_steps=2):
-  return subprocess.run(train_command(env, stage, workdir, *overrides, num_steps=num_steps),
+def run_train(env, stage, workdir, *overrides, num_steps=2, config="configs/tiny.py"):
+  return subprocess.run(train_command(env, stage, workdir, *overrides, num_steps=num_steps,
+                                      config=config),
                         cwd=ROOT, env=env["environ"], capture_output=True, text=True, timeout=600)
 
 
@@ -171,6 +172,57 @@ def check_make_demo_reuses_finished_stages(chain, tmp_path, capsys):
   results = json.loads((out / "eval" / "metrics.json").read_text())
   assert sorted(results["images"]) == names and results["preset"] == "fig4"
   assert list((out / "work" / "dit").glob("events.out.tfevents.*"))  # TensorBoard logs
+
+
+def test_sdvae_ablation_trains_vae_then_dit_and_restores(env):
+  """Table 4's f32c64 SD-VAE baseline: stage vae (one encoder + decoder, GAN from step 2), then dit
+  on its frozen latent; the bundle restores with the SD-VAE's own decoder."""
+  config = "configs/tiny_sdvae.py"
+  workdir = env["root"] / "sdvae"
+  refused = run_train(env, "dit", workdir, config=config)
+  assert refused.returncode == 2
+  assert f"train.py --config={config}:vae" in refused.stderr
+
+  ok(run_train(env, "vae", workdir, "--config.loss.disc_start=1", num_steps=3, config=config))
+  ok(run_train(env, "dit", workdir, "--config.train.image_every=2", config=config))
+  vae_metrics = read_metrics(workdir / "vae" / "metrics.jsonl")
+  assert [m["d_loss"] > 0 for m in vae_metrics] == [False, True, True]  # delayed start
+  assert all(m["kl"] > 0 and np.isfinite(m["loss"]) for m in vae_metrics)
+  assert np.isfinite([m["loss"] for m in read_metrics(workdir / "dit" / "metrics.jsonl")]).all()
+  assert list((workdir / "dit" / "images").glob("*.png"))  # the preview decodes too
+
+  export = restore_raw(workdir / "vae" / "export" / "params")
+  assert set(export) == {"encoder", "decoder", "latent_stats"}
+  assert export["latent_stats"]["std"].shape == (64,) and (export["latent_stats"]["std"] > 0).all()
+  state = restore_raw(workdir / "dit" / "checkpoints" / "2" / "state")
+  assert set(state["params"]) == {"dit"}
+  assert set(state["frozen"]) == {"encoder", "latent_stats", "null_text"}
+  for k, v in flat(export["encoder"]).items():  # the frozen encoder is bit-identical
+    np.testing.assert_array_equal(flat(state["frozen"]["encoder"])[k], v, err_msg=k)
+  assert {k.split("/")[k.split("/").index("mu") + 1] for k in flat(state["opt_state"])
+          if "/mu/" in f"/{k}/"} == {"dit"}
+
+  import jax
+  import jax.numpy as jnp
+
+  from zipir_jax import bundle, restore
+  from zipir_jax.models import autoencoder
+  loaded = bundle.load_bundle(str(workdir / "dit" / "bundle"))
+  assert set(loaded.params["vae"]) == {"encoder"}
+  restorer = restore.Restorer(loaded)
+  # The bundle decodes as the trained SD-VAE does: un-normalise with the measured statistics, then
+  # its decoder (nothing else, the LQ image is not used).
+  stats = export["latent_stats"]
+  z = jax.random.normal(jax.random.key(0), (1, 2, 3, 64))
+  lq = jnp.zeros((1, 64, 96, 3))
+  sdvae = autoencoder.build_autoencoder(loaded.config)
+  want = sdvae.apply({"params": {"decoder": export["decoder"]}}, z * stats["std"] + stats["mean"],
+                     method="decode")
+  np.testing.assert_allclose(restorer.decode(restorer.params, z, lq, jnp.float32(1.0)), want,
+                             atol=1e-5)
+  image = np.random.RandomState(0).randint(0, 256, (20, 24, 3), np.uint8)
+  out = restorer.restore([image], (64, 96), options=restore.RestoreOptions(steps=2))
+  assert out.shape == (1, 64, 96, 3) and np.isfinite(out).all() and out.std() > 0
 
 
 def test_nonfinite_batches_are_skipped_then_stop(env):

@@ -55,17 +55,34 @@ def test_mesh_and_specs():
   assert parallel.fit_spec(P("fsdp", "tensor"), (8, 6), fake) == P("fsdp", "tensor")
 
 
-def test_stage_partition_names_every_network():
-  for stage in state_lib.STAGES:
-    assert not set(state_lib.TRAINABLE[stage]) & set(state_lib.FROZEN[stage])
-  config = config_lib.load_config("configs/tiny.py:pixel_decoder")
-  boxed = jax.eval_shape(lambda: state_lib.boxed_init(state_lib.build_models(config),
-                                                      jax.random.PRNGKey(0)))
-  for name in state_lib.TRAINABLE["pixel_decoder"] + state_lib.FROZEN["pixel_decoder"]:
-    assert name in boxed
-  specs = jax.tree.leaves(nn.get_partition_spec(boxed["pixel_decoder"]),
-                          is_leaf=lambda x: isinstance(x, P))
-  assert any("conv_out" in tuple(s) for s in specs)  # logical names reach the sharding rules
+@pytest.mark.parametrize("path", ["configs/tiny.py", "configs/tiny_sdvae.py"])
+def test_stage_partition_names_every_network(path):
+  """Every stage of both VAE kinds: trainable and frozen parts are disjoint networks it builds."""
+  for stage in config_lib.load_config(path).stages:
+    config = config_lib.load_config(f"{path}:{stage}")
+    assert state_lib.check_stage(config) == stage
+    trainable, frozen = state_lib.TRAINABLE[stage], state_lib.frozen_parts(config)
+    assert trainable and not set(trainable) & set(frozen)
+    boxed = jax.eval_shape(lambda c=config: state_lib.boxed_init(state_lib.build_models(c),
+                                                                 jax.random.PRNGKey(0)))
+    assert set(trainable + frozen) <= set(boxed), (path, stage)
+    specs = jax.tree.leaves(nn.get_partition_spec(boxed[trainable[0]]),
+                            is_leaf=lambda x: isinstance(x, P))
+    assert any(any(s) for s in specs), (path, stage)  # logical names reach the sharding rules
+  dit = config_lib.load_config(f"{path}:dit")
+  want = ("coarse_encoder", "fine_encoder") if dit.vae.kind == "lpvae" else ("encoder",)
+  assert state_lib.frozen_parts(dit) == want + ("latent_stats", "null_text")
+
+
+def test_sdvae_training_refuses_a_pixel_aware_decoder():
+  config = config_lib.load_config("configs/tiny_sdvae.py:dit")
+  config_lib.apply_overrides(config, {"pixel_decoder.fusion_levels": (0, 1)})
+  with pytest.raises(ValueError, match=r"no pixel_decoder stage.*fusion_levels=\(\)"):
+    state_lib.check_stage(config)
+  lpvae = config_lib.load_config("configs/tiny.py:dit")
+  config_lib.apply_overrides(lpvae, {"stage": "vae"})
+  with pytest.raises(ValueError, match="not a stage of the lpvae.*vae_coarse, vae_fine"):
+    state_lib.check_stage(lpvae)
 
 
 
@@ -86,7 +103,7 @@ def test_frozen_encoders_run_at_frozen_dtype():
     config_lib.apply_overrides(config, {"vae.frozen_dtype": frozen_dtype})
     models = state_lib.build_models(config)
     params = nn.unbox(jax.eval_shape(lambda m=models: state_lib.boxed_init(m, jax.random.key(0))))
-    frozen = {k: params[k] for k in state_lib.FROZEN["pixel_decoder"]}
+    frozen = {k: params[k] for k in state_lib.frozen_parts(config)}
     frozen["latent_stats"] = {"mean": jnp.zeros(64), "std": jnp.ones(64)}
     encode = lambda f, b, m=models: steps.encode_latents(m, f, b["hq"])  # the dit stage's
     reconstruct = lambda f, p, b, m=models: steps.reconstruct(  # the pixel_decoder stage's

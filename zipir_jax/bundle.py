@@ -2,7 +2,8 @@
 
   BUNDLE/
     config.json      the experiment config (ml_collections as JSON)
-    params/          Orbax checkpoint of {'vae': the encoders (E_c, E_f), 'pixel_decoder': D_f*,
+    params/          Orbax checkpoint of {'vae': the encoders (E_c, E_f; the SD-VAE ablation's
+                     one encoder), 'pixel_decoder': D_f* (the ablation: its plain decoder),
                      'dit': ZipDiT, 'latent_stats': {'mean', 'std'} (per latent channel)}
     text_encoder/    a Hugging Face T5 encoder folder (config.json, model.safetensors, tokenizer);
                      absent when ``config.text.encoder_path`` names an external folder instead
@@ -45,11 +46,6 @@ class Bundle:
   tokenizer: Any
 
 
-def encoder_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The autoencoder sub-networks restoration needs: E_c and E_f (or the SD-VAE's encoder)."""
-  return ("coarse_encoder", "fine_encoder") if config.vae.kind == "lpvae" else ("encoder",)
-
-
 def expected_shapes(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Parameter shapes of every part, from ``jax.eval_shape`` (nothing allocated)."""
   vae = autoencoder.build_autoencoder(config)
@@ -64,8 +60,9 @@ def expected_shapes(config: ml_collections.ConfigDict) -> dict[str, Any]:
   dit_params = jax.eval_shape(lambda: dit_lib.init_dit(dit, jax.random.key(0),
                                                        vae.latent_channels))
   stats = jax.ShapeDtypeStruct((vae.latent_channels,), jnp.float32)
-  return {"vae": {k: vae_params[k] for k in encoder_keys(config)}, "pixel_decoder": pd_params,
-          "dit": dit_params, "latent_stats": {"mean": stats, "std": stats}}
+  return {"vae": {k: vae_params[k] for k in autoencoder.encoder_keys(config)},
+          "pixel_decoder": pd_params, "dit": dit_params,
+          "latent_stats": {"mean": stats, "std": stats}}
 
 
 def check_params(config: ml_collections.ConfigDict, params: dict[str, Any], where: str) -> None:
@@ -112,7 +109,7 @@ def random_bundle(config: ml_collections.ConfigDict, rng: jax.Array) -> Bundle:
                                     vae_params["fine_decoder" if lpvae else "decoder"])
   dit = dit_lib.build_dit(config)
   params = {
-      "vae": {k: vae_params[k] for k in encoder_keys(config)},
+      "vae": {k: vae_params[k] for k in autoencoder.encoder_keys(config)},
       "pixel_decoder": pd_params,
       "dit": dit_lib.init_dit(dit, rng_dit, vae.latent_channels),
       "latent_stats": {"mean": jnp.zeros(vae.latent_channels), "std": jnp.ones(vae.latent_channels)},

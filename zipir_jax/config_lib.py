@@ -19,7 +19,8 @@ from zipir_jax.data import defaults as data_defaults
 # Progressive training (§3.1, §4): coarse LP-VAE, fine LP-VAE with E_c frozen, pixel-aware decoder
 # with E_c/E_f frozen, then the DiT on the frozen latent space.
 LPVAE_STAGES = ("vae_coarse", "vae_fine", "pixel_decoder", "dit")
-# The f32c64 SD-VAE ablation baseline (Table 4) has a single encoder, so a single VAE stage.
+# The f32c64 SD-VAE ablation baseline (Table 4) has a single encoder, so a single VAE stage; its
+# restorations decode with that VAE's own decoder (the ablation precedes the pixel-aware decoder).
 SDVAE_STAGES = ("vae", "dit")
 
 # RGB statistics of ImageNet in the model's [-1, 1] pixel range. z_macro = (I↓32 - μ) / σ (§3.1) uses the
@@ -168,11 +169,10 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   opt.disc_lr = 5e-5  # discriminator of the VAE stages (AdamW, same schedule shape).
 
   # --- Training loop (train.py, zipir_jax/training/): everything that does not depend on --workdir.
-  # Stage prerequisites: by default stage S reads WORKDIR/<earlier stage>/export; a non-empty entry
-  # here names that export folder instead.
+  # Stage prerequisites: by default stage S reads WORKDIR/<the stage before S>/export; a non-empty
+  # entry here names that export folder instead.
   tr = config.train = ml_collections.ConfigDict()
-  tr.init_from = ml_collections.ConfigDict(
-      {"vae_coarse": "", "vae_fine": "", "pixel_decoder": ""})
+  tr.init_from = ml_collections.ConfigDict({s: "" for s in stages[:-1]})
   tr.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices.
   tr.log_every = 50
   tr.image_every = 1000  # image grids HQ | LQ↑ | output; 0 = never.
@@ -187,6 +187,17 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   tr.kill_after_step = 0  # testing: SIGKILL itself once this step's checkpoint is on disk.
 
   return config
+
+
+def sdvae(config: ml_collections.ConfigDict) -> None:
+  """The f32c64 SD-VAE of the ablation (Table 4) in place of the LP-VAE, set in place.
+
+  LDM's autoencoder with ``z_channels`` 64 and mult [1,2,4,4,4,4], its middle attention kept. No
+  pixel-aware decoder: the DiT's latents decode with the SD-VAE's own decoder.
+  """
+  config.vae.kind = "sdvae"
+  config.vae.mid_attention = True
+  config.pixel_decoder.fusion_levels = ()
 
 
 def ablation_dit(config: ml_collections.ConfigDict) -> None:
@@ -204,6 +215,45 @@ def ablation_dit(config: ml_collections.ConfigDict) -> None:
   config.dit.depth = 20
   config.dit.hidden_size = 1152
   config.dit.num_heads = 18
+
+
+def prerequisite_stage(config: ml_collections.ConfigDict) -> str | None:
+  """The stage whose export ``config.stage`` starts from: the one before it in ``config.stages``."""
+  i = tuple(config.stages).index(config.stage)
+  return config.stages[i - 1] if i else None
+
+
+def tiny(config: ml_collections.ConfigDict) -> None:
+  """Toy widths, depths and batches for the CPU (tests, demo, notebook), set in place.
+
+  Compression (32x), latent channels and every stage stay as in the paper; the CPU has no fast
+  bf16, so everything computes in float32.
+  """
+  config.vae.ch = 16
+  config.vae.num_res_blocks = 1
+  config.vae.num_groups = 8
+  config.discriminator.ch = 16
+  config.discriminator.num_layers = 2
+  config.dit.depth = 2
+  config.dit.hidden_size = 64
+  config.dit.num_heads = 4
+  config.dit.text_dim = 64
+  config.dit.dtype = "float32"
+  config.vae.frozen_dtype = "float32"  # CPU: XLA emulates bf16 convolutions (slower, not faster).
+  config.diffusion.sample_steps = 4
+  config.text.max_length = 32
+  config.text.dtype = "float32"
+  config.data.buckets = ((64, 64, 4), (64, 96, 4))  # (height, width, batch size)
+  config.data.num_workers = 0
+  config.data.size_probe_records = 16
+  config.data.eval_size = (64, 64)
+  config.data.eval_preset = "sr8"
+  config.data.eval_batch_size = 2
+  config.optim.lr = 1e-3
+  config.optim.end_lr = 1e-4
+  config.optim.warmup_steps = 10
+  config.optim.batch_size = 4
+  config.optim.num_steps = 100
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

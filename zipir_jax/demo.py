@@ -140,13 +140,14 @@ def run_logged(cmd: Sequence[str], log_path: str, label: str, total_steps: int |
       raise RuntimeError(f"{label} failed (exit {proc.returncode}); log: {log_path}\n{tail}")
 
 
-def stage_command(stage: str, workdir: str, data: str, num_steps: int) -> list[str]:
+def stage_command(stage: str, workdir: str, data: str, num_steps: int,
+                  config_file: str = "configs/tiny.py") -> list[str]:
   """The ``train.py`` command line of one demo stage (the tiny config, one crop size).
 
   The tiny config's GAN loss stays off (its ``disc_start`` is beyond a few hundred steps): the
   discriminator needs far longer to help than the demo trains.
   """
-  return [sys.executable, "train.py", f"--config=configs/tiny.py:{stage}",
+  return [sys.executable, "train.py", f"--config={config_file}:{stage}",
           f"--workdir={workdir}", f"--config.data.path={data}",
           f"--config.data.buckets={DEMO_BUCKETS}",
           f"--config.optim.num_steps={num_steps}",

@@ -49,12 +49,6 @@ def encode_prompts(prompts: Sequence[str], tokenizer: Any, model: t5.T5Encoder, 
   return _encode(model, params, jnp.asarray(input_ids), jnp.asarray(mask)), jnp.asarray(mask)
 
 
-def null_embedding(tokenizer: Any, model: t5.T5Encoder, params: Any,
-                   max_length: int) -> tuple[Array, Array]:
-  """The empty prompt's encoding, (1, max_length, d_model) and mask: the CFG null condition."""
-  return encode_prompts([""], tokenizer, model, params, max_length)
-
-
 def tiny_text_encoder(rng: Array, **overrides: Any) -> tuple[t5.T5Config, Any, Any]:
   """``(config, params, tokenizer)`` of a tiny random ByT5-style encoder (tests, demo; no files)."""
   import transformers  # pylint: disable=g-import-not-at-top

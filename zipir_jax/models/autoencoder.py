@@ -30,6 +30,11 @@ def compute_dtype(name: str) -> jnp.dtype:
   return valid[name]
 
 
+def encoder_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The encoder sub-networks that make the DiT's latent: E_c and E_f (or the SD-VAE's encoder)."""
+  return ("coarse_encoder", "fine_encoder") if config.vae.kind == "lpvae" else ("encoder",)
+
+
 def build_autoencoder(config: ml_collections.ConfigDict, dtype: str | None = None
                       ) -> LPVAE | SDVAE:
   """The experiment's VAE: the LP-VAE (§3.1) or the f32c64 SD-VAE baseline (Table 4).

@@ -5,6 +5,7 @@ the LQ image (resized to the output size) and hands its multi-scale features to 
 residual layers between the up-sampling blocks (:class:`~zipir_jax.models.vae_blocks.PixelFusion`).
 Those layers are zero-initialised, so right after :func:`init_from_autoencoder` D_f*(z, LQ) == D_f(z)
 exactly; stage ``pixel_decoder`` then trains extractor and whole decoder with E_c/E_f frozen.
+With ``fusion_levels=()`` it is the plain decoder (no extractor): how the SD-VAE ablation decodes.
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ class PixelAwareDecoder(nn.Module):
     bad = [i for i in self.fusion_levels if not 0 <= i < len(self.ch_mult)]
     if bad:
       raise ValueError(f"fusion_levels {tuple(bad)} outside decoder levels 0..{len(self.ch_mult) - 1}")
-    features = Encoder(self.ch, self.ch_mult, self.num_res_blocks, self.encoder_out_channels,
-                       num_groups=self.num_groups, mid_attention=self.mid_attention,
-                       dtype=self.dtype, name="extractor")(lq, features_only=True)
+    features = None
+    if self.fusion_levels:  # none: the plain decoder (the SD-VAE ablation), no extractor
+      features = Encoder(self.ch, self.ch_mult, self.num_res_blocks, self.encoder_out_channels,
+                         num_groups=self.num_groups, mid_attention=self.mid_attention,
+                         dtype=self.dtype, name="extractor")(lq, features_only=True)
     return Decoder(self.ch, self.ch_mult, self.num_res_blocks, num_groups=self.num_groups,
                    mid_attention=self.mid_attention, fusion_levels=tuple(self.fusion_levels),
                    dtype=self.dtype, name="decoder")(z, features, fusion_weight)

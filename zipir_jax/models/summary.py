@@ -80,9 +80,10 @@ def summarize(config: ml_collections.ConfigDict, height: int = 2048, width: int 
     counts["encoder"] = count_params(params["encoder"])
     counts["decoder"] = count_params(params["decoder"])
     shapes = {}
-  counts["D_f* pixel-aware decoder"] = count_params(pd_params)
-  counts["  of which extractor"] = count_params(pd_params["extractor"])
-  counts["  of which new fusion layers"] = count_params(fusion)
+  if "extractor" in pd_params:  # else (no fusion levels: the SD-VAE ablation) the plain decoder
+    counts["D_f* pixel-aware decoder"] = count_params(pd_params)
+    counts["  of which extractor"] = count_params(pd_params["extractor"])
+    counts["  of which new fusion layers"] = count_params(fusion)
   counts["discriminator"] = count_params(disc_params)
   for key, value in dit.param_breakdown(config).items():
     counts[f"DiT  {key}"] = value

@@ -7,9 +7,10 @@ Workdir layout (``--workdir=runs/tiny``; one folder per stage, so stages chain w
   runs/tiny/dit/bundle/                               the restoration bundle sample.py loads
   runs/tiny/<stage>/metrics.jsonl, images/            reporting
 
-Stage S reads the export of the stage before it (``PREREQUISITE[S]``) from
-``WORKDIR/<that stage>/export`` unless ``config.train.init_from.<that stage>`` names another folder.
-Each export carries forward what later stages need (frozen encoders, D_f, latent statistics).
+Stage S reads the export of the stage before it in ``config.stages``
+(``config_lib.prerequisite_stage``) from ``WORKDIR/<that stage>/export`` unless
+``config.train.init_from.<that stage>`` names another folder. Each export carries forward what later
+stages need (frozen encoders, D_f, latent statistics).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-PREREQUISITE = {"vae_fine": "vae_coarse", "pixel_decoder": "vae_fine", "dit": "pixel_decoder"}
+from zipir_jax import config_lib
 
 
 class MissingPrerequisiteError(FileNotFoundError):
@@ -39,10 +40,9 @@ def export_dir(workdir: str, stage: str) -> str:
 
 
 def prerequisite_path(config, workdir: str) -> str | None:
-  stage = config.stage
-  if stage not in PREREQUISITE:
+  earlier = config_lib.prerequisite_stage(config)
+  if earlier is None:
     return None
-  earlier = PREREQUISITE[stage]
   return os.path.abspath(config.train.init_from[earlier] or export_dir(workdir, earlier))
 
 
@@ -51,7 +51,7 @@ def load_prerequisites(config, workdir: str, config_file: str = "configs/<model>
   path = prerequisite_path(config, workdir)
   if path is None:
     return {}
-  earlier = PREREQUISITE[config.stage]
+  earlier = config_lib.prerequisite_stage(config)
   if not os.path.isdir(os.path.join(path, "params")):
     raise MissingPrerequisiteError(
         f"stage {config.stage!r} needs the {earlier!r} export at {path} (its params/ folder is "

@@ -29,7 +29,7 @@ from absl import logging
 
 from zipir_jax import bundle as bundle_lib, parallel, text as text_lib
 from zipir_jax.data import pipeline
-from zipir_jax.models import t5
+from zipir_jax.models import autoencoder, t5
 from zipir_jax.training import checkpointing, reporting, state as state_lib, steps, text_cache
 
 
@@ -77,15 +77,24 @@ def caption_encoder(config, text_config, text_params, tokenizer):
                            max_length=int(config.text.max_length))
 
 
-def _prerequisite_subset(stage: str, prereqs: dict) -> dict:
-  wanted = set(state_lib.TRAINABLE[stage]) | set(state_lib.FROZEN[stage])
+def _prerequisite_subset(config, prereqs: dict) -> dict:
+  stage = config.stage
+  wanted = set(state_lib.TRAINABLE[stage]) | set(state_lib.frozen_parts(config))
   if stage == "pixel_decoder":
     wanted |= {"fine_encoder", "fine_decoder"}
   return {k: v for k, v in prereqs.items() if k in wanted}
 
 
+def restoration_decoder(config, prereqs: dict) -> dict:
+  """The ``pixel_decoder`` params the dit stage restores with (preview, bundle): D_f* from the
+  pixel_decoder export; for the SD-VAE ablation its own decoder (a D_f* without fusion levels)."""
+  if config.vae.kind == "sdvae":
+    return {"decoder": prereqs["decoder"]}
+  return prereqs["pixel_decoder"]
+
+
 def measure_latent_stats(models, params: dict, data_iter, mesh, num_batches: int) -> dict:
-  """Per-channel mean/std of the LP-VAE latent (posterior mode) over ``num_batches`` batches."""
+  """Per-channel mean/std of the VAE latent (posterior mode) over ``num_batches`` batches."""
   encode = jax.jit(lambda p, x: models.vae.apply({"params": p}, x, method="encode")[0])
   total = None
   for _ in range(max(num_batches, 1)):
@@ -120,10 +129,11 @@ def export(config, workdir: str, stage_state, prereqs: dict, models, data_iter, 
   stage = config.stage
   ema = to_host(stage_state.ema_params)
   frozen = to_host(stage_state.frozen)
+  encoders = autoencoder.encoder_keys(config)
   if stage == "dit":
     model_config, text_params, tokenizer = text
-    params = {"vae": {k: frozen[k] for k in ("coarse_encoder", "fine_encoder")},
-              "pixel_decoder": prereqs["pixel_decoder"], "dit": ema["dit"],
+    params = {"vae": {k: frozen[k] for k in encoders},
+              "pixel_decoder": restoration_decoder(config, prereqs), "dit": ema["dit"],
               "latent_stats": frozen["latent_stats"]}
     path = os.path.join(checkpointing.stage_dir(workdir, stage), "bundle")
     if jax.process_index() == 0:
@@ -132,14 +142,13 @@ def export(config, workdir: str, stage_state, prereqs: dict, models, data_iter, 
       bundle_lib.save_bundle(path, bundle_lib.Bundle(config, params, model_config, text_params,
                                                      tokenizer))
     return path
-  params = dict(ema)
-  if stage == "vae_fine":
-    params["coarse_encoder"] = frozen["coarse_encoder"]
+  params = {**frozen, **ema}  # frozen encoders are carried forward to the later stages
+  if stage == state_lib.LATENT_STATS_STAGE[config.vae.kind]:
     params["latent_stats"] = measure_latent_stats(
-        models, {"coarse_encoder": frozen["coarse_encoder"], "fine_encoder": ema["fine_encoder"]},
-        data_iter, mesh, int(config.train.latent_stats_batches))
+        models, {k: params[k] for k in encoders}, data_iter, mesh,
+        int(config.train.latent_stats_batches))
   if stage == "pixel_decoder":
-    params.update({k: prereqs[k] for k in ("coarse_encoder", "fine_encoder", "latent_stats")})
+    params["latent_stats"] = prereqs["latent_stats"]
   path = checkpointing.export_dir(workdir, stage)
   checkpointing.save_export(path, config, params)
   return path
@@ -156,7 +165,7 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
   rng_state = run_rngs(config)[0]
 
   text = None
-  init_inputs = _prerequisite_subset(stage, prereqs)
+  init_inputs = _prerequisite_subset(config, prereqs)
   if stage == "dit":
     text_config, text_params, tokenizer = dit_text_encoder(config)
     text = caption_encoder(config, text_config, text_params, tokenizer)
@@ -185,8 +194,9 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
 
   train_step = steps.jit_train_step(models, mesh, shardings)
   preview = jax.jit(lambda s, b, pd: steps.preview(models, s, b, pd))
-  # The dit state holds no decoder: its preview decodes with D_f* of the pixel_decoder export.
-  preview_decoder = jax.device_put(prereqs["pixel_decoder"], parallel.replicated(mesh)) if (
+  # The dit state holds no decoder: its preview decodes with the earlier export's (D_f*).
+  preview_decoder = jax.device_put(restoration_decoder(config, prereqs),
+                                   parallel.replicated(mesh)) if (
       stage == "dit" and config.train.image_every) else None
   writer = reporting.create_writer(sdir, start_step=start)
   total = int(config.optim.num_steps)

@@ -8,6 +8,10 @@ Progressive training (§3.1, §4) trains different sub-networks per stage; the r
   pixel_decoder  pixel_decoder (extractor+D_f*)   coarse_encoder, fine_encoder     yes
   dit            dit                              encoders, latent_stats, null_text  no
 
+The SD-VAE ablation (Table 4, ``config.vae.kind="sdvae"``) has two: ``vae`` trains its one
+encoder and decoder (as the LP-VAE stages: discriminator, same losses), then ``dit`` trains on
+that encoder's latent (frozen: ``encoder``, latent_stats, null_text).
+
 Frozen parts live in ``TrainState.frozen``: outside the optimizer, never differentiated, saved with
 the checkpoint so a run is self-contained. The T5 encoder is frozen too but runs on the host side of
 the step (captions -> embeddings), so it is not part of the state.
@@ -26,23 +30,33 @@ import ml_collections
 import optax
 from flax import struct
 
-from zipir_jax import losses, parallel
+from zipir_jax import config_lib, losses, parallel
 from zipir_jax.models import autoencoder, dit as dit_lib
 
-STAGES = ("vae_coarse", "vae_fine", "pixel_decoder", "dit")
+STAGES = {"lpvae": config_lib.LPVAE_STAGES, "sdvae": config_lib.SDVAE_STAGES}
 TRAINABLE = {
     "vae_coarse": ("coarse_encoder", "coarse_decoder"),
     "vae_fine": ("fine_encoder", "fine_decoder"),
     "pixel_decoder": ("pixel_decoder",),
+    "vae": ("encoder", "decoder"),
     "dit": ("dit",),
 }
-FROZEN = {
+_FROZEN = {
     "vae_coarse": (),
     "vae_fine": ("coarse_encoder",),
     "pixel_decoder": ("coarse_encoder", "fine_encoder"),
-    "dit": ("coarse_encoder", "fine_encoder", "latent_stats", "null_text"),
+    "vae": (),
 }
-GAN_STAGES = ("vae_coarse", "vae_fine", "pixel_decoder")
+GAN_STAGES = ("vae_coarse", "vae_fine", "pixel_decoder", "vae")
+# The stage whose export measures the per-channel latent statistics: the last to train an encoder.
+LATENT_STATS_STAGE = {"lpvae": "vae_fine", "sdvae": "vae"}
+
+
+def frozen_parts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The frozen networks/constants of ``config.stage`` (dit: the VAE kind's encoders)."""
+  if config.stage == "dit":
+    return autoencoder.encoder_keys(config) + ("latent_stats", "null_text")
+  return _FROZEN[config.stage]
 
 
 @struct.dataclass
@@ -64,7 +78,7 @@ class Models:
   """The stage's networks (static: hashed into the jitted step by identity)."""
   config: ml_collections.ConfigDict
   vae: Any
-  frozen_vae: Any  # the same LP-VAE at config.vae.frozen_dtype: where its encoders are frozen
+  frozen_vae: Any  # the same VAE at config.vae.frozen_dtype: where its encoders are frozen
   pixel_decoder: Any
   discriminator: Any
   dit: Any
@@ -78,11 +92,16 @@ class Models:
 
 
 def check_stage(config: ml_collections.ConfigDict) -> str:
-  if config.vae.kind != "lpvae":
-    raise NotImplementedError(f"training supports the LP-VAE stages {STAGES}; config.vae.kind="
-                              f"{config.vae.kind!r} (the SD-VAE ablation) is not wired into train.py")
-  if config.stage not in STAGES:
-    raise ValueError(f"config.stage={config.stage!r}; valid: {', '.join(STAGES)}")
+  kind = config.vae.kind
+  if kind not in STAGES:
+    raise ValueError(f"config.vae.kind={kind!r}; valid kinds: {', '.join(STAGES)}")
+  if config.stage not in STAGES[kind]:
+    raise ValueError(f"config.stage={config.stage!r} is not a stage of the {kind} experiments; "
+                     f"valid: {', '.join(STAGES[kind])}")
+  if kind == "sdvae" and tuple(config.pixel_decoder.fusion_levels):
+    raise ValueError("the SD-VAE ablation has no pixel_decoder stage and decodes with its own "
+                     "decoder: set config.pixel_decoder.fusion_levels=() (configs/sdvae_f32c64.py "
+                     f"does), not {tuple(config.pixel_decoder.fusion_levels)}")
   return config.stage
 
 
@@ -163,7 +182,7 @@ def init_state(models: Models, rng: jax.Array, prerequisites: dict[str, Any]) ->
     if name in variables and not (stage == "pixel_decoder" and name == "pixel_decoder"):
       variables[name] = value
   params = {k: variables[k] for k in TRAINABLE[stage]}
-  frozen = {k: variables[k] for k in FROZEN[stage]}
+  frozen = {k: variables[k] for k in frozen_parts(config)}
   tx = make_optimizer(config.optim)
   disc, disc_opt_state = {}, ()
   if stage in GAN_STAGES:
@@ -183,7 +202,7 @@ def state_shardings(models: Models, mesh: jax.sharding.Mesh, abstract_state: Tra
   named = parallel.logical_shardings(boxed, mesh)
   repl = parallel.replicated(mesh)
   params = {k: named[k] for k in TRAINABLE[stage]}
-  frozen = {k: named[k] for k in FROZEN[stage]}
+  frozen = {k: named[k] for k in frozen_parts(models.config)}
   opt = optax.tree_map_params(make_optimizer(models.config.optim),
                               lambda _, s: s, abstract_state.opt_state, params,
                               transform_non_params=lambda _: repl)

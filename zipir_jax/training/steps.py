@@ -3,8 +3,8 @@
 VAE stages (§3.1; LDM autoencoder recipe): one generator update (L1 + LPIPS + KL + adaptively
 weighted hinge-GAN generator term), then one discriminator update on the same batch; the GAN terms and
 the discriminator's updates start at ``config.loss.disc_start``. The dit stage (§3.2) encodes HQ and
-LQ↑ with the frozen LP-VAE encoders, normalises the latents with the measured per-channel statistics
-and takes the ε-prediction loss with caption dropout for classifier-free guidance.
+LQ↑ with the frozen VAE encoders (E_c/E_f; the SD-VAE ablation's one encoder), normalises the
+latents with the measured per-channel statistics and takes the ε-prediction loss with caption dropout for classifier-free guidance.
 
 Gradient accumulation splits the batch into ``config.optim.grad_accum`` micro-batches inside the step
 (``lax.scan``); a non-finite loss or gradient leaves the whole state unchanged except the counters.
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from zipir_jax import diffusion, flops as flops_lib, losses, parallel
-from zipir_jax.models import dit as dit_lib
+from zipir_jax.models import autoencoder, dit as dit_lib
 from zipir_jax.models.lpvae import area_downsample
 from zipir_jax.training.state import GAN_STAGES, Models, TrainState, make_optimizer
 
@@ -32,6 +32,7 @@ LAST_LAYER = {
     "vae_coarse": ("coarse_decoder", "conv_out", "kernel"),
     "vae_fine": ("fine_decoder", "conv_out", "kernel"),
     "pixel_decoder": ("pixel_decoder", "decoder", "conv_out", "kernel"),
+    "vae": ("decoder", "conv_out", "kernel"),
 }
 
 
@@ -67,6 +68,9 @@ def reconstruct(models: Models, params: dict, frozen: dict, batch: dict, rng: Ar
     variables = {"params": {**frozen, **params}}
     z, post = vae.apply(variables, hq, rng, method="encode")
     return hq, vae.apply(variables, z, method="decode"), {"fine": post["fine"]}
+  if stage == "vae":  # the SD-VAE ablation: one encoder and decoder, trained together
+    z, post = vae.apply({"params": params}, hq, rng, method="encode")
+    return hq, vae.apply({"params": params}, z, method="decode"), post
   z, _ = models.frozen_vae.apply({"params": frozen}, hq, method="encode")  # posterior mode
   recon = models.pixel_decoder.apply({"params": params["pixel_decoder"]}, z, batch["lq_up"])
   return hq, recon, {}
@@ -129,8 +133,8 @@ def discriminator_loss(disc_params: dict, disc: dict, params: dict, frozen: dict
 
 
 def encode_latents(models: Models, frozen: dict, image: Array) -> Array:
-  """Frozen LP-VAE encoders (posterior mode), normalised per channel with the measured stats."""
-  encoders = {k: frozen[k] for k in ("coarse_encoder", "fine_encoder")}
+  """Frozen VAE encoders (posterior mode), normalised per channel with the measured stats."""
+  encoders = {k: frozen[k] for k in autoencoder.encoder_keys(models.config)}
   z, _ = models.frozen_vae.apply({"params": encoders}, image, method="encode")
   stats = frozen["latent_stats"]
   return (z - stats["mean"]) / stats["std"]
@@ -307,7 +311,7 @@ def preview(models: Models, state: TrainState, batch: dict, pixel_decoder: dict 
   from the LQ↑ latent (config.diffusion's scale, η, strength; the unconditional branch is the empty
   prompt the state holds, not config.diffusion.negative_prompt), noise fixed per run so previews
   compare across steps — decoded by D_f*, whose ``pixel_decoder`` params the caller passes (the dit
-  state does not hold them; they come from the pixel_decoder export).
+  state does not hold them: ``loop.restoration_decoder`` takes them from the earlier export).
   """
   stage = models.config.stage
   if stage == "dit":
