@@ -59,8 +59,21 @@ mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/n
 [[ "$mib" =~ ^[0-9]+$ ]] || mib=$(( 1 << 30 ))  # unknown: try it
 if [[ "${SMALL:-0}" == 1 ]] || (( mib >= 120000 )); then  # 8192² needs an H200's memory
   # Encode and decode only: the 8192² DiT step ran in session 3 (2.89 s); the decode is open.
-  step restore_${s8}_parts 300 $py bench/restore.py --config=$big --sizes=$s8 --dtype=$dt --repeats=1 \
-    --parts=encode,decode
+  parts8=($py bench/restore.py --config=$big --sizes=$s8 --dtype=$dt --repeats=1 --parts=encode,decode)
+  step restore_${s8}_parts 300 "${parts8[@]}"
+  if grep -qiE "RESOURCE_EXHAUSTED|out of memory" "$out/restore_${s8}_parts.log" 2>/dev/null; then
+    # The eager tiled decode allocates and frees whole-image arrays of 16-32 GiB: in the preallocated
+    # arena a fragmented free list can fail where the live bytes fit. Once more with plain
+    # cudaMalloc/cudaFree (no arena); nvidia-smi's peak of memory.used is then the real footprint.
+    smi="$out/restore_${s8}_parts_platform.smi"
+    (command -v nvidia-smi >/dev/null &&
+       exec nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$smi") &
+    sampler=$!
+    ONLY= XLA_PYTHON_CLIENT_ALLOCATOR=platform step restore_${s8}_parts_platform 300 "${parts8[@]}"
+    kill $sampler 2>/dev/null
+    echo "## restore_${s8}_parts_platform: nvidia-smi peak memory.used $(sort -n "$smi" 2>/dev/null |
+      tail -1) MiB"
+  fi
 else
   echo "## restore_${s8}_parts: skipped, ${mib:-?} MiB on this card (an H200 has 143771)"
 fi
