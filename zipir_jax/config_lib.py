@@ -142,7 +142,9 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   # --- Restoration (sample.py, restore.py).
   restore = config.restore = ml_collections.ConfigDict()
   restore.color_fix = "none"  # "none" | "wavelet" | "adain"
-  restore.fusion_weight = 1.0  # D_f*'s LQ-feature injection strength (0 = plain D_f).
+  # D_f*'s LQ-feature injection strength. 0 drops the LQ features; the decoder is still the one
+  # stage pixel_decoder fine-tuned, which equals D_f only before that stage has trained it.
+  restore.fusion_weight = 1.0
   restore.min_lq_size = 8  # LQ images with a side below this are refused as too small.
   # From this many output pixels on, encoder and decoder run eagerly with convolutions in row strips
   # and whole-image GroupNorm statistics (models/tiling.py): one XLA program for a 4096² decoder
