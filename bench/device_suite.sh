@@ -89,4 +89,4 @@ step restore_$s4 220 $py bench/restore.py --config=$big --sizes=$s4 --dtype=$dt 
 step restore_$s2 200 $py bench/restore.py --config=$big --sizes=$s2 --dtype=$dt --repeats=5 --total_repeats=3
 step profile_mid_$s1 120 $py bench/train_step.py --config=$mid:dit --resolution=$s1 --batch=8 --steps=2 \
   --config.dit.remat_policy=$remat --profile_dir="$out/profile_mid_$s1"
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
