@@ -40,6 +40,9 @@ _COLOR_FIX = flags.DEFINE_enum("color_fix", None, ["none", "wavelet", "adain"],
 _BATCH = flags.DEFINE_integer("batch_size", 1, "Images of the same size restored together.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype of all networks.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
+_PLAIN_DECODER = flags.DEFINE_string(
+    "plain_decoder", None, "Decode with the plain D_f of this training export (WORKDIR/vae_fine/"
+    "export) instead of the bundle's D_f*: the paper's 'w/o pixel-aware decoder' (Fig. 6).")
 _CACHE = flags.DEFINE_string("compilation_cache", None, "Folder of the persistent XLA compilation "
                              "cache (default $JAX_COMPILATION_CACHE_DIR or ~/.cache/zipir_jax/xla; "
                              "'' disables).")
@@ -119,6 +122,8 @@ def main(argv):
     return 2
   try:
     bundle = bundle_lib.load_bundle(_CHECKPOINT.value)
+    if _PLAIN_DECODER.value:
+      bundle = bundle_lib.with_plain_decoder(bundle, _PLAIN_DECODER.value)
   except (OSError, ValueError) as e:
     print(f"error: cannot load checkpoint: {e}", file=sys.stderr)
     return 2

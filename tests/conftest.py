@@ -106,6 +106,26 @@ def tiny_bundle_dir(tmp_path_factory, tiny_bundle):
   return path
 
 
+@pytest.fixture(scope="session")
+def tiny_vae_fine_export(tmp_path_factory, tiny_bundle, tiny_lpvae):
+  """A vae_fine-style export for ``tiny_bundle``: its latent statistics and a D_f (``fine_decoder``)
+  that differs from the decoder inside the bundle's D_f*."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+
+  decoder = tiny_lpvae[1]["fine_decoder"]
+  keys = iter(jax.random.split(jax.random.key(7), len(jax.tree.leaves(decoder))))
+  decoder = jax.tree.map(lambda x: np.asarray(x + 0.05 * jax.random.normal(next(keys), x.shape)),
+                         decoder)
+  stats = jax.tree.map(np.asarray, tiny_bundle.params["latent_stats"])
+  path = tmp_path_factory.mktemp("export") / "vae_fine_export"
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(str(path / "params"), {"fine_decoder": decoder, "latent_stats": stats})
+  checkpointer.wait_until_finished()
+  return path
+
+
 @pytest.fixture(autouse=True)
 def _run_from_root(monkeypatch):
   monkeypatch.chdir(ROOT)

@@ -126,6 +126,42 @@ def test_wavelet_color_fix_keeps_detail_and_takes_reference_colour():
                 - restore.wavelet_decomposition(other)[1]).max() > 0.01
 
 
+def test_plain_decoder_swap_decodes_with_d_f(tiny_bundle, tiny_lpvae, tiny_vae_fine_export,
+                                             tmp_path):
+  """The "w/o pixel-aware decoder" ablation: the bundle's DiT and latents, decoded by D_f."""
+  import orbax.checkpoint as ocp
+
+  plain = bundle_lib.with_plain_decoder(tiny_bundle, str(tiny_vae_fine_export))
+  assert tuple(plain.config.pixel_decoder.fusion_levels) == ()
+  assert tuple(tiny_bundle.config.pixel_decoder.fusion_levels)  # the original is untouched
+  assert set(plain.params["pixel_decoder"]) == {"decoder"}
+  restorer = restore.Restorer(plain)
+  z = jax.random.normal(jax.random.key(0), (1, 2, 3, 64))
+  lq = jax.random.uniform(jax.random.key(1), (1, 64, 96, 3), minval=-1, maxval=1)
+  export = ocp.StandardCheckpointer().restore(str(tiny_vae_fine_export / "params"))
+  vae = tiny_lpvae[0]
+  want = vae.apply({"params": {"fine_decoder": export["fine_decoder"]}}, z, method="decode")
+  got = restorer.decode(restorer.params, z, lq, jnp.float32(1.0))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  with_pd = restore.Restorer(tiny_bundle)
+  assert np.abs(with_pd.decode(with_pd.params, z, lq, jnp.float32(1.0)) - got).max() > 1e-3
+
+  # Refused: no export there, an export without D_f, D_f from another run (other statistics).
+  with pytest.raises(bundle_lib.BundleError, match="no training export there.*vae_fine"):
+    bundle_lib.with_plain_decoder(tiny_bundle, str(tmp_path / "nope"))
+  stats = export["latent_stats"]
+  for name, params, match in (
+      ("pd", {"pixel_decoder": {"x": np.zeros(1)}, "latent_stats": stats}, "has no fine_decoder"),
+      ("other", {"fine_decoder": export["fine_decoder"],
+                 "latent_stats": {"mean": stats["mean"] + 1, "std": stats["std"]}},
+       "another training run")):
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(str(tmp_path / name / "params"), params)
+    checkpointer.wait_until_finished()
+    with pytest.raises(bundle_lib.BundleError, match=match):
+      bundle_lib.with_plain_decoder(tiny_bundle, str(tmp_path / name))
+
+
 def test_missing_and_mismatched_bundles(tmp_path, tiny_bundle_dir):
   with pytest.raises(FileNotFoundError, match="nowhere"):
     bundle_lib.load_bundle(str(tmp_path / "nowhere"))

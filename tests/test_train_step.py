@@ -74,6 +74,26 @@ def test_stage_partition_names_every_network(path):
   assert state_lib.frozen_parts(dit) == want + ("latent_stats", "null_text")
 
 
+def test_restoration_decoder_of_the_dit_stage():
+  """D_f* from the pixel_decoder export; with no fusion levels the plain decoder, which must be in
+  the prerequisite export (the vae_fine export for the LP-VAE, the vae export for the SD-VAE)."""
+  from zipir_jax.training import checkpointing, loop
+  pd, d_f, d = {"extractor": 1, "decoder": 2}, {"w": 3}, {"w": 4}
+  config = config_lib.load_config("configs/tiny.py:dit")
+  assert loop.restoration_decoder(config, {"pixel_decoder": pd, "fine_decoder": d_f}) is pd
+  config_lib.apply_overrides(config, {"pixel_decoder.fusion_levels": ()})
+  with pytest.raises(checkpointing.MissingPrerequisiteError,
+                     match=r"init_from.pixel_decoder at the vae_fine export"):
+    loop.restoration_decoder(config, {"pixel_decoder": pd, "latent_stats": 0})
+  assert loop.restoration_decoder(config, {"fine_decoder": d_f}) == {"decoder": d_f}
+  sdvae = config_lib.load_config("configs/tiny_sdvae.py:dit")
+  assert loop.restoration_decoder(sdvae, {"decoder": d, "encoder": 5}) == {"decoder": d}
+  stage = config_lib.load_config("configs/tiny.py:pixel_decoder")
+  config_lib.apply_overrides(stage, {"pixel_decoder.fusion_levels": ()})
+  with pytest.raises(ValueError, match="nothing to train"):
+    state_lib.check_stage(stage)
+
+
 def test_sdvae_training_refuses_a_pixel_aware_decoder():
   config = config_lib.load_config("configs/tiny_sdvae.py:dit")
   config_lib.apply_overrides(config, {"pixel_decoder.fusion_levels": (0, 1)})

@@ -14,6 +14,7 @@ the config builds, so a missing or mismatched part fails with its name before an
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -30,6 +31,8 @@ from zipir_jax.models import autoencoder, dit as dit_lib, t5
 from zipir_jax.models.pixel_decoder import init_from_autoencoder
 
 PARTS = ("vae", "pixel_decoder", "dit", "latent_stats")
+# The autoencoder's own decoder in a training export: D_f (stage vae_fine) or the SD-VAE's (vae).
+PLAIN_DECODER = {"lpvae": ("fine_decoder", "vae_fine"), "sdvae": ("decoder", "vae")}
 
 
 class BundleError(ValueError):
@@ -180,3 +183,40 @@ def load_bundle(path: str) -> Bundle:
     raise BundleError(f"{text_path}: text encoder width {text_config.d_model} != the DiT's "
                       f"text_dim {config.dit.text_dim}")
   return Bundle(config, params, text_config, text_params, tokenizer)
+
+
+def with_plain_decoder(bundle: Bundle, export_path: str) -> Bundle:
+  """``bundle`` decoding with the autoencoder's plain decoder from a training export, not D_f*.
+
+  The paper's "w/o pixel-aware decoder" (Fig. 6; Table 4's rows before "+ Pixel-aware Decoder")
+  decodes the same DiT's latents with D_f. D_f* only changes decoding (§3.1: the latent space is
+  frozen), so the decoder can be swapped after diffusion training. ``export_path`` is the
+  ``vae_fine`` stage's export (``WORKDIR/vae_fine/export``; the SD-VAE's ``vae``). Its latent
+  statistics must equal the bundle's: a training chain copies them bit for bit, so a difference
+  means a decoder from another run, whose latent space the DiT never saw.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  key, stage = PLAIN_DECODER[bundle.config.vae.kind]
+  params_path = os.path.join(os.path.abspath(export_path), "params")
+  if not os.path.isdir(params_path):
+    raise BundleError(f"{params_path}: no training export there (the plain decoder comes from "
+                      f"the {stage} stage's export, WORKDIR/{stage}/export)")
+  try:
+    export = ocp.StandardCheckpointer().restore(params_path)
+  except Exception as e:  # Orbax raises several types for unreadable checkpoints.
+    raise BundleError(f"{params_path}: cannot read the export ({type(e).__name__}: {e})") from e
+  if key not in export:
+    raise BundleError(f"{export_path}: export has no {key} (it holds {', '.join(sorted(export))}); "
+                      f"the plain decoder comes from the {stage} stage's export")
+  stats, ours = export.get("latent_stats"), bundle.params["latent_stats"]
+  if stats is None or any(not np.array_equal(np.asarray(stats[k]), np.asarray(ours[k]))
+                          for k in ("mean", "std")):
+    raise BundleError(f"{export_path}: its latent statistics differ from the bundle's: the "
+                      f"decoder is from another training run than the bundle's DiT")
+  config = copy.deepcopy(bundle.config)
+  with config.unlocked():
+    config.pixel_decoder.fusion_levels = ()
+  params = dict(bundle.params, pixel_decoder={"decoder": export[key]})
+  check_params(config, params, export_path)
+  return dataclasses.replace(bundle, config=config, params=params)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from zipir_jax import bundle as bundle_lib, parallel, text as text_lib
+from zipir_jax import bundle as bundle_lib, config_lib, parallel, text as text_lib
 from zipir_jax.data import pipeline
 from zipir_jax.models import autoencoder, t5
 from zipir_jax.training import checkpointing, reporting, state as state_lib, steps, text_cache
@@ -87,10 +87,19 @@ def _prerequisite_subset(config, prereqs: dict) -> dict:
 
 def restoration_decoder(config, prereqs: dict) -> dict:
   """The ``pixel_decoder`` params the dit stage restores with (preview, bundle): D_f* from the
-  pixel_decoder export; for the SD-VAE ablation its own decoder (a D_f* without fusion levels)."""
-  if config.vae.kind == "sdvae":
-    return {"decoder": prereqs["decoder"]}
-  return prereqs["pixel_decoder"]
+  pixel_decoder export; with no fusion levels the autoencoder's plain decoder (a D_f* without
+  fusion levels is exactly that): the SD-VAE ablation's, or D_f for Table 4's LP-VAE rows before
+  "+ Pixel-aware Decoder" (then the prerequisite is the vae_fine export, which holds D_f)."""
+  if tuple(config.pixel_decoder.fusion_levels):
+    return prereqs["pixel_decoder"]
+  key, stage = bundle_lib.PLAIN_DECODER[config.vae.kind]
+  if key not in prereqs:
+    raise checkpointing.MissingPrerequisiteError(
+        f"with config.pixel_decoder.fusion_levels=() the dit stage restores with the plain "
+        f"decoder {key}, which its prerequisite export does not hold ({', '.join(sorted(prereqs))})"
+        f"; point --config.train.init_from.{config_lib.prerequisite_stage(config)} at the {stage} "
+        f"export (WORKDIR/{stage}/export)")
+  return {"decoder": prereqs[key]}
 
 
 def measure_latent_stats(models, params: dict, data_iter, mesh, num_batches: int) -> dict:
@@ -167,6 +176,7 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
   text = None
   init_inputs = _prerequisite_subset(config, prereqs)
   if stage == "dit":
+    restoration_decoder(config, prereqs)  # a missing decoder fails now, not at the export
     text_config, text_params, tokenizer = dit_text_encoder(config)
     text = caption_encoder(config, text_config, text_params, tokenizer)
     null_emb, null_mask = text([""])  # the CFG null condition, from the cache when there is one

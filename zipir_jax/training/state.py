@@ -98,6 +98,10 @@ def check_stage(config: ml_collections.ConfigDict) -> str:
   if config.stage not in STAGES[kind]:
     raise ValueError(f"config.stage={config.stage!r} is not a stage of the {kind} experiments; "
                      f"valid: {', '.join(STAGES[kind])}")
+  if config.stage == "pixel_decoder" and not tuple(config.pixel_decoder.fusion_levels):
+    raise ValueError("stage pixel_decoder with config.pixel_decoder.fusion_levels=() has nothing "
+                     "to train (D_f* without fusion levels is D_f); to restore with D_f, train the "
+                     "dit stage with --config.train.init_from.pixel_decoder=WORKDIR/vae_fine/export")
   if kind == "sdvae" and tuple(config.pixel_decoder.fusion_levels):
     raise ValueError("the SD-VAE ablation has no pixel_decoder stage and decodes with its own "
                      "decoder: set config.pixel_decoder.fusion_levels=() (configs/sdvae_f32c64.py "
