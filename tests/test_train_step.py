@@ -69,6 +69,9 @@ def test_stage_partition_names_every_network(path):
     specs = jax.tree.leaves(nn.get_partition_spec(boxed[trainable[0]]),
                             is_leaf=lambda x: isinstance(x, P))
     assert any(any(s) for s in specs), (path, stage)  # logical names reach the sharding rules
+    if stage in state_lib.GAN_STAGES:  # the adaptive GAN weight's layer exists, trainable
+      assert steps.LAST_LAYER[stage][0] in trainable
+      assert steps._get(boxed, steps.LAST_LAYER[stage]).value.ndim == 4, (path, stage)
   dit = config_lib.load_config(f"{path}:dit")
   want = ("coarse_encoder", "fine_encoder") if dit.vae.kind == "lpvae" else ("encoder",)
   assert state_lib.frozen_parts(dit) == want + ("latent_stats", "null_text")
