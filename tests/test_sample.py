@@ -51,33 +51,26 @@ def test_folder_with_good_and_bad_images(tmp_path, tiny_bundle_dir):
   assert {p: p.stat().st_mtime_ns for p in outputs.glob("*.png")} == before
 
 
-def test_size_flag_single_file_and_overwrite(tmp_path, tiny_bundle_dir):
+def test_size_flag_single_file_overwrite_and_plain_decoder(tmp_path, tiny_bundle, tiny_bundle_dir,
+                                                          tiny_vae_fine_export):
+  from zipir_jax import bundle as bundle_lib, restore
+  lq = np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8)
   path = tmp_path / "lq.png"
-  Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8)).save(path)
+  Image.fromarray(lq).save(path)
   out = tmp_path / "out"
   first = _run(f"--checkpoint={tiny_bundle_dir}", f"--input={path}", f"--output={out}",
                "--size=50x70", "--steps=2", "--color_fix=wavelet", "--prompt=a cat")
   assert first.returncode == 0, first.stderr[-2000:]
   with Image.open(out / "lq.png") as image:
     assert image.size == (70, 50)
+  # Replaced with --overwrite, by what --plain_decoder restores: the Restorer with
+  # ``with_plain_decoder`` (whose refusals test_restore checks; sample.py reports them as it
+  # reports a bad checkpoint).
   second = _run(f"--checkpoint={tiny_bundle_dir}", f"--input={path}", f"--output={out}",
-                "--size=50x70", "--steps=2", "--overwrite")
+                "--size=50x70", "--steps=2", "--overwrite", f"--plain_decoder={tiny_vae_fine_export}")
   assert second.returncode == 0, second.stderr[-2000:]
-
-
-def test_plain_decoder_flag(tmp_path, tiny_bundle, tiny_bundle_dir, tiny_vae_fine_export):
-  """--plain_decoder restores as the Restorer does with ``with_plain_decoder`` (whose refusals
-  test_restore checks; sample.py reports them as it reports a bad checkpoint)."""
-  from zipir_jax import bundle as bundle_lib, restore
-  lq = np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8)
-  path = tmp_path / "lq.png"
-  Image.fromarray(lq).save(path)
-  out = tmp_path / "out"
-  run = _run(f"--checkpoint={tiny_bundle_dir}", f"--input={path}", f"--output={out}", "--scale=2",
-             "--steps=2", f"--plain_decoder={tiny_vae_fine_export}")
-  assert run.returncode == 0, run.stderr[-2000:]
   want = restore.Restorer(bundle_lib.with_plain_decoder(tiny_bundle, str(tiny_vae_fine_export)))
-  want = want.restore([lq], (40, 60), options=restore.RestoreOptions(steps=2))[0]
+  want = want.restore([lq], (50, 70), options=restore.RestoreOptions(steps=2))[0]
   with Image.open(out / "lq.png") as image:
     got = np.asarray(image, np.float32) / 255.0
   np.testing.assert_allclose(got, want, atol=1.01 / 255)
