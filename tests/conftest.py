@@ -48,7 +48,7 @@ def load_golden_module(name: str):
 SLOW_FIRST = (
     "tests/test_train.py::test_stages_chain_from_command_line_then_make_demo",
     "tests/test_train.py::test_resume_after_sigkill_and_sigterm_matches_straight_run",
-    "tests/test_train.py::test_sdvae_ablation_trains_vae_then_dit_and_restores",
+    "tests/test_train.py::test_sdvae_ablation_trains_vae_then_dit_into_a_bundle",
     "tests/test_parallel.py::",
     "tests/test_bench.py::test_restore_and_train_step_benchmarks_report_every_part",
 )

@@ -174,7 +174,7 @@ def check_make_demo_reuses_finished_stages(chain, tmp_path, capsys):
   assert list((out / "work" / "dit").glob("events.out.tfevents.*"))  # TensorBoard logs
 
 
-def test_sdvae_ablation_trains_vae_then_dit_and_restores(env):
+def test_sdvae_ablation_trains_vae_then_dit_into_a_bundle(env):
   """Table 4's f32c64 SD-VAE baseline: stage vae (one encoder + decoder), then dit on its frozen
   latent; the bundle restores with the SD-VAE's own decoder. (The GAN terms and the dit preview
   run the LP-VAE stages' code, tested above; test_train_step checks the vae stage's last layer.)"""
