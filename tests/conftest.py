@@ -45,11 +45,11 @@ def load_golden_module(name: str):
 # once and the short ones fill in after, instead of one worker running a multi-minute test alone at
 # the end. Measured cold on the 2-core box: 565 s, both workers busy 550 s; the same code in
 # alphabetical order took 695 s.
-SLOW_FIRST = (
+SLOW_FIRST = (  # longest first, by cold CI durations (2026-11-26: 276, 243, 124-142, 113-131, 76-109 s)
     "tests/test_train.py::test_stages_chain_from_command_line_then_make_demo",
+    "tests/test_parallel.py::",
     "tests/test_train.py::test_resume_after_sigkill_and_sigterm_matches_straight_run",
     "tests/test_train.py::test_sdvae_ablation_trains_vae_then_dit_into_a_bundle",
-    "tests/test_parallel.py::",
     "tests/test_bench.py::test_restore_and_train_step_benchmarks_report_every_part",
 )
 
