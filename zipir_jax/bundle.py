@@ -31,7 +31,8 @@ from zipir_jax.models import autoencoder, dit as dit_lib, t5
 from zipir_jax.models.pixel_decoder import init_from_autoencoder
 
 PARTS = ("vae", "pixel_decoder", "dit", "latent_stats")
-# The autoencoder's own decoder in a training export: D_f (stage vae_fine) or the SD-VAE's (vae).
+# The autoencoder's own decoder and the stage that exports it, the last to train an encoder (its
+# export also measures the latent statistics): D_f of vae_fine, or the SD-VAE's of vae.
 PLAIN_DECODER = {"lpvae": ("fine_decoder", "vae_fine"), "sdvae": ("decoder", "vae")}
 
 

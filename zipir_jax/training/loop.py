@@ -152,7 +152,7 @@ def export(config, workdir: str, stage_state, prereqs: dict, models, data_iter, 
                                                      tokenizer))
     return path
   params = {**frozen, **ema}  # frozen encoders are carried forward to the later stages
-  if stage == state_lib.LATENT_STATS_STAGE[config.vae.kind]:
+  if stage == bundle_lib.PLAIN_DECODER[config.vae.kind][1]:  # the last stage training an encoder
     params["latent_stats"] = measure_latent_stats(
         models, {k: params[k] for k in encoders}, data_iter, mesh,
         int(config.train.latent_stats_batches))

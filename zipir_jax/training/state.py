@@ -48,8 +48,6 @@ _FROZEN = {
     "vae": (),
 }
 GAN_STAGES = ("vae_coarse", "vae_fine", "pixel_decoder", "vae")
-# The stage whose export measures the per-channel latent statistics: the last to train an encoder.
-LATENT_STATS_STAGE = {"lpvae": "vae_fine", "sdvae": "vae"}
 
 
 def frozen_parts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
