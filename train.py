@@ -14,6 +14,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from zipir_jax import config_lib
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file[:stage]", lock_config=True)
 flags.DEFINE_string("workdir", None, "run folder; one sub-folder per stage")
@@ -33,7 +35,7 @@ def main(argv):
   config_file = config_flags.get_config_filename(FLAGS["config"]).partition(":")[0]
   try:
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, config_file=config_file)
-  except (checkpointing.MissingPrerequisiteError, loop.NonFiniteError,
+  except (config_lib.ConfigError, checkpointing.MissingPrerequisiteError, loop.NonFiniteError,
           text_cache.CaptionCacheError) as e:
     logging.error("%s", e)
     print(f"train.py: {e}", file=sys.stderr)
@@ -41,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_lib.flags_parser)

@@ -27,8 +27,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
+from zipir_jax import config_lib  # pylint: disable=g-import-not-at-top
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/zipir_3b.py:dit", "experiment config[:dit]")
+# No default: ml_collections parses a default config, and its --config.KEY overrides, while the flag
+# is being defined, before any error can be reported as a usage error.
+config_flags.DEFINE_config_file("config", None, "experiment config[:dit]: configs/zipir_3b.py:dit")
 flags.DEFINE_integer("resolution", 1024, "HQ image side in pixels (latent side = resolution / 32)")
 flags.DEFINE_integer("batch", 8, "global batch size")
 flags.DEFINE_integer("steps", 10, "timed steps after one warm-up step (median reported)")
@@ -37,6 +41,7 @@ flags.DEFINE_string("out", "", "also write the result as JSON here")
 flags.DEFINE_string("profile_dir", "", "also record a jax.profiler trace of 3 steps here")
 flags.DEFINE_bool("compare_f32_encoders", False,
                   "also time the frozen encoders at float32 (one more compile)")
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -134,4 +139,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_lib.flags_parser)

@@ -112,3 +112,25 @@ def test_summary_single_config_and_bad_size():
   assert out.returncode == 0 and out.stdout.count("==") == 1 and "(1, 64, 64, 64)" in out.stdout
   bad = run("--config=configs/zipir_3b.py", "--size=2048x")
   assert bad.returncode != 0 and "expected N or HxW" in bad.stderr
+
+
+def test_command_line_config_mistakes_are_one_line_errors(tmp_path):
+  """A misspelt --config.KEY override or an impossible value is named in one line, no traceback."""
+  def train(*overrides):
+    return subprocess.run([sys.executable, "train.py", "--config=configs/tiny.py:vae_coarse",
+                           f"--workdir={tmp_path}", *overrides], cwd=ROOT, capture_output=True,
+                          text=True, env=subprocess_env())
+
+  for override, words in (
+      ("--config.optim.lrr=1", ("'optim.lrr' does not exist", "b1, b2")),
+      ("--config.optimm.lr=1", ("'optimm' does not exist", "optim, pixel_decoder")),
+      ("--config.optim.lr.x=1", ("'optim.lr' is a value",))):
+    result = train(override)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"train.py: {override.partition('=')[0]}: "), result.stderr
+    assert all(w in result.stderr for w in words), result.stderr
+  mesh = train("--config.train.mesh=(3,1,1)", f"--config.data.path={tmp_path}")
+  assert mesh.returncode == 2 and "Traceback" not in mesh.stderr, mesh.stderr
+  assert "train.py: config.train.mesh=(3, 1, 1) needs 3 devices; this run has 1" in mesh.stderr
+  assert not (tmp_path / "vae_coarse").exists()  # refused before anything was written

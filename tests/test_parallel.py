@@ -27,6 +27,7 @@ if mode == "proc":
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=sys.argv[3], num_processes=2,
                              process_id=int(sys.argv[4]))
+import flax
 import numpy as np
 from zipir_jax import config_lib, parallel
 from zipir_jax.training import state as state_lib, steps
@@ -42,9 +43,11 @@ BATCH = {"hq": rs.uniform(-1, 1, (8, 64, 64, 3)).astype(np.float32),
          "text_emb": rs.normal(size=(8, L, D)).astype(np.float32),
          "text_mask": (np.arange(L)[None] < rs.randint(1, L, (8, 1))).astype(np.int32)}
 
-def run(shape, devices=None, num_steps=3):
+def run(shape, devices=None, num_steps=3, frozen=None):
   mesh = parallel.create_mesh(shape, devices)
-  state, shardings = state_lib.create_train_state(models, mesh, jax.random.PRNGKey(0), {})
+  # After the reference run, the frozen encoders come in as host arrays, as train.py's dit stage
+  # gets them from the earlier stages' export: only the DiT is initialised (a smaller program).
+  state, shardings = state_lib.create_train_state(models, mesh, jax.random.PRNGKey(0), frozen or {})
   step = steps.jit_train_step(models, mesh, shardings)
   n, i = jax.process_count(), jax.process_index()
   local = {k: v[i * 8 // n:(i + 1) * 8 // n] for k, v in BATCH.items()}
@@ -66,12 +69,15 @@ def host(tree):
   from jax.experimental import multihost_utils
   return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
+FROZEN = os.path.join(os.path.dirname(out), "frozen.msgpack")
 if mode == "mesh":
   ref_state, _, _, ref_losses = run((1, 1, 1), jax.devices()[:1])
   ref = jax.device_get(ref_state)
+  with open(FROZEN, "wb") as f:
+    f.write(flax.serialization.msgpack_serialize(ref.frozen))
   report = {"ref": ref_losses}
   for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
-    state, shardings, mesh, losses = run(shape)
+    state, shardings, mesh, losses = run(shape, frozen=ref.frozen)
     report[str(shape)] = losses
     for name in ("params", "ema_params", "opt_state"):
       for a, b in zip(jax.tree.leaves(jax.device_get(getattr(state, name))),
@@ -103,7 +109,9 @@ if mode == "mesh":
   _, m = step2(restored, parallel.global_batch(BATCH, mesh2))
   report["after_restore"] = float(m["loss"])
 else:  # "proc": one of two processes with 4 devices each
-  _, _, _, losses = run((-1, 1, 1))
+  with open(FROZEN, "rb") as f:
+    frozen = flax.serialization.msgpack_restore(f.read())
+  _, _, _, losses = run((-1, 1, 1), frozen=frozen)
   report = {"losses": losses, "devices": jax.device_count(), "processes": jax.process_count()}
 if jax.process_index() == 0:
   with open(out, "w") as f:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections.abc import Sequence
 
 import ml_collections
@@ -29,12 +30,17 @@ IMAGENET_MEAN = (2 * 0.485 - 1, 2 * 0.456 - 1, 2 * 0.406 - 1)
 IMAGENET_STD = (2 * 0.229, 2 * 0.224, 2 * 0.225)
 
 
+class ConfigError(ValueError):
+  """A config value that cannot work (an unknown name, a mesh the devices cannot form): the
+  command-line programs report it in one line, without a traceback."""
+
+
 def parse_stage(arg: str | None, valid: Sequence[str], where: str) -> str:
   """Returns the stage named by ``arg`` (the part after ':' in --config=file.py:stage)."""
   if arg is None or arg == "":
     return valid[-1]
   if arg not in valid:
-    raise ValueError(
+    raise ConfigError(
         f"{where}: unknown stage {arg!r}; valid stages are: {', '.join(valid)} "
         f"(e.g. --config={where}:{valid[0]})")
   return arg
@@ -272,19 +278,66 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg or None)
 
 
+def _parent(config: ml_collections.ConfigDict, dotted: str
+            ) -> tuple[ml_collections.ConfigDict, str]:
+  """(the ConfigDict that holds key ``dotted``, its last part); a KeyError names the valid keys."""
+  *parents, leaf = dotted.split(".")
+  node = config
+  for i, key in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+      raise KeyError(f"config key {'.'.join(parents[:i + 1])!r} does not exist; valid keys at "
+                     f"that level: {', '.join(sorted(node.keys()))}")
+    node = node[key]
+  if not isinstance(node, ml_collections.ConfigDict):
+    raise KeyError(f"config key {dotted!r} does not exist: {'.'.join(parents)!r} is a value, not "
+                   f"a group of keys")
+  if leaf not in node:
+    raise KeyError(f"config key {dotted!r} does not exist; valid keys at that level: "
+                   f"{', '.join(sorted(node.keys()))}")
+  return node, leaf
+
+
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: dict[str, object]) -> ml_collections.ConfigDict:
   """Sets dotted keys (``{"vae.ch": 64}``); a wrong key raises a KeyError naming the valid ones."""
   for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for i, key in enumerate(parents):
-      if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-        raise KeyError(f"config key {'.'.join(parents[:i + 1])!r} does not exist; valid keys at "
-                       f"that level: {', '.join(sorted(node.keys()))}")
-      node = node[key]
-    if leaf not in node:
-      raise KeyError(f"config key {dotted!r} does not exist; valid keys at that level: "
-                     f"{', '.join(sorted(node.keys()))}")
+    node, leaf = _parent(config, dotted)
     node[leaf] = value  # a locked ConfigDict still accepts existing keys (type-checked).
   return config
+
+
+def _argv_config(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+  """(the --config spec, the dotted keys of the --config.KEY overrides) as written in ``argv``."""
+  spec, keys = None, []
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      spec = arg.partition("=")[2]
+    elif arg == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+    elif arg.startswith("--config."):
+      keys.append(arg[len("--config."):].partition("=")[0])
+  return spec, keys
+
+
+def flags_parser(argv: list[str]) -> list[str]:
+  """absl ``flags_parser`` for the programs with a ``--config`` flag (``app.run(main,
+  flags_parser=config_lib.flags_parser)``): an override of a key the config lacks ends the program
+  with one line naming the key and the valid ones, where ml_collections raises a bare
+  AttributeError from inside flag parsing. (A config flag with a default is parsed, overrides
+  included, when it is defined: such programs give it no default.)"""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    spec, keys = _argv_config(argv[1:])
+    message = f"cannot apply the overrides {', '.join('--config.' + k for k in keys)}: {e}"
+    if spec:
+      config = load_config(spec)
+      for key in keys:
+        try:
+          _parent(config, key)
+        except KeyError as missing:
+          message = f"--config.{key}: {missing.args[0]} (config {spec})"
+          break
+    print(f"{os.path.basename(argv[0])}: {message}", file=sys.stderr)
+    sys.exit(1)

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from zipir_jax import config_lib
+
 Array = jax.Array
 DenoiseFn = Callable[[Any, Array, Array, Array, Array, Array], Array]
 BETA_SCHEDULES = ("scaled_linear", "linear")
@@ -61,7 +63,8 @@ def make_schedule(num_train_steps: int = 1000, beta_start: float = 0.00085,
   elif beta_schedule == "linear":
     betas = np.linspace(beta_start, beta_end, num_train_steps, dtype=np.float64)
   else:
-    raise ValueError(f"beta_schedule={beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}")
+    raise config_lib.ConfigError(f"beta_schedule={beta_schedule!r}; valid: "
+                                 f"{', '.join(BETA_SCHEDULES)}")
   alphas_cumprod = np.cumprod(1.0 - betas)
   return NoiseSchedule(jnp.asarray(betas, jnp.float32), jnp.asarray(alphas_cumprod, jnp.float32))
 
@@ -99,7 +102,8 @@ def sample_timesteps(rng: Array, batch: int, num_train_steps: int = 1000,
     return jnp.clip(jnp.floor(u * num_train_steps), 0, num_train_steps - 1).astype(jnp.int32)
   if sampling == "uniform":
     return jax.random.randint(rng, (batch,), 0, num_train_steps, dtype=jnp.int32)
-  raise ValueError(f"timestep sampling {sampling!r}; valid: {', '.join(TIMESTEP_SAMPLINGS)}")
+  raise config_lib.ConfigError(f"timestep sampling {sampling!r}; valid: "
+                               f"{', '.join(TIMESTEP_SAMPLINGS)}")
 
 
 def pad_text(emb: Array, mask: Array, length: int, batch: int) -> tuple[Array, Array]:

@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from zipir_jax import config_lib
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -44,18 +46,19 @@ def create_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = Non
   devices = list(jax.devices() if devices is None else devices)
   shape = list(shape)
   if len(shape) != 3:
-    raise ValueError(f"config.train.mesh must have 3 entries (data, fsdp, tensor); got {shape}")
+    raise config_lib.ConfigError("config.train.mesh must have 3 entries (data, fsdp, tensor); got "
+                                 f"{shape}")
   if shape.count(-1) > 1:
-    raise ValueError(f"config.train.mesh={tuple(shape)}: at most one entry may be -1")
+    raise config_lib.ConfigError(f"config.train.mesh={tuple(shape)}: at most one entry may be -1")
   if -1 in shape:
     known = int(np.prod([s for s in shape if s != -1]))
     if len(devices) % known:
-      raise ValueError(f"config.train.mesh={tuple(shape)}: {len(devices)} devices are not a "
-                       f"multiple of {known}")
+      raise config_lib.ConfigError(f"config.train.mesh={tuple(shape)}: {len(devices)} devices are "
+                                   f"not a multiple of {known}")
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"config.train.mesh={tuple(shape)} needs {int(np.prod(shape))} devices; "
-                     f"this run has {len(devices)}")
+    raise config_lib.ConfigError(f"config.train.mesh={tuple(shape)} needs {int(np.prod(shape))} "
+                                 f"devices; this run has {len(devices)}")
   try:  # physical topology aware where jax knows it (TPU, GPU); plain reshape otherwise.
     grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
   except Exception:  # pylint: disable=broad-except

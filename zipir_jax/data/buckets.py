@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from zipir_jax import config_lib
+
 POLICIES = ("downscale", "crop")
 
 
@@ -37,20 +39,23 @@ class Bucket:
 def parse_buckets(buckets: Sequence[Sequence[int]], process_count: int = 1) -> tuple[Bucket, ...]:
   """(height, width, global batch) triples → per-process :class:`Bucket`s, validated."""
   if not buckets:
-    raise ValueError("config.data.buckets is empty; expected (height, width, batch size) triples")
+    raise config_lib.ConfigError("config.data.buckets is empty; expected (height, width, batch "
+                                 "size) triples")
   parsed = []
   for entry in buckets:
     if len(entry) != 3:
-      raise ValueError(f"config.data.buckets: entry {tuple(entry)} is not (height, width, batch)")
+      raise config_lib.ConfigError(f"config.data.buckets: entry {tuple(entry)} is not (height, "
+                                   "width, batch)")
     h, w, b = (int(v) for v in entry)
     if h < 1 or w < 1 or b < 1:
-      raise ValueError(f"config.data.buckets: entry {(h, w, b)} must be positive")
+      raise config_lib.ConfigError(f"config.data.buckets: entry {(h, w, b)} must be positive")
     if b % process_count:
-      raise ValueError(f"config.data.buckets: batch size {b} of bucket {h}x{w} is not divisible by "
-                       f"the process count {process_count}")
+      raise config_lib.ConfigError(f"config.data.buckets: batch size {b} of bucket {h}x{w} is not "
+                                   f"divisible by the process count {process_count}")
     parsed.append(Bucket(h, w, b // process_count))
   if len({(b.height, b.width) for b in parsed}) != len(parsed):
-    raise ValueError(f"config.data.buckets: duplicate sizes in {tuple(map(tuple, buckets))}")
+    raise config_lib.ConfigError("config.data.buckets: duplicate sizes in "
+                                 f"{tuple(map(tuple, buckets))}")
   return tuple(parsed)
 
 
@@ -59,8 +64,8 @@ def bucket_weights(weights: Sequence[float], num_buckets: int) -> tuple[float, .
   if not weights:
     return (1.0,) * num_buckets
   if len(weights) != num_buckets or any(w <= 0 for w in weights):
-    raise ValueError(f"config.data.bucket_weights: expected {num_buckets} positive weights "
-                     f"(one per bucket) or (), got {tuple(weights)}")
+    raise config_lib.ConfigError(f"config.data.bucket_weights: expected {num_buckets} positive "
+                                 f"weights (one per bucket) or (), got {tuple(weights)}")
   return tuple(float(w) for w in weights)
 
 
@@ -72,7 +77,8 @@ def sample_resize_scale(rng: np.random.Generator, image_hw: tuple[int, int], buc
                         policy: str) -> float:
   """Factor the image is shrunk by before cropping: log-uniform in [just-covers, 1], or 1."""
   if policy not in POLICIES:
-    raise ValueError(f"config.data.bucket_policy: unknown policy {policy!r}; expected {POLICIES}")
+    raise config_lib.ConfigError(f"config.data.bucket_policy: unknown policy {policy!r}; expected "
+                                 f"{POLICIES}")
   if policy == "crop":
     return 1.0
   s_min = max(bucket.height / image_hw[0], bucket.width / image_hw[1])

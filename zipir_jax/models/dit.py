@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from zipir_jax import config_lib
+
 Array = jax.Array
 Dtype = Any
 
@@ -157,7 +159,7 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 def resolve_attention_impl(name: str) -> str | None:
   """'auto' -> cuDNN flash attention on GPU, XLA elsewhere; 'xla' | 'cudnn' as given."""
   if name not in ATTENTION_IMPLS:
-    raise ValueError(f"attention_impl={name!r}; valid: {', '.join(ATTENTION_IMPLS)}")
+    raise config_lib.ConfigError(f"attention_impl={name!r}; valid: {', '.join(ATTENTION_IMPLS)}")
   if name == "auto":
     return "cudnn" if jax.default_backend() == "gpu" else "xla"
   return name
@@ -363,11 +365,12 @@ class ZipDiT(nn.Module):
 
   def _check_inputs(self, z_t: Array, lq_latent: Array, text_emb: Array, text_mask: Array) -> None:
     if self.lq_fusion not in LQ_FUSIONS:
-      raise ValueError(f"lq_fusion={self.lq_fusion!r}; valid: {', '.join(LQ_FUSIONS)}")
+      raise config_lib.ConfigError(f"lq_fusion={self.lq_fusion!r}; valid: {', '.join(LQ_FUSIONS)}")
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy={self.remat_policy!r}; valid: {', '.join(REMAT_POLICIES)}")
+      raise config_lib.ConfigError(f"remat_policy={self.remat_policy!r}; valid: "
+                                   f"{', '.join(REMAT_POLICIES)}")
     if self.hidden_size % self.num_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
+      raise config_lib.ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
                        f"{self.num_heads}")
     if z_t.ndim != 4:
       raise ValueError(f"ZipDiT: z_t must be NHWC (batch, h, w, channels); got shape "

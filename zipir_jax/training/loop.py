@@ -187,8 +187,7 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
                                              process_index=jax.process_index(),
                                              process_count=jax.process_count())
   manager = checkpointing.create_manager(os.path.join(sdir, "checkpoints"), config.train)
-  abstract = jax.eval_shape(lambda r, p: state_lib.init_state(models, r, p), rng_state, init_inputs)
-  shardings = state_lib.state_shardings(models, mesh, abstract)
+  abstract, shardings = state_lib.abstract_state(models, mesh, rng_state, init_inputs)
   # Resume by default: the checkpoint is read straight onto this run's mesh (which may differ from
   # the one that wrote it); only a fresh run initialises.
   restored = checkpointing.restore(manager, state_lib.abstract_with_shardings(abstract, shardings),
@@ -197,7 +196,7 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
     state, start = restored
     logging.info("resumed %s from step %d (%s)", stage, start, manager.directory)
   else:
-    state, shardings = state_lib.create_train_state(models, mesh, rng_state, init_inputs)
+    state, _ = state_lib.create_train_state(models, mesh, rng_state, init_inputs, shardings)
   logging.info("trainable parameters: %d; frozen: %d", state_lib.count_params(state.params),
                state_lib.count_params(state.frozen))
   start = int(jax.device_get(state.step))

@@ -92,18 +92,20 @@ class Models:
 def check_stage(config: ml_collections.ConfigDict) -> str:
   kind = config.vae.kind
   if kind not in STAGES:
-    raise ValueError(f"config.vae.kind={kind!r}; valid kinds: {', '.join(STAGES)}")
+    raise config_lib.ConfigError(f"config.vae.kind={kind!r}; valid kinds: {', '.join(STAGES)}")
   if config.stage not in STAGES[kind]:
-    raise ValueError(f"config.stage={config.stage!r} is not a stage of the {kind} experiments; "
-                     f"valid: {', '.join(STAGES[kind])}")
+    raise config_lib.ConfigError(f"config.stage={config.stage!r} is not a stage of the {kind} "
+                                 f"experiments; valid: {', '.join(STAGES[kind])}")
   if config.stage == "pixel_decoder" and not tuple(config.pixel_decoder.fusion_levels):
-    raise ValueError("stage pixel_decoder with config.pixel_decoder.fusion_levels=() has nothing "
-                     "to train (D_f* without fusion levels is D_f); to restore with D_f, train the "
-                     "dit stage with --config.train.init_from.pixel_decoder=WORKDIR/vae_fine/export")
+    raise config_lib.ConfigError("stage pixel_decoder with config.pixel_decoder.fusion_levels=() "
+                                 "has nothing to train (D_f* without fusion levels is D_f); to "
+                                 "restore with D_f, train the dit stage with "
+                                 "--config.train.init_from.pixel_decoder=WORKDIR/vae_fine/export")
   if kind == "sdvae" and tuple(config.pixel_decoder.fusion_levels):
-    raise ValueError("the SD-VAE ablation has no pixel_decoder stage and decodes with its own "
-                     "decoder: set config.pixel_decoder.fusion_levels=() (configs/sdvae_f32c64.py "
-                     f"does), not {tuple(config.pixel_decoder.fusion_levels)}")
+    raise config_lib.ConfigError("the SD-VAE ablation has no pixel_decoder stage and decodes with "
+                                 "its own decoder: set config.pixel_decoder.fusion_levels=() "
+                                 "(configs/sdvae_f32c64.py does), not "
+                                 f"{tuple(config.pixel_decoder.fusion_levels)}")
   return config.stage
 
 
@@ -172,11 +174,18 @@ def make_optimizer(optim: ml_collections.ConfigDict, peak: float | None = None
 def init_state(models: Models, rng: jax.Array, prerequisites: dict[str, Any]) -> TrainState:
   """Fresh state; networks named in ``prerequisites`` (loaded from earlier stages) replace the
   random ones (D_f* of stage pixel_decoder is built from E_f/D_f by ``init_from_autoencoder``)."""
+  return _init_with_boxed(models, rng, prerequisites)[0]
+
+
+def _init_with_boxed(models: Models, rng: jax.Array, prerequisites: dict[str, Any]
+                     ) -> tuple[TrainState, dict[str, Any]]:
+  """(:func:`init_state`, the boxed variables that name its parameters' logical axes)."""
   from zipir_jax.models.pixel_decoder import init_from_autoencoder  # pylint: disable=g-import-not-at-top
   config = models.config
   stage = config.stage
   rng_init, rng_train = jax.random.split(rng)
-  variables = nn.meta.unbox(boxed_init(models, rng_init))
+  boxed = boxed_init(models, rng_init)
+  variables = nn.meta.unbox(boxed)
   if stage == "pixel_decoder":
     variables["pixel_decoder"] = init_from_autoencoder(
         variables["pixel_decoder"], prerequisites["fine_encoder"], prerequisites["fine_decoder"])
@@ -191,16 +200,19 @@ def init_state(models: Models, rng: jax.Array, prerequisites: dict[str, Any]) ->
     disc = dict(variables["discriminator"])
     disc_opt_state = make_optimizer(config.optim, config.optim.disc_lr).init(disc["params"])
   zero = jnp.zeros((), jnp.int32)
-  return TrainState(step=zero, params=params, ema_params=jax.tree.map(jnp.copy, params),
-                    opt_state=tx.init(params), frozen=frozen, disc=disc,
-                    disc_opt_state=disc_opt_state, rng=rng_train, nonfinite=zero, skipped=zero)
+  state = TrainState(step=zero, params=params, ema_params=jax.tree.map(jnp.copy, params),
+                     opt_state=tx.init(params), frozen=frozen, disc=disc,
+                     disc_opt_state=disc_opt_state, rng=rng_train, nonfinite=zero, skipped=zero)
+  return state, boxed
 
 
-def state_shardings(models: Models, mesh: jax.sharding.Mesh, abstract_state: TrainState
-                    ) -> TrainState:
-  """NamedShardings of every state leaf: params/EMA/optimizer moments from the logical axes."""
+def state_shardings(models: Models, mesh: jax.sharding.Mesh, abstract_state: TrainState,
+                    boxed: dict[str, Any] | None = None) -> TrainState:
+  """NamedShardings of every state leaf: params/EMA/optimizer moments from the logical axes (of
+  ``boxed``, :func:`boxed_init`'s variables, traced here when not given)."""
   stage = models.config.stage
-  boxed = jax.eval_shape(lambda: boxed_init(models, jax.random.PRNGKey(0)))
+  if boxed is None:
+    boxed = jax.eval_shape(lambda: boxed_init(models, jax.random.PRNGKey(0)))
   named = parallel.logical_shardings(boxed, mesh)
   repl = parallel.replicated(mesh)
   params = {k: named[k] for k in TRAINABLE[stage]}
@@ -218,12 +230,22 @@ def state_shardings(models: Models, mesh: jax.sharding.Mesh, abstract_state: Tra
                     disc=disc, disc_opt_state=disc_opt, rng=repl, nonfinite=repl, skipped=repl)
 
 
+def abstract_state(models: Models, mesh: jax.sharding.Mesh, rng: jax.Array,
+                   prerequisites: dict[str, Any]) -> tuple[TrainState, TrainState]:
+  """(shapes of the fresh state, its shardings on ``mesh``) from one trace of the initialisation:
+  tracing the networks costs seconds at paper size, and a run needs both before it initialises
+  or restores."""
+  abstract, boxed = jax.eval_shape(lambda r, p: _init_with_boxed(models, r, p), rng, prerequisites)
+  return abstract, state_shardings(models, mesh, abstract, boxed)
+
+
 def create_train_state(models: Models, mesh: jax.sharding.Mesh, rng: jax.Array,
-                       prerequisites: dict[str, Any]) -> tuple[TrainState, TrainState]:
+                       prerequisites: dict[str, Any], shardings: TrainState | None = None
+                       ) -> tuple[TrainState, TrainState]:
   """(state placed on ``mesh``, its shardings). Initialised by one jit with sharded outputs, so no
-  device ever holds the whole model."""
-  abstract = jax.eval_shape(lambda r, p: init_state(models, r, p), rng, prerequisites)
-  shardings = state_shardings(models, mesh, abstract)
+  device ever holds the whole model. ``shardings``: from :func:`abstract_state`, if already made."""
+  if shardings is None:
+    _, shardings = abstract_state(models, mesh, rng, prerequisites)
   with mesh:
     state = jax.jit(lambda r, p: init_state(models, r, p), out_shardings=shardings)(
         rng, prerequisites)

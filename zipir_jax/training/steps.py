@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from zipir_jax import diffusion, flops as flops_lib, losses, parallel
+from zipir_jax import config_lib, diffusion, flops as flops_lib, losses, parallel
 from zipir_jax.models import autoencoder, dit as dit_lib
 from zipir_jax.models.lpvae import area_downsample
 from zipir_jax.training.state import GAN_STAGES, Models, TrainState, make_optimizer
@@ -160,7 +160,8 @@ def dit_loss(params: dict, frozen: dict, batch: dict, rng: Array, models: Models
 def _microbatches(batch: dict, k: int) -> dict:
   def split(x):
     if x.shape[0] % k:
-      raise ValueError(f"batch of {x.shape[0]} is not divisible by config.optim.grad_accum={k}")
+      raise config_lib.ConfigError(f"batch of {x.shape[0]} is not divisible by "
+                                   f"config.optim.grad_accum={k}")
     return x.reshape((k, x.shape[0] // k) + x.shape[1:])
   return jax.tree.map(split, batch)
 

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from zipir_jax import text as text_lib
+from zipir_jax import config_lib, text as text_lib
 from zipir_jax.models import t5
 
 FORMAT = "zipir-caption-cache"
@@ -345,4 +345,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("batch_size", 64, "captions per encoder call")
   flags.DEFINE_integer("read_threads", 16, "threads reading source records")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=config_lib.flags_parser)
