@@ -331,3 +331,20 @@ def test_streamed_patch_features_equal_features_of_all_crops():
   assert [b.shape for b in batches] == [(3, 80, 90, 3), (1, 80, 90, 3)]
   with pytest.raises(ValueError, match="no image batches"):
     metrics.collect_features(feature_fn, [])
+
+
+@pytest.mark.parametrize("n1,n2,d", [(20, 30, 64), (64, 64, 512), (8, 6, 2048), (70, 90, 64)])
+def test_fid_from_features_equals_fid_of_their_statistics(n1, n2, d):
+  """Few samples (n <= d): the n1 x n2 nuclear-norm route; many: the statistics route. Both equal
+  the Fréchet distance of the sample statistics."""
+  rng = np.random.default_rng(n1 + n2 + d)
+  f1 = _gaussian_samples(rng, n1, d)
+  f2 = _gaussian_samples(rng, n2, d, shift=0.3)
+  got = metrics.fid_from_features(f1.astype(np.float32), f2.astype(np.float32))
+  want = metrics.frechet_distance(*metrics.feature_statistics(f1.astype(np.float32)),
+                                  *metrics.feature_statistics(f2.astype(np.float32)))
+  assert got > 1.0
+  np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-7)
+  np.testing.assert_allclose(metrics.fid_from_features(f1, f1), 0.0, atol=1e-6)
+  with pytest.raises(ValueError, match="one D"):
+    metrics.fid_from_features(f1, f2[:, :-1])
