@@ -32,6 +32,17 @@ def read_events(folder):
   return accumulator
 
 
+def perturbed(params, seed: int, scale: float = 0.05):
+  """``params`` + Gaussian noise (numpy arrays): opens what initialisation leaves at exactly 0 or 1
+  (biases, norm shifts, zero-initialised gates and output layers). In numpy, because eager jax ops
+  compile one small program per leaf shape: seconds for a network's few hundred leaves."""
+  import jax
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda x: (np.asarray(x) + scale * rng.standard_normal(np.shape(x))).astype(x.dtype), params)
+
+
 def load_golden_module(name: str):
   """A numpy-only helper of tests/golden/ (shared by a golden script and its test) as a module."""
   spec = importlib.util.spec_from_file_location(name, GOLDEN_DIR / f"{name}.py")
@@ -114,10 +125,7 @@ def tiny_vae_fine_export(tmp_path_factory, tiny_bundle, tiny_lpvae):
   import numpy as np
   import orbax.checkpoint as ocp
 
-  decoder = tiny_lpvae[1]["fine_decoder"]
-  keys = iter(jax.random.split(jax.random.key(7), len(jax.tree.leaves(decoder))))
-  decoder = jax.tree.map(lambda x: np.asarray(x + 0.05 * jax.random.normal(next(keys), x.shape)),
-                         decoder)
+  decoder = perturbed(tiny_lpvae[1]["fine_decoder"], 7)
   stats = jax.tree.map(np.asarray, tiny_bundle.params["latent_stats"])
   path = tmp_path_factory.mktemp("export") / "vae_fine_export"
   checkpointer = ocp.StandardCheckpointer()

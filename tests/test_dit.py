@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import perturbed
+
 from zipir_jax import config_lib, diffusion
 from zipir_jax.models import dit
 
@@ -25,13 +27,6 @@ def _key(seed):
 
 def _normal(seed, shape, scale=1.0):
   return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
-
-
-def _perturb(params, seed=0, scale=0.05):
-  """Every weight plus noise: opens the adaLN-Zero gates and the zero-initialised output layer."""
-  rng = np.random.default_rng(seed)  # numpy: eager jnp ops would compile one kernel per shape
-  return jax.tree.map(
-      lambda x: np.asarray(x) + scale * rng.standard_normal(x.shape).astype(np.float32), params)
 
 
 def _inputs(batch=2, height=3, width=5, length=6, seed=0):
@@ -62,13 +57,13 @@ def test_output_is_exactly_zero_at_init_and_not_after(params, forward):
   out = forward(params, z, t, lq, text, mask)
   assert out.shape == z.shape and out.dtype == jnp.float32
   assert np.all(np.asarray(out) == 0.0)
-  out = np.asarray(forward(_perturb(params), z, t, lq, text, mask))
+  out = np.asarray(forward(perturbed(params, 0), z, t, lq, text, mask))
   assert np.all(np.isfinite(out)) and np.abs(out).mean() > 1e-3
 
 
 def test_bfloat16_compute_and_fractional_timesteps(model, params, forward):
   """bf16 compute (the accelerator setting) tracks float32; params stay float32, ε is float32."""
-  trained = _perturb(params)
+  trained = perturbed(params, 0)
   z, t, lq, text, mask = _inputs()
   reference = np.asarray(forward(trained, z, t, lq, text, mask))
   out = jax.jit(dit.as_denoise_fn(model.clone(dtype=jnp.bfloat16)))(
@@ -120,7 +115,7 @@ def test_patch_size_two_and_shape_errors(model, params):
 
 def test_sum_and_concat_fusion(model, params, forward):
   """Same parameters; concat runs twice the tokens and reads ε from the noisy half."""
-  trained = _perturb(params)
+  trained = perturbed(params, 0)
   z, t, lq, text, mask = _inputs()
   concat = model.clone(lq_fusion="concat")
   forward_concat = jax.jit(dit.as_denoise_fn(concat))
@@ -144,7 +139,7 @@ def test_sum_and_concat_fusion(model, params, forward):
 
 
 def test_text_padding_mask(params, forward):
-  trained = _perturb(params)
+  trained = perturbed(params, 0)
   z, t, lq, text, mask = _inputs()
   mask[1] = False  # the second caption is all padding: no text contribution at all
   reference = np.asarray(forward(trained, z, t, lq, text, mask))
@@ -186,7 +181,7 @@ def test_rope_depends_only_on_relative_positions():
 def test_scan_with_remat_equals_the_unrolled_stack(model, params, forward):
   """The default (scanned, remat of the config) stack against an unrolled one without remat:
   same output for the same weights, and its gradient matches a central finite difference."""
-  trained = _perturb(params)
+  trained = perturbed(params, 0)
   z, t, lq, text, mask = _inputs()
   assert model.scan_layers and model.remat_policy == "dots_with_no_batch_dims_saveable"
   unrolled = model.clone(scan_layers=False, remat_policy="none")
@@ -199,7 +194,7 @@ def test_scan_with_remat_equals_the_unrolled_stack(model, params, forward):
   loss = lambda out: np.mean(np.square(np.asarray(out, np.float64) - z))
   grad = jax.jit(jax.grad(lambda p: jnp.mean(jnp.square(
       model.apply({"params": p}, z, t, lq, text, mask) - z))))(trained)
-  direction = _perturb(jax.tree.map(np.zeros_like, trained), seed=5, scale=1.0)
+  direction = perturbed(jax.tree.map(np.zeros_like, trained), 5, scale=1.0)
   h = 1e-3
   plus = jax.tree.map(lambda p, d: p + h * d, trained, direction)
   minus = jax.tree.map(lambda p, d: p - h * d, trained, direction)
@@ -224,7 +219,7 @@ def test_25_step_sampler_compiles_once_with_the_dit(model, params):
 
   schedule = diffusion.make_schedule()
   sample = diffusion.make_ddim_sampler(counting, schedule, 25)
-  trained = _perturb(params)
+  trained = perturbed(params, 0)
   for seed in range(2):
     z, _, lq, text, mask = _inputs(batch=1, height=4, width=7, seed=seed)
     out = sample(trained, lq, text, mask, text[:, :2], mask[:, :2], _key(seed),

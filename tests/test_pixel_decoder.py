@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import perturbed
+
 from zipir_jax import config_lib
 from zipir_jax.models import autoencoder
 from zipir_jax.models.pixel_decoder import init_from_autoencoder
@@ -16,31 +18,36 @@ SHAPE = (2, 64, 96, 3)
 pytestmark = pytest.mark.xdist_group("tiny_lpvae")
 
 
-def _perturb(params, seed, scale=0.05):
-  """Random non-trivial weights (init leaves biases/norm shifts at exactly 0 or 1)."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(
-      tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_config, tiny_lpvae):
   vae, vae_params = tiny_lpvae
-  vae_params = _perturb(vae_params, 1)
+  vae_params = perturbed(vae_params, 1)
   hq = jax.random.uniform(jax.random.key(2), SHAPE, minval=-1, maxval=1)
   lq = jax.random.uniform(jax.random.key(3), SHAPE, minval=-1, maxval=1)
-  z, _ = vae.apply({"params": vae_params}, hq, method="encode")
+  z, _ = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))(vae_params, hq)
   pdec = autoencoder.build_pixel_decoder(tiny_config)
   fresh = flax.linen.meta.unbox(jax.jit(pdec.init)(jax.random.key(4), z, lq))["params"]
   params = init_from_autoencoder(fresh, vae_params["fine_encoder"], vae_params["fine_decoder"])
   return vae, vae_params, pdec, fresh, params, z, lq
 
 
-def test_equals_plain_decoder_at_init(setup):
-  vae, vae_params, pdec, _, params, z, lq = setup
-  expected = vae.apply({"params": vae_params}, z, method="decode")
-  np.testing.assert_array_equal(pdec.apply({"params": params}, z, lq), expected)
+@pytest.fixture(scope="module")
+def run(setup):
+  """Jitted D_f (``decode(params, z)``) and D_f* (``pixel_decode(params, z, lq, fusion_weight)``):
+  op by op, one pass of either compiles a few hundred small programs on the CPU."""
+  vae, _, pdec, *_ = setup
+  decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))
+  jitted = jax.jit(lambda p, z, lq, w: pdec.apply({"params": p}, z, lq, w))
+
+  def pixel_decode(p, z, lq, fusion_weight=1.0):
+    return jitted(p, z, lq, jnp.float32(fusion_weight))  # traced, as restore passes it
+  return decode, pixel_decode
+
+
+def test_equals_plain_decoder_at_init(setup, run):
+  _, vae_params, _, _, params, z, lq = setup
+  decode, pixel_decode = run
+  np.testing.assert_array_equal(pixel_decode(params, z, lq), decode(vae_params, z))
 
 
 def test_extractor_params_are_e_f(setup):
@@ -54,21 +61,22 @@ def test_extractor_params_are_e_f(setup):
   assert "conv_out" not in params["extractor"] and "mid_block_1" not in params["extractor"]
 
 
-def test_fusion_layers_exist_at_every_level_and_act_once_trained(setup, tiny_config):
-  vae, vae_params, pdec, _, params, z, lq = setup
+def test_fusion_layers_exist_at_every_level_and_act_once_trained(setup, run, tiny_config):
+  _, vae_params, _, _, params, z, lq = setup
+  decode, pixel_decode = run
   levels = tiny_config.pixel_decoder.fusion_levels
   assert {f"up_{i}_fusion" for i in levels} <= set(params["decoder"])
   # Any non-zero fusion weights must change the output ...
   fusion = {k: v for k, v in params["decoder"].items() if k.endswith("_fusion")}
-  trained = {**params, "decoder": {**params["decoder"], **_perturb(fusion, 7, scale=0.005)}}
-  out = pdec.apply({"params": trained}, z, lq)
-  base = pdec.apply({"params": trained}, z, lq, fusion_weight=0.0)
+  trained = {**params, "decoder": {**params["decoder"], **perturbed(fusion, 7, scale=0.005)}}
+  out = pixel_decode(trained, z, lq)
+  base = pixel_decode(trained, z, lq, 0.0)
   assert np.abs(out - base).max() > 1e-3
   # ... and depend on the LQ image, which the plain decoder never sees.
-  out2 = pdec.apply({"params": trained}, z, -lq)
+  out2 = pixel_decode(trained, z, -lq)
   assert np.abs(out - out2).max() > 1e-3
   # fusion_weight = 0 is exactly the decoder without injections.
-  np.testing.assert_array_equal(base, vae.apply({"params": vae_params}, z, method="decode"))
+  np.testing.assert_array_equal(base, decode(vae_params, z))
 
 
 def test_mismatched_autoencoder_is_refused(setup):
@@ -77,7 +85,7 @@ def test_mismatched_autoencoder_is_refused(setup):
   with other.unlocked():
     other.vae.ch = 8
   vae = autoencoder.build_autoencoder(other)
-  small = autoencoder.init_autoencoder(vae, jax.random.key(0), SHAPE)
+  small = jax.eval_shape(lambda: autoencoder.init_autoencoder(vae, jax.random.key(0), SHAPE))
   with pytest.raises(ValueError, match=r"conv_in/(kernel|bias) has shape .* but (E_f|D_f)'s"):
     init_from_autoencoder(fresh, small["fine_encoder"], small["fine_decoder"])
   with pytest.raises(KeyError, match="no counterpart"):

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import perturbed
+
 from zipir_jax.models import autoencoder, tiling
 from zipir_jax.models.pixel_decoder import init_from_autoencoder
 
@@ -16,7 +18,7 @@ SHAPE = (1, 96, 64, 3)  # non-square; 16-row strips give 6 strips at full resolu
 
 def test_tiled_encode_decode_and_pixel_decoder_equal_untiled(tiny_config, tiny_lpvae):
   vae, params = tiny_lpvae
-  params = jax.tree.map(lambda x: x + 0.02 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), params)
+  params = perturbed(params, 0, scale=0.02)
   image = jax.random.uniform(jax.random.key(1), SHAPE, minval=-1, maxval=1)
   z, _ = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))(params, image)
   recon = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))(params, z)
