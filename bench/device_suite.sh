@@ -22,6 +22,15 @@ if [[ "${SMALL:-0}" != 1 ]] && mkdir -p "${AUTOTUNE_DIR:-/tmp/zipir_jax_autotune
   export XLA_FLAGS="${XLA_FLAGS:-} $autotune"
 fi
 echo "# XLA_FLAGS=${XLA_FLAGS:-}"
+# Cold random initialisation compiles an unrolled threefry hash per parameter on GPU (the 3 B
+# bundle: 354 draws; 165 s to initialise on the H200 in session 3). Where JAX's prebuilt threefry
+# kernel gives the same bits and compiles faster (bench/rng_compile.py, printed here), every row
+# uses it.
+if [[ "${SMALL:-0}" != 1 ]]; then
+  timeout -k 5 120 $py bench/rng_compile.py --draws=8 2>/dev/null | tail -1 | sed 's/^/# rng_compile: /'
+  if (( PIPESTATUS[0] == 0 )); then export JAX_THREEFRY_GPU_KERNEL_LOWERING=1; fi
+  echo "# JAX_THREEFRY_GPU_KERNEL_LOWERING=${JAX_THREEFRY_GPU_KERNEL_LOWERING:-0}"
+fi
 
 step() {  # step NAME CAP_S CMD...: runs CMD under min(CAP, time left), output to $out/NAME.log
   local name=$1 cap=$2; shift 2

@@ -40,3 +40,13 @@ def test_restore_and_train_step_benchmarks_report_every_part():
   assert early["step_ms"] == result["step_ms"] > 0
   assert result["dit"] == "2 x 64, 4 heads of 16" and result["model_tflops_per_step"] > 0
   assert set(result["frozen_encoders_ms"]) == {"float32"} and result["loss"] > 0
+
+
+def test_rng_compile_probe_compares_both_lowerings_and_declines_off_gpu():
+  """The suite enables JAX's threefry GPU kernel only on the probe's exit status 0."""
+  result = subprocess.run([sys.executable, "bench/rng_compile.py", "--draws=2"], cwd=ROOT,
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+  assert result.returncode == 3, result.stderr[-3000:]  # CPU: the option changes nothing
+  report = json.loads(result.stdout.splitlines()[-1])
+  assert report["platform"] == "cpu" and report["draws"] == 2 and report["bit_identical"] is True
+  assert report["default_compile_s"] > 0 and report["kernel_compile_s"] > 0
