@@ -23,10 +23,11 @@ def test_shapes_and_interface(sdvae):
   assert set(params) == {"encoder", "decoder"}
   assert "mid_attn_1" in params["encoder"] and "mid_attn_1" in params["decoder"]
   image = jax.random.uniform(jax.random.key(1), (2, 96, 160, 3), minval=-1, maxval=1)
-  z, posteriors = module.apply({"params": params}, image, method="encode")
+  # Jitted: op by op, the two passes compile a few hundred small programs on the CPU.
+  z, posteriors = jax.jit(lambda p, x: module.apply({"params": p}, x, method="encode"))(params, image)
   assert z.shape == (2, 3, 5, 64)
   np.testing.assert_array_equal(z, posteriors["latent"].mean)
-  recon, z2, _ = module.apply({"params": params}, image)
+  recon, z2, _ = jax.jit(lambda p, x: module.apply({"params": p}, x))(params, image)
   assert recon.shape == image.shape
   np.testing.assert_array_equal(z, z2)
 
