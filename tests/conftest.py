@@ -11,6 +11,10 @@ os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Two xdist workers share CI's 2 cores: numpy's multithreaded OpenBLAS spin-waits against the other
+# worker's XLA threads (the D=2048 FID check, both cores otherwise busy: 20.6 s with 2 BLAS threads,
+# 6.6 s with one). Set before numpy is first imported (no plugin imports it before this file).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import importlib.util
 import pathlib
@@ -72,9 +76,9 @@ def pytest_collection_modifyitems(items):
 
 
 def subprocess_env() -> dict[str, str]:
-  """Environment for CLI subprocesses: CPU, this run's RNG and compilation-cache settings."""
+  """Environment for CLI subprocesses: CPU, this run's RNG, compilation-cache and BLAS settings."""
   keep = ("PATH", "JAX_PLATFORMS", "JAX_DEFAULT_PRNG_IMPL", "JAX_COMPILATION_CACHE_DIR",
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "OPENBLAS_NUM_THREADS")
   return {k: os.environ[k] for k in keep if k in os.environ}
 
 
