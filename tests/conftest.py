@@ -47,6 +47,13 @@ def perturbed(params, seed: int, scale: float = 0.05):
       lambda x: (np.asarray(x) + scale * rng.standard_normal(np.shape(x))).astype(x.dtype), params)
 
 
+def jitted_apply(module, method: str | None = None):
+  """``module.apply`` of ``method`` as ``fn(params, *args)``, jitted: op by op, one pass of a VAE
+  dispatches a few hundred small programs, each compiled on the CPU."""
+  import jax
+  return jax.jit(lambda params, *args: module.apply({"params": params}, *args, method=method))
+
+
 def load_golden_module(name: str):
   """A numpy-only helper of tests/golden/ (shared by a golden script and its test) as a module."""
   spec = importlib.util.spec_from_file_location(name, GOLDEN_DIR / f"{name}.py")

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import jitted_apply
+
 from zipir_jax import config_lib
 from zipir_jax.models import autoencoder
 from zipir_jax.models.lpvae import MACRO_CHANNELS, area_downsample, check_spatial_shape
@@ -19,11 +21,6 @@ def lpvae(tiny_lpvae):
   return tiny_lpvae
 
 
-def _apply(module, method):
-  """``module.apply`` of one method, jitted (op by op, each call dispatches hundreds of programs)."""
-  return jax.jit(lambda params, *args: module.apply({"params": params}, *args, method=method))
-
-
 def _image(shape, seed=0):
   return jax.random.uniform(jax.random.key(seed), shape, minval=-1.0, maxval=1.0)
 
@@ -32,23 +29,23 @@ def _image(shape, seed=0):
 def test_latent_shapes_and_channel_order(lpvae, height, width):
   module, params = lpvae
   image = _image((2, height, width, 3))
-  z, posteriors = _apply(module, "encode")(params, image)
+  z, posteriors = jitted_apply(module, "encode")(params, image)
   assert z.shape == (2, height // 32, width // 32, 64)
   # Order [macro 3 | coarse 9 | fine 52]; without an rng the posteriors' modes are used.
   np.testing.assert_array_equal(z[..., 3:12], posteriors["coarse"].mean)
   np.testing.assert_array_equal(z[..., 12:], posteriors["fine"].mean)
   assert posteriors["coarse"].mean.shape[-1] == 9 and posteriors["fine"].mean.shape[-1] == 52
 
-  recon = _apply(module, "decode")(params, z)
+  recon = jitted_apply(module, "decode")(params, z)
   assert recon.shape == image.shape and recon.dtype == jnp.float32
-  coarse = _apply(module, "decode_coarse")(params, z[..., :12])
+  coarse = jitted_apply(module, "decode_coarse")(params, z[..., :12])
   assert coarse.shape == (2, height // 4, width // 4, 3)
 
 
 def test_z_macro_is_normalised_area_downsample(lpvae, tiny_config):
   module, params = lpvae
   image = np.asarray(_image((1, 96, 160, 3), seed=3))
-  z, _ = _apply(module, "encode")(params, image)
+  z, _ = jitted_apply(module, "encode")(params, image)
   # Independent reference: OpenCV's area interpolation is the box mean for integer factors.
   down = cv2.resize(image[0], (160 // 32, 96 // 32), interpolation=cv2.INTER_AREA)
   expected = (down - np.array(tiny_config.vae.macro_mean)) / np.array(tiny_config.vae.macro_std)
@@ -62,7 +59,7 @@ def test_pyramid_levels_see_their_own_resolution(lpvae):
   pattern = np.tile(np.array([[1, -1, 1, -1], [-1, 1, -1, 1]] * 2, np.float32), (16, 24))
   perturbed = image + 0.3 * pattern[None, :, :, None]
   np.testing.assert_allclose(area_downsample(perturbed, 4), area_downsample(image, 4), atol=1e-6)
-  encode = _apply(module, "encode")
+  encode = jitted_apply(module, "encode")
   z0, _ = encode(params, image)
   z1, _ = encode(params, perturbed)
   np.testing.assert_allclose(z1[..., :12], z0[..., :12], atol=1e-5)
@@ -72,7 +69,7 @@ def test_pyramid_levels_see_their_own_resolution(lpvae):
 def test_sampling_uses_the_rng(lpvae):
   module, params = lpvae
   image = _image((1, 64, 64, 3))
-  encode = _apply(module, "encode")
+  encode = jitted_apply(module, "encode")
   mode, _ = encode(params, image)
   s1, _ = encode(params, image, jax.random.key(1))
   s2, _ = encode(params, image, jax.random.key(1))

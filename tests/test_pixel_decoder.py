@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import perturbed
+from conftest import jitted_apply, perturbed
 
 from zipir_jax import config_lib
 from zipir_jax.models import autoencoder
@@ -24,7 +24,7 @@ def setup(tiny_config, tiny_lpvae):
   vae_params = perturbed(vae_params, 1)
   hq = jax.random.uniform(jax.random.key(2), SHAPE, minval=-1, maxval=1)
   lq = jax.random.uniform(jax.random.key(3), SHAPE, minval=-1, maxval=1)
-  z, _ = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))(vae_params, hq)
+  z, _ = jitted_apply(vae, "encode")(vae_params, hq)
   pdec = autoencoder.build_pixel_decoder(tiny_config)
   fresh = flax.linen.meta.unbox(jax.jit(pdec.init)(jax.random.key(4), z, lq))["params"]
   params = init_from_autoencoder(fresh, vae_params["fine_encoder"], vae_params["fine_decoder"])
@@ -33,11 +33,9 @@ def setup(tiny_config, tiny_lpvae):
 
 @pytest.fixture(scope="module")
 def run(setup):
-  """Jitted D_f (``decode(params, z)``) and D_f* (``pixel_decode(params, z, lq, fusion_weight)``):
-  op by op, one pass of either compiles a few hundred small programs on the CPU."""
+  """D_f (``decode(params, z)``) and D_f* (``pixel_decode(params, z, lq, fusion_weight)``), jitted."""
   vae, _, pdec, *_ = setup
-  decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))
-  jitted = jax.jit(lambda p, z, lq, w: pdec.apply({"params": p}, z, lq, w))
+  decode, jitted = jitted_apply(vae, "decode"), jitted_apply(pdec)
 
   def pixel_decode(p, z, lq, fusion_weight=1.0):
     return jitted(p, z, lq, jnp.float32(fusion_weight))  # traced, as restore passes it

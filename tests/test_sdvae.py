@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import jitted_apply
+
 from zipir_jax import config_lib
 from zipir_jax.models import autoencoder
 
@@ -23,11 +25,10 @@ def test_shapes_and_interface(sdvae):
   assert set(params) == {"encoder", "decoder"}
   assert "mid_attn_1" in params["encoder"] and "mid_attn_1" in params["decoder"]
   image = jax.random.uniform(jax.random.key(1), (2, 96, 160, 3), minval=-1, maxval=1)
-  # Jitted: op by op, the two passes compile a few hundred small programs on the CPU.
-  z, posteriors = jax.jit(lambda p, x: module.apply({"params": p}, x, method="encode"))(params, image)
+  z, posteriors = jitted_apply(module, "encode")(params, image)
   assert z.shape == (2, 3, 5, 64)
   np.testing.assert_array_equal(z, posteriors["latent"].mean)
-  recon, z2, _ = jax.jit(lambda p, x: module.apply({"params": p}, x))(params, image)
+  recon, z2, _ = jitted_apply(module)(params, image)
   assert recon.shape == image.shape
   np.testing.assert_array_equal(z, z2)
 
@@ -59,8 +60,7 @@ def test_ablation_restores_with_the_plain_sdvae_decoder(sdvae):
   assert set(shapes) == {"decoder"}
   assert jax.tree.structure(shapes["decoder"]) == jax.tree.structure(params["decoder"])
   out = jax.jit(decoder.apply)({"params": {"decoder": params["decoder"]}}, z, lq)
-  np.testing.assert_array_equal(out, jax.jit(lambda p, z: module.apply(
-      {"params": p}, z, method="decode"))(params, z))
+  np.testing.assert_array_equal(out, jitted_apply(module, "decode")(params, z))
   np.testing.assert_array_equal(out, jax.jit(decoder.apply)(
       {"params": {"decoder": params["decoder"]}}, z, -lq))
 

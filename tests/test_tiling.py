@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import perturbed
+from conftest import jitted_apply, perturbed
 
 from zipir_jax.models import autoencoder, tiling
 from zipir_jax.models.pixel_decoder import init_from_autoencoder
@@ -20,8 +20,8 @@ def test_tiled_encode_decode_and_pixel_decoder_equal_untiled(tiny_config, tiny_l
   vae, params = tiny_lpvae
   params = perturbed(params, 0, scale=0.02)
   image = jax.random.uniform(jax.random.key(1), SHAPE, minval=-1, maxval=1)
-  z, _ = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))(params, image)
-  recon = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))(params, z)
+  z, _ = jitted_apply(vae, "encode")(params, image)
+  recon = jitted_apply(vae, "decode")(params, z)
   calls = []
   original = tiling.tiled_conv
 
