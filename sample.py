@@ -32,20 +32,31 @@ _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Unconditional-branch p
 _CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (config default 3.5).")
 _STEPS = flags.DEFINE_integer("steps", None, "DDIM steps (config default 25).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed of the start noise.")
-_STRENGTH = flags.DEFINE_float("strength", None, "1 = from pure noise; < 1 starts from the noised "
-                               "LQ latent (more fidelity, less generation).")
+_STRENGTH = flags.DEFINE_float(
+  "strength",
+  None,
+  "1 = from pure noise; < 1 starts from the noised LQ latent (more fidelity, less generation).",
+)
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (0 = deterministic).")
-_COLOR_FIX = flags.DEFINE_enum("color_fix", None, ["none", "wavelet", "adain"],
-                               "Colour correction towards the LQ input.")
+_COLOR_FIX = flags.DEFINE_enum(
+  "color_fix", None, ["none", "wavelet", "adain"], "Colour correction towards the LQ input."
+)
 _BATCH = flags.DEFINE_integer("batch_size", 1, "Images of the same size restored together.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype of all networks.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
 _PLAIN_DECODER = flags.DEFINE_string(
-    "plain_decoder", None, "Decode with the plain D_f of this training export (WORKDIR/vae_fine/"
-    "export) instead of the bundle's D_f*: the paper's 'w/o pixel-aware decoder' (Fig. 6).")
-_CACHE = flags.DEFINE_string("compilation_cache", None, "Folder of the persistent XLA compilation "
-                             "cache (default $JAX_COMPILATION_CACHE_DIR or ~/.cache/zipir_jax/xla; "
-                             "'' disables).")
+  "plain_decoder",
+  None,
+  "Decode with the plain D_f of this training export (WORKDIR/vae_fine/"
+  "export) instead of the bundle's D_f*: the paper's 'w/o pixel-aware decoder' (Fig. 6).",
+)
+_CACHE = flags.DEFINE_string(
+  "compilation_cache",
+  None,
+  "Folder of the persistent XLA compilation "
+  "cache (default $JAX_COMPILATION_CACHE_DIR or ~/.cache/zipir_jax/xla; "
+  "'' disables).",
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -117,8 +128,9 @@ def main(argv):
   restore.enable_compilation_cache(_CACHE.value)
   paths = list_inputs(_INPUT.value)
   if not paths:
-    print(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) found at {_INPUT.value}",
-          file=sys.stderr)
+    print(
+      f"error: no images ({', '.join(IMAGE_SUFFIXES)}) found at {_INPUT.value}", file=sys.stderr
+    )
     return 2
   try:
     bundle = bundle_lib.load_bundle(_CHECKPOINT.value)
@@ -133,8 +145,14 @@ def main(argv):
   restorer = restore.Restorer(bundle)
   del bundle  # the Restorer holds its own device copy; this frees the float32 DiT
   options = restore.RestoreOptions(
-      steps=_STEPS.value, cfg_scale=_CFG.value, negative_prompt=_NEGATIVE.value, eta=_ETA.value,
-      strength=_STRENGTH.value, color_fix=_COLOR_FIX.value, seed=_SEED.value)
+    steps=_STEPS.value,
+    cfg_scale=_CFG.value,
+    negative_prompt=_NEGATIVE.value,
+    eta=_ETA.value,
+    strength=_STRENGTH.value,
+    color_fix=_COLOR_FIX.value,
+    seed=_SEED.value,
+  )
   size = parse_size(_SIZE.value) if _SIZE.value else None
 
   failures: dict[str, str] = {}
@@ -149,8 +167,10 @@ def main(argv):
         image = decode_image(f.read())
       out_size = restore.target_size(image.shape[:2], _SCALE.value, size)
       if min(image.shape[:2]) < restorer.config.restore.min_lq_size:
-        raise ValueError(f"too small ({image.shape[0]}x{image.shape[1]}; sides of at least "
-                         f"{restorer.config.restore.min_lq_size} px)")
+        raise ValueError(
+          f"too small ({image.shape[0]}x{image.shape[1]}; sides of at least "
+          f"{restorer.config.restore.min_lq_size} px)"
+        )
     except (OSError, ValueError) as e:
       failures[path] = str(e)
       continue
@@ -160,11 +180,12 @@ def main(argv):
   with tqdm(total=todo, unit="img", file=sys.stdout, disable=todo == 0) as progress:
     for (_, out_size), items in groups.items():
       for start in range(0, len(items), _BATCH.value):
-        batch = items[start:start + _BATCH.value]
+        batch = items[start : start + _BATCH.value]
         t0 = time.time()
         try:
-          restored = restorer.restore([im for _, im, _ in batch], out_size,
-                                      [p for _, _, p in batch], options)
+          restored = restorer.restore(
+            [im for _, im, _ in batch], out_size, [p for _, _, p in batch], options
+          )
         except ValueError as e:
           failures.update({path: str(e) for path, _, _ in batch})
           progress.update(len(batch))

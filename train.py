@@ -29,14 +29,20 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   from zipir_jax import parallel  # pylint: disable=g-import-not-at-top
+
   if FLAGS.distributed or FLAGS.coordinator:
     parallel.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   from zipir_jax.training import checkpointing, loop, text_cache  # pylint: disable=g-import-not-at-top
+
   config_file = config_flags.get_config_filename(FLAGS["config"]).partition(":")[0]
   try:
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, config_file=config_file)
-  except (config_lib.ConfigError, checkpointing.MissingPrerequisiteError, loop.NonFiniteError,
-          text_cache.CaptionCacheError) as e:
+  except (
+    config_lib.ConfigError,
+    checkpointing.MissingPrerequisiteError,
+    loop.NonFiniteError,
+    text_cache.CaptionCacheError,
+  ) as e:
     logging.error("%s", e)
     print(f"train.py: {e}", file=sys.stderr)
     sys.exit(2)

@@ -32,4 +32,4 @@ def matmul_tflops(n: int = 8192, dtype=jnp.bfloat16, repeats: int = 50) -> float
   a = jax.random.normal(ka, (n, n), dtype)
   b = jax.random.normal(kb, (n, n), dtype)
   mm = jax.jit(lambda a, b: a @ b)
-  return 2 * n ** 3 / median_time(lambda: mm(a, b), repeats, warmup=5) / 1e12
+  return 2 * n**3 / median_time(lambda: mm(a, b), repeats, warmup=5) / 1e12

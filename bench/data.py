@@ -41,25 +41,27 @@ from zipir_jax.data import sources
 from zipir_jax.data import testing
 
 _CONFIGS = flags.DEFINE_list(
-    "configs", ["512@1920x2560", "512@960x1280", "2048@3072x4096"],
-    "BUCKET@PHOTO_HxW: square bucket side and source photo size.")
+  "configs",
+  ["512@1920x2560", "512@960x1280", "2048@3072x4096"],
+  "BUCKET@PHOTO_HxW: square bucket side and source photo size.",
+)
 _WORKERS = flags.DEFINE_list("workers", ["1", "2"], "grain worker counts to measure.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats per measurement (median reported).")
 _NUM_PHOTOS = flags.DEFINE_integer("num_photos", 8, "Photos in each temporary source folder.")
 
 # cProfile functions whose cumulative time makes up each stage.
 _STAGES = (
-    ("decode (OpenCV JPEG, DCT-scaled)", "decode.py", "decode_image"),
-    ("bucket crop + area resize + flip", "pipeline.py", "_crop"),
-    ("blur kernels (make)", "degradations.py", "random_blur_kernel"),
-    ("final sinc kernel (make)", "degradations.py", "random_final_sinc_kernel"),
-    ("blur (filter2d)", "degradations.py", "filter2d"),
-    ("random resize", "degradations.py", "_random_resize"),
-    ("Gaussian noise", "degradations.py", "add_gaussian_noise"),
-    ("Poisson noise", "degradations.py", "add_poisson_noise"),
-    ("JPEG", "degradations.py", "jpeg_compress_uint8"),
-    ("LQ↑ (bicubic up)", "degradations.py", "upsample"),
-    ("total per crop", "pipeline.py", "random_map"),
+  ("decode (OpenCV JPEG, DCT-scaled)", "decode.py", "decode_image"),
+  ("bucket crop + area resize + flip", "pipeline.py", "_crop"),
+  ("blur kernels (make)", "degradations.py", "random_blur_kernel"),
+  ("final sinc kernel (make)", "degradations.py", "random_final_sinc_kernel"),
+  ("blur (filter2d)", "degradations.py", "filter2d"),
+  ("random resize", "degradations.py", "_random_resize"),
+  ("Gaussian noise", "degradations.py", "add_gaussian_noise"),
+  ("Poisson noise", "degradations.py", "add_poisson_noise"),
+  ("JPEG", "degradations.py", "jpeg_compress_uint8"),
+  ("LQ↑ (bicubic up)", "degradations.py", "upsample"),
+  ("total per crop", "pipeline.py", "random_map"),
 )
 
 
@@ -70,16 +72,22 @@ def _write_photos(root: str, height: int, width: int, count: int) -> None:
     # Film-grain-like texture so JPEG sizes and decode costs resemble real photos.
     img += rng.normal(0, 4, img.shape).astype(np.float32)
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
-        os.path.join(root, f"photo{i:03d}.jpg"), quality=92)
+      os.path.join(root, f"photo{i:03d}.jpg"), quality=92
+    )
 
 
 def _maker(size: int, config) -> pipeline.TrainingExampleMaker:
   bucket = buckets_lib.Bucket(size, size, 1)
   return pipeline.TrainingExampleMaker(
-      bucket=bucket, all_buckets=(bucket,), policy=config.bucket_policy,
-      random_flip=config.random_flip,
-      degradation=degradations.DegradationParams.from_config(config.degradation),
-      alpha_background=config.alpha_background, emit_lq=False, skip_log=decode.SkipLog())
+    bucket=bucket,
+    all_buckets=(bucket,),
+    policy=config.bucket_policy,
+    random_flip=config.random_flip,
+    degradation=degradations.DegradationParams.from_config(config.degradation),
+    alpha_background=config.alpha_background,
+    emit_lq=False,
+    skip_log=decode.SkipLog(),
+  )
 
 
 def _crops_per_second(maker, source, count: int, repeats: int, seed: int = 0) -> list[float]:
@@ -114,14 +122,14 @@ def _profile(maker, source, count: int) -> dict[str, float]:
   stats = pstats.Stats(profiler).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
   out = {}
   for label, filename, function in _STAGES:
-    total = sum(v[3] for k, v in stats.items()
-                if k[0].endswith(filename) and k[2] == function)
+    total = sum(v[3] for k, v in stats.items() if k[0].endswith(filename) and k[2] == function)
     out[label] = 1e3 * total / count
   return out
 
 
-def _pipeline_rate(root: str, size: int, workers: int, batch: int, batches: int,
-                   repeats: int) -> list[float]:
+def _pipeline_rate(
+  root: str, size: int, workers: int, batch: int, batches: int, repeats: int
+) -> list[float]:
   config = defaults.get_data_config()
   config.path = root
   config.buckets = ((size, size, batch),)
@@ -156,19 +164,23 @@ def main(argv: Sequence[str]) -> None:
   cv2.setNumThreads(1)
   config = defaults.get_data_config()
   repeats = _REPEATS.value
-  print(f"# bench/data.py — {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} logical cores, "
-        f"load average {os.getloadavg()[0]:.2f} at start, Python {platform.python_version()}, "
-        f"OpenCV {cv2.__version__} (1 thread per process)")
-  print(f"bucket policy '{config.bucket_policy}'; degradation: Real-ESRGAN x4plus defaults, scale "
-        f"{tuple(config.degradation.scale_range)}; output float32 [-1, 1]; medians of {repeats} "
-        "repeats (pipeline: of max(1, repeats // 2))")
+  print(
+    f"# bench/data.py — {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} logical cores, "
+    f"load average {os.getloadavg()[0]:.2f} at start, Python {platform.python_version()}, "
+    f"OpenCV {cv2.__version__} (1 thread per process)"
+  )
+  print(
+    f"bucket policy '{config.bucket_policy}'; degradation: Real-ESRGAN x4plus defaults, scale "
+    f"{tuple(config.degradation.scale_range)}; output float32 [-1, 1]; medians of {repeats} "
+    "repeats (pipeline: of max(1, repeats // 2))"
+  )
   for text in _CONFIGS.value:
     size, height, width = _parse_config(text)
     with tempfile.TemporaryDirectory() as root:
       _write_photos(root, height, width, _NUM_PHOTOS.value)
       source = sources.ImageFolderSource(root)
       maker = _maker(size, config)
-      count = max(2, int(24 * (512 / size)**2))
+      count = max(2, int(24 * (512 / size) ** 2))
       _crops_per_second(maker, source, 1, 1)  # warm caches (file reads, imports)
       rates = _crops_per_second(maker, source, count, repeats)
       print(f"\n## {size}x{size} crops from {height}x{width} JPEG photos, full degradation\n")
@@ -181,12 +193,14 @@ def main(argv: Sequence[str]) -> None:
         print(f"| {label} | {ms:.1f} |")
       print()
       for workers in (int(w) for w in _WORKERS.value):
-        batch = max(1, int(8 * (512 / size)**2))
-        batches = max(3, int(48 * (512 / size)**2) // batch)
+        batch = max(1, int(8 * (512 / size) ** 2))
+        batches = max(3, int(48 * (512 / size) ** 2) // batch)
         rates = _pipeline_rate(root, size, workers, batch, batches, max(1, repeats // 2))
         per_core = [r / min(workers, os.cpu_count() or 1) for r in rates]
-        print(f"grain, {workers} worker(s), batch {batch}: {_fmt(rates)} crops/s = "
-              f"{statistics.median(per_core):.2f} crops/s/core")
+        print(
+          f"grain, {workers} worker(s), batch {batch}: {_fmt(rates)} crops/s = "
+          f"{statistics.median(per_core):.2f} crops/s/core"
+        )
   print(f"\nload average {os.getloadavg()[0]:.2f} at end")
 
 

@@ -40,20 +40,24 @@ def plain_stack_flops(depth: int, hidden: int, tokens: int, batch: int) -> float
   return batch * depth * (2.0 * 12 * hidden * hidden * tokens + 4.0 * tokens * tokens * hidden)
 
 
-def plain_stack_step(depth: int, hidden: int, heads: int, tokens: int, batch: int, dtype,
-                     implementation: str | None):
+def plain_stack_step(
+  depth: int, hidden: int, heads: int, tokens: int, batch: int, dtype, implementation: str | None
+):
   """A plain pre-norm transformer stack (attention + 4x MLP), scanned: (compiled fn, args)."""
   keys = jax.random.split(jax.random.key(0), 4)
-  scale = hidden ** -0.5
-  w = {"qkv": jax.random.normal(keys[0], (depth, hidden, 3 * hidden), dtype) * scale,
-       "out": jax.random.normal(keys[1], (depth, hidden, hidden), dtype) * scale,
-       "up": jax.random.normal(keys[2], (depth, hidden, 4 * hidden), dtype) * scale,
-       "down": jax.random.normal(keys[3], (depth, 4 * hidden, hidden), dtype) * scale}
+  scale = hidden**-0.5
+  w = {
+    "qkv": jax.random.normal(keys[0], (depth, hidden, 3 * hidden), dtype) * scale,
+    "out": jax.random.normal(keys[1], (depth, hidden, hidden), dtype) * scale,
+    "up": jax.random.normal(keys[2], (depth, hidden, 4 * hidden), dtype) * scale,
+    "down": jax.random.normal(keys[3], (depth, 4 * hidden, hidden), dtype) * scale,
+  }
   x = jnp.ones((batch, tokens, hidden), dtype)
 
   def layer(x, p):
-    h = x * jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), -1, keepdims=True) + 1e-6
-                          ).astype(dtype)
+    h = x * jax.lax.rsqrt(
+      jnp.mean(jnp.square(x.astype(jnp.float32)), -1, keepdims=True) + 1e-6
+    ).astype(dtype)
     q, k, v = jnp.split(h @ p["qkv"], 3, axis=-1)
     q, k, v = (t.reshape(batch, tokens, heads, hidden // heads) for t in (q, k, v))
     a = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
@@ -69,12 +73,18 @@ def _progress(message: str) -> None:
   print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
 
-def bench(config_name: str, size: int, dtype: str, repeats: int, total_repeats: int,
-          peak_tflops: float, parts: frozenset[str] = frozenset(PARTS)) -> dict:
+def bench(
+  config_name: str,
+  size: int,
+  dtype: str,
+  repeats: int,
+  total_repeats: int,
+  peak_tflops: float,
+  parts: frozenset[str] = frozenset(PARTS),
+) -> dict:
   root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
   config = config_lib.load_config(os.path.join(root, f"{config_name}.py"))
-  config_lib.apply_overrides(config, {"vae.dtype": dtype, "dit.dtype": dtype,
-                                      "text.dtype": dtype})
+  config_lib.apply_overrides(config, {"vae.dtype": dtype, "dit.dtype": dtype, "text.dtype": dtype})
   _progress(f"{config_name} {size}²: initialising random weights")
   bundle = bundle_lib.random_bundle(config, jax.random.key(0))
   _progress("random weights ready; the Restorer casts the DiT")
@@ -107,16 +117,21 @@ def bench(config_name: str, size: int, dtype: str, repeats: int, total_repeats: 
 
   encode_s = phase("encode", "encode", lambda: restorer.encode(params, lq_up))
   # The decoder's input: the latent of the right shape (zeros if the encoder failed).
-  latent = jnp.zeros((1, size // factor, size // factor, params["latent_stats"]["mean"]
-                      .shape[-1]), jnp.float32)
-  decode_s = phase("decode", "decode",
-                   lambda: restorer.decode(params, latent, lq_up, jnp.float32(1.0)))
+  latent = jnp.zeros(
+    (1, size // factor, size // factor, params["latent_stats"]["mean"].shape[-1]), jnp.float32
+  )
+  decode_s = phase(
+    "decode", "decode", lambda: restorer.decode(params, latent, lq_up, jnp.float32(1.0))
+  )
 
   # One guided DDIM step: the DiT on the CFG batch 2B, with the sampler's parameters.
   text_emb, text_mask = restorer.encode_text([""])
   denoise = dit_lib.as_denoise_fn(restorer.dit)
-  step = jax.jit(lambda p, z, t: diffusion.guided_eps(
-      denoise, p, z, t, latent, text_emb, text_mask, text_emb, text_mask, 3.5))
+  step = jax.jit(
+    lambda p, z, t: diffusion.guided_eps(
+      denoise, p, z, t, latent, text_emb, text_mask, text_emb, text_mask, 3.5
+    )
+  )
   t = jnp.full((1,), 500)
   step_s = phase("DiT step", "step", lambda: step(restorer.dit_params, latent, t))
   step_flops = flops_lib.dit_forward_flops(config, 2 * latent.shape[0], latent.shape[1:3])
@@ -126,35 +141,55 @@ def bench(config_name: str, size: int, dtype: str, repeats: int, total_repeats: 
   plain_s = phase("plain stack", "plain", lambda: _plain_call(config, tokens, dtype))
   plain_flops = plain_stack_flops(config.dit.depth, config.dit.hidden_size, tokens, 2)
 
-  total_s = phase("full restore", "total", lambda: restorer.restore([lq], (size, size)),
-                  repeats=total_repeats)
-  return dict(config=config_name, size=size, tokens=tokens, dtype=dtype,
-              tiled=restorer.tiled(size, size), encode_ms=encode_s * 1e3, decode_ms=decode_s * 1e3,
-              step_ms=step_s * 1e3, steps=config.diffusion.sample_steps, total_s=total_s,
-              mfu=step_flops / step_s / (peak_tflops * 1e12),
-              plain_ms=plain_s * 1e3, plain_mfu=plain_flops / plain_s / (peak_tflops * 1e12),
-              peak_gib=_peak_gib(), failures=failures)
+  total_s = phase(
+    "full restore", "total", lambda: restorer.restore([lq], (size, size)), repeats=total_repeats
+  )
+  return dict(
+    config=config_name,
+    size=size,
+    tokens=tokens,
+    dtype=dtype,
+    tiled=restorer.tiled(size, size),
+    encode_ms=encode_s * 1e3,
+    decode_ms=decode_s * 1e3,
+    step_ms=step_s * 1e3,
+    steps=config.diffusion.sample_steps,
+    total_s=total_s,
+    mfu=step_flops / step_s / (peak_tflops * 1e12),
+    plain_ms=plain_s * 1e3,
+    plain_mfu=plain_flops / plain_s / (peak_tflops * 1e12),
+    peak_gib=_peak_gib(),
+    failures=failures,
+  )
 
 
 def _plain_call(config, tokens: int, dtype: str):
   """One call of the side-by-side plain stack (compiled on first use, inside the timed warm-up)."""
-  fn, args = _plain_stack(config.dit.depth, config.dit.hidden_size, config.dit.num_heads, tokens,
-                          dtype)
+  fn, args = _plain_stack(
+    config.dit.depth, config.dit.hidden_size, config.dit.num_heads, tokens, dtype
+  )
   return fn(*args)
 
 
 @functools.cache
 def _plain_stack(depth: int, hidden: int, heads: int, tokens: int, dtype: str):
-  return plain_stack_step(depth, hidden, heads, tokens, 2, autoencoder.compute_dtype(dtype),
-                          "cudnn" if jax.default_backend() == "gpu" else None)
+  return plain_stack_step(
+    depth,
+    hidden,
+    heads,
+    tokens,
+    2,
+    autoencoder.compute_dtype(dtype),
+    "cudnn" if jax.default_backend() == "gpu" else None,
+  )
 
 
 def _live_gib() -> float:
-  return sum(x.nbytes for x in jax.live_arrays()) / 2 ** 30
+  return sum(x.nbytes for x in jax.live_arrays()) / 2**30
 
 
 def _peak_gib() -> float:
-  return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / 2 ** 30
+  return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / 2**30
 
 
 def main() -> None:
@@ -164,10 +199,17 @@ def main() -> None:
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--repeats", type=int, default=5, help="timed calls per part")
   parser.add_argument("--total_repeats", type=int, default=3, help="timed full restores")
-  parser.add_argument("--peak_tflops", type=float, default=0.0,
-                      help="MFU denominator; 0 = the matmul rate measured now")
-  parser.add_argument("--parts", default=",".join(PARTS),
-                      help=f"comma-separated subset of {','.join(PARTS)} (total: the full restore)")
+  parser.add_argument(
+    "--peak_tflops",
+    type=float,
+    default=0.0,
+    help="MFU denominator; 0 = the matmul rate measured now",
+  )
+  parser.add_argument(
+    "--parts",
+    default=",".join(PARTS),
+    help=f"comma-separated subset of {','.join(PARTS)} (total: the full restore)",
+  )
   args = parser.parse_args()
   parts = frozenset(args.parts.split(","))
   if not parts or not parts <= set(PARTS):
@@ -175,20 +217,28 @@ def main() -> None:
   name = os.path.splitext(os.path.basename(args.config))[0]
   device = jax.devices()[0]
   peak = args.peak_tflops or common.matmul_tflops(
-      8192 if device.platform == "gpu" else 1024, autoencoder.compute_dtype(args.dtype))
-  print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  {device.platform}: {device.device_kind}  "
-        f"jax {jax.__version__}  MFU denominator {peak:.0f} TFLOP/s "
-        f"({'given' if args.peak_tflops else 'measured matmul rate'})")
+    8192 if device.platform == "gpu" else 1024, autoencoder.compute_dtype(args.dtype)
+  )
+  print(
+    f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  {device.platform}: {device.device_kind}  "
+    f"jax {jax.__version__}  MFU denominator {peak:.0f} TFLOP/s "
+    f"({'given' if args.peak_tflops else 'measured matmul rate'})"
+  )
   print(f"# command: python {' '.join(sys.argv)}")
-  print("| config | size | tokens | dtype | tiled | encode ms | DiT step ms (CFG 2B) | MFU | "
-        "plain stack ms | plain MFU | decode ms | total s (steps) | peak GiB |")
+  print(
+    "| config | size | tokens | dtype | tiled | encode ms | DiT step ms (CFG 2B) | MFU | "
+    "plain stack ms | plain MFU | decode ms | total s (steps) | peak GiB |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for size in (int(s) for s in args.sizes.split(",")):
     r = bench(name, size, args.dtype, args.repeats, args.total_repeats, peak, parts)
-    print(f"| {r['config']} | {r['size']}² | {r['tokens']} | {r['dtype']} | {r['tiled']} | "
-          f"{r['encode_ms']:.1f} | {r['step_ms']:.1f} | {r['mfu']:.0%} | {r['plain_ms']:.1f} | "
-          f"{r['plain_mfu']:.0%} | {r['decode_ms']:.1f} | {r['total_s']:.2f} ({r['steps']}) | "
-          f"{r['peak_gib']:.1f} |", flush=True)
+    print(
+      f"| {r['config']} | {r['size']}² | {r['tokens']} | {r['dtype']} | {r['tiled']} | "
+      f"{r['encode_ms']:.1f} | {r['step_ms']:.1f} | {r['mfu']:.0%} | {r['plain_ms']:.1f} | "
+      f"{r['plain_mfu']:.0%} | {r['decode_ms']:.1f} | {r['total_s']:.2f} ({r['steps']}) | "
+      f"{r['peak_gib']:.1f} |",
+      flush=True,
+    )
     for name, error in r["failures"].items():
       print(f"# {r['config']} {r['size']}²: {name} failed: {error}", flush=True)
 

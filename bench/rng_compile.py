@@ -34,6 +34,7 @@ def draws_fn(n: int):
 
   def fn(key):
     return [init(k, s) for k, s in zip(jax.random.split(key, n), shapes)]
+
   return fn
 
 
@@ -54,8 +55,12 @@ def main() -> int:
   key = jax.random.key(0, impl="threefry2x32")  # JAX's default generator, whatever the env says
   fn = draws_fn(args.draws)
   platform = jax.devices()[0].platform
-  result = {"device": jax.devices()[0].device_kind, "platform": platform, "draws": args.draws,
-            "jax": jax.__version__}
+  result = {
+    "device": jax.devices()[0].device_kind,
+    "platform": platform,
+    "draws": args.draws,
+    "jax": jax.__version__,
+  }
   try:  # (a jax without the option, or a GPU plugin without the kernel, ends here)
     default_s, default = compile_seconds(fn, key, kernel=False)
     result["default_compile_s"] = round(default_s, 2)

@@ -74,17 +74,32 @@ def main() -> None:
   parser.add_argument("--target", type=int, default=8192)
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--parts", default="encode,decode")
-  parser.add_argument("--strip_rows", type=int, default=0,
-                      help="strip height at --target (scaled down with the size); 0 = the config's")
-  parser.add_argument("--rss", action="store_true",
-                      help="peak resident memory of a fresh process per part (CPU) instead")
+  parser.add_argument(
+    "--strip_rows",
+    type=int,
+    default=0,
+    help="strip height at --target (scaled down with the size); 0 = the config's",
+  )
+  parser.add_argument(
+    "--rss",
+    action="store_true",
+    help="peak resident memory of a fresh process per part (CPU) instead",
+  )
   args = parser.parse_args()
   if args.rss and "," in args.sizes + args.parts:
     for size in args.sizes.split(","):
       for part in args.parts.split(","):
-        cmd = [sys.executable, __file__, f"--config={args.config}", f"--sizes={size}",
-               f"--target={args.target}", f"--dtype={args.dtype}", f"--parts={part}", "--rss",
-               f"--strip_rows={args.strip_rows}"]
+        cmd = [
+          sys.executable,
+          __file__,
+          f"--config={args.config}",
+          f"--sizes={size}",
+          f"--target={args.target}",
+          f"--dtype={args.dtype}",
+          f"--parts={part}",
+          "--rss",
+          f"--strip_rows={args.strip_rows}",
+        ]
         subprocess.run(cmd, check=True)
     return
   config = config_lib.load_config(args.config)
@@ -93,17 +108,23 @@ def main() -> None:
   pd = autoencoder.build_pixel_decoder(config)
   f = vae.factor
   vae_params = jax.jit(lambda k: autoencoder.init_autoencoder(vae, k, (1, f, f, 3)))(
-      jax.random.key(0))
-  fresh = nn.meta.unbox(jax.jit(pd.init)(jax.random.key(1), jnp.zeros((1, 1, 1,
-                                                                         vae.latent_channels)),
-                                         jnp.zeros((1, f, f, 3))))["params"]
+    jax.random.key(0)
+  )
+  fresh = nn.meta.unbox(
+    jax.jit(pd.init)(
+      jax.random.key(1), jnp.zeros((1, 1, 1, vae.latent_channels)), jnp.zeros((1, f, f, 3))
+    )
+  )["params"]
   pd_params = init_from_autoencoder(fresh, vae_params["fine_encoder"], vae_params["fine_decoder"])
   # The restorer's strip height, scaled so that a small image has as many strips as the target.
   rows = args.strip_rows or config.restore.tile_strip_rows
-  print(f"# {args.config} {args.dtype}; live jax arrays sampled after every module call (CPU); "
-        f"strips of {rows} rows at {args.target}², scaled with the size")
-  print("| part | size | peak above params+inputs MiB | at module | scaled to "
-        f"{args.target}² GiB |")
+  print(
+    f"# {args.config} {args.dtype}; live jax arrays sampled after every module call (CPU); "
+    f"strips of {rows} rows at {args.target}², scaled with the size"
+  )
+  print(
+    f"| part | size | peak above params+inputs MiB | at module | scaled to {args.target}² GiB |"
+  )
   print("|---|---|---|---|---|")
   for size in (int(s) for s in args.sizes.split(",")):
     strip = max(1, rows * size // args.target)
@@ -112,8 +133,8 @@ def main() -> None:
     scale = (args.target / size) ** 2
     with tiling.tiled_convolutions(strip):
       parts = {
-          "encode": lambda: vae.apply({"params": vae_params}, image, method="encode")[0],
-          "decode": lambda: pd.apply({"params": pd_params}, z, image, jnp.float32(1.0)),
+        "encode": lambda: vae.apply({"params": vae_params}, image, method="encode")[0],
+        "decode": lambda: pd.apply({"params": pd_params}, z, image, jnp.float32(1.0)),
       }
       for name in args.parts.split(","):
         fn = parts[name]
@@ -124,8 +145,10 @@ def main() -> None:
           peak, where = _status_kib("VmHWM") * 1024 - before, "(peak RSS of the process)"
         else:
           peak, where = peak_during(fn)
-        print(f"| {name} | {size}² | {peak / 2**20:.1f} | {where} | {peak * scale / 2**30:.1f} |",
-              flush=True)
+        print(
+          f"| {name} | {size}² | {peak / 2**20:.1f} | {where} | {peak * scale / 2**30:.1f} |",
+          flush=True,
+        )
 
 
 if __name__ == "__main__":

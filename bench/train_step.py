@@ -36,11 +36,14 @@ config_flags.DEFINE_config_file("config", None, "experiment config[:dit]: config
 flags.DEFINE_integer("resolution", 1024, "HQ image side in pixels (latent side = resolution / 32)")
 flags.DEFINE_integer("batch", 8, "global batch size")
 flags.DEFINE_integer("steps", 10, "timed steps after one warm-up step (median reported)")
-flags.DEFINE_float("peak_tflops", 0.0, "per-device datasheet peak TFLOP/s; 0 = from the device kind")
+flags.DEFINE_float(
+  "peak_tflops", 0.0, "per-device datasheet peak TFLOP/s; 0 = from the device kind"
+)
 flags.DEFINE_string("out", "", "also write the result as JSON here")
 flags.DEFINE_string("profile_dir", "", "also record a jax.profiler trace of 3 steps here")
-flags.DEFINE_bool("compare_f32_encoders", False,
-                  "also time the frozen encoders at float32 (one more compile)")
+flags.DEFINE_bool(
+  "compare_f32_encoders", False, "also time the frozen encoders at float32 (one more compile)"
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -65,17 +68,21 @@ def main(argv):
   step = steps.jit_train_step(models, mesh, shardings)
   rs = np.random.RandomState(0)
   b, r, length = FLAGS.batch, FLAGS.resolution, config.text.max_length
-  host = {"hq": rs.uniform(-1, 1, (b, r, r, 3)).astype(np.float32),
-          "lq_up": rs.uniform(-1, 1, (b, r, r, 3)).astype(np.float32),
-          "text_emb": rs.normal(size=(b, length, config.dit.text_dim)).astype(np.float32),
-          "text_mask": np.ones((b, length), np.int32)}
+  host = {
+    "hq": rs.uniform(-1, 1, (b, r, r, 3)).astype(np.float32),
+    "lq_up": rs.uniform(-1, 1, (b, r, r, 3)).astype(np.float32),
+    "text_emb": rs.normal(size=(b, length, config.dit.text_dim)).astype(np.float32),
+    "text_mask": np.ones((b, length), np.int32),
+  }
   batch = parallel.global_batch(host, mesh)
 
   gpu = jax.devices()[0].platform == "gpu"
-  measured = common.matmul_tflops(8192 if gpu else 1024,
-                                  autoencoder.compute_dtype(config.dit.dtype)) * 1e12
-  peak = FLAGS.peak_tflops * 1e12 if FLAGS.peak_tflops else reporting.peak_flops_per_device(
-      config.train)
+  measured = (
+    common.matmul_tflops(8192 if gpu else 1024, autoencoder.compute_dtype(config.dit.dtype)) * 1e12
+  )
+  peak = (
+    FLAGS.peak_tflops * 1e12 if FLAGS.peak_tflops else reporting.peak_flops_per_device(config.train)
+  )
 
   t0 = time.perf_counter()
   model_flops = step.flops(state, batch)
@@ -90,9 +97,12 @@ def main(argv):
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
   # One line now, so a run cut off while timing the encoders alone still reports the step.
-  early = {"step_ms": round(step_s * 1e3, 2), "compile_and_first_step_s": round(compile_s, 2),
-           "mfu": model_flops / step_s / (peak * jax.device_count()) if peak else None,
-           "mfu_vs_measured": model_flops / step_s / (measured * jax.device_count())}
+  early = {
+    "step_ms": round(step_s * 1e3, 2),
+    "compile_and_first_step_s": round(compile_s, 2),
+    "mfu": model_flops / step_s / (peak * jax.device_count()) if peak else None,
+    "mfu_vs_measured": model_flops / step_s / (measured * jax.device_count()),
+  }
   print(json.dumps(early), flush=True)
   # The frozen encoders alone (HQ and LQ↑), as the step runs them: how much of the step they take;
   # side by side, the same encoders at float32 (what the step ran before vae.frozen_dtype).
@@ -103,10 +113,15 @@ def main(argv):
   for dtype in dtypes:
     vae = autoencoder.build_autoencoder(config, dtype)
     with mesh, nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-      encode = jax.jit(lambda frozen, x, y, m=dataclasses.replace(models, frozen_vae=vae): (
-          steps.encode_latents(m, frozen, x), steps.encode_latents(m, frozen, y)))
+      encode = jax.jit(
+        lambda frozen, x, y, m=dataclasses.replace(models, frozen_vae=vae): (
+          steps.encode_latents(m, frozen, x),
+          steps.encode_latents(m, frozen, y),
+        )
+      )
       encode_ms[dtype] = 1e3 * common.median_time(
-          lambda: encode(state.frozen, batch["hq"], batch["lq_up"]), FLAGS.steps)
+        lambda: encode(state.frozen, batch["hq"], batch["lq_up"]), FLAGS.steps
+      )
   if FLAGS.profile_dir:
     with jax.profiler.trace(FLAGS.profile_dir):
       for _ in range(3):
@@ -114,18 +129,26 @@ def main(argv):
       jax.block_until_ready((state, metrics))
 
   result = {
-      "config": config.name, "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-      "mesh": dict(mesh.shape), "resolution": r, "batch": b, "dtype": config.dit.dtype,
-      "dit": f"{config.dit.depth} x {config.dit.hidden_size}, {config.dit.num_heads} heads of "
-             f"{config.dit.hidden_size // config.dit.num_heads}",
-      "remat_policy": config.dit.remat_policy, "frozen_dtype": config.vae.frozen_dtype,
-      "compile_and_first_step_s": round(compile_s, 2),
-      "step_ms": round(step_s * 1e3, 2), "examples_per_sec": round(b / step_s, 3),
-      "frozen_encoders_ms": {k: round(v, 2) for k, v in encode_ms.items()},
-      "peak_gib": round((jax.devices()[0].memory_stats() or {}).get(
-          "peak_bytes_in_use", float("nan")) / 2 ** 30, 1),
-      "model_tflops_per_step": model_flops / 1e12,
-      "loss": float(metrics["loss"]),
+    "config": config.name,
+    "device": jax.devices()[0].device_kind,
+    "devices": jax.device_count(),
+    "mesh": dict(mesh.shape),
+    "resolution": r,
+    "batch": b,
+    "dtype": config.dit.dtype,
+    "dit": f"{config.dit.depth} x {config.dit.hidden_size}, {config.dit.num_heads} heads of "
+    f"{config.dit.hidden_size // config.dit.num_heads}",
+    "remat_policy": config.dit.remat_policy,
+    "frozen_dtype": config.vae.frozen_dtype,
+    "compile_and_first_step_s": round(compile_s, 2),
+    "step_ms": round(step_s * 1e3, 2),
+    "examples_per_sec": round(b / step_s, 3),
+    "frozen_encoders_ms": {k: round(v, 2) for k, v in encode_ms.items()},
+    "peak_gib": round(
+      (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / 2**30, 1
+    ),
+    "model_tflops_per_step": model_flops / 1e12,
+    "loss": float(metrics["loss"]),
   }
   result["matmul_tflops_measured"] = round(measured / 1e12, 1)
   result["mfu_vs_measured"] = model_flops / step_s / (measured * jax.device_count())

@@ -46,24 +46,39 @@ def bench_one(config_name: str, size: int, batch: int, dtype: str, repeats: int)
   image = jax.random.uniform(jax.random.key(1), shape, minval=-1, maxval=1)
 
   start = time.perf_counter()
-  encode = jax.jit(lambda p, x: module.apply({"params": p}, x, method="encode")[0]
-                   ).lower(params, image).compile()
+  encode = (
+    jax.jit(lambda p, x: module.apply({"params": p}, x, method="encode")[0])
+    .lower(params, image)
+    .compile()
+  )
   z = encode(params, image)
-  decode = jax.jit(lambda p, z: module.apply({"params": p}, z, method="decode")
-                   ).lower(params, z).compile()
+  decode = (
+    jax.jit(lambda p, z: module.apply({"params": p}, z, method="decode")).lower(params, z).compile()
+  )
   jax.block_until_ready(decode(params, z))
   compile_s = time.perf_counter() - start
 
   enc = statistics.median(_time(encode, params, image, repeats=repeats))
   dec = statistics.median(_time(decode, params, z, repeats=repeats))
-  enc_flops = flops.jaxpr_flops(lambda p, x: module.apply({"params": p}, x, method="encode")[0],
-                                params, image)
-  dec_flops = flops.jaxpr_flops(lambda p, z: module.apply({"params": p}, z, method="decode"),
-                                params, z)
-  return dict(config=config_name, size=size, batch=batch, dtype=dtype, compile_s=compile_s,
-              encode_ms=enc * 1e3, decode_ms=dec * 1e3, encode_gflop=enc_flops / 1e9,
-              decode_gflop=dec_flops / 1e9, gflops=(enc_flops + dec_flops) / (enc + dec) / 1e9,
-              repeats=repeats)
+  enc_flops = flops.jaxpr_flops(
+    lambda p, x: module.apply({"params": p}, x, method="encode")[0], params, image
+  )
+  dec_flops = flops.jaxpr_flops(
+    lambda p, z: module.apply({"params": p}, z, method="decode"), params, z
+  )
+  return dict(
+    config=config_name,
+    size=size,
+    batch=batch,
+    dtype=dtype,
+    compile_s=compile_s,
+    encode_ms=enc * 1e3,
+    decode_ms=dec * 1e3,
+    encode_gflop=enc_flops / 1e9,
+    decode_gflop=dec_flops / 1e9,
+    gflops=(enc_flops + dec_flops) / (enc + dec) / 1e9,
+    repeats=repeats,
+  )
 
 
 def main() -> None:
@@ -76,19 +91,26 @@ def main() -> None:
   args = parser.parse_args()
 
   device = jax.devices()[0]
-  print(f"# {datetime.date.today()}  {device.platform}: {device.device_kind}  "
-        f"({os.cpu_count()} host cores, {platform.processor() or platform.machine()})  "
-        f"jax {jax.__version__}")
+  print(
+    f"# {datetime.date.today()}  {device.platform}: {device.device_kind}  "
+    f"({os.cpu_count()} host cores, {platform.processor() or platform.machine()})  "
+    f"jax {jax.__version__}"
+  )
   print(f"# command: python {' '.join(sys.argv)}")
-  print("| config | size | batch | dtype | compile s | encode ms | decode ms | encode GFLOP | "
-        "decode GFLOP | GFLOP/s | repeats |")
+  print(
+    "| config | size | batch | dtype | compile s | encode ms | decode ms | encode GFLOP | "
+    "decode GFLOP | GFLOP/s | repeats |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for name in args.configs.split(","):
     for size in (int(s) for s in args.sizes.split(",")):
       r = bench_one(name, size, args.batch, args.dtype, args.repeats)
-      print(f"| {r['config']} | {r['size']}² | {r['batch']} | {r['dtype']} | {r['compile_s']:.1f} | "
-            f"{r['encode_ms']:.0f} | {r['decode_ms']:.0f} | {r['encode_gflop']:.0f} | "
-            f"{r['decode_gflop']:.0f} | {r['gflops']:.0f} | {r['repeats']} |", flush=True)
+      print(
+        f"| {r['config']} | {r['size']}² | {r['batch']} | {r['dtype']} | {r['compile_s']:.1f} | "
+        f"{r['encode_ms']:.0f} | {r['decode_ms']:.0f} | {r['encode_gflop']:.0f} | "
+        f"{r['decode_gflop']:.0f} | {r['gflops']:.0f} | {r['repeats']} |",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 r"""configs/sdvae_f32c64.py's SD-VAE ablation at configs/tiny.py's toy widths (CPU tests, smoke runs).
 
-  python train.py --config=configs/tiny_sdvae.py:vae --workdir=runs/tiny_sdvae
-  python train.py --config=configs/tiny_sdvae.py:dit --workdir=runs/tiny_sdvae
+python train.py --config=configs/tiny_sdvae.py:vae --workdir=runs/tiny_sdvae
+python train.py --config=configs/tiny_sdvae.py:dit --workdir=runs/tiny_sdvae
 """
 
 from zipir_jax import config_lib

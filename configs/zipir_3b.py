@@ -16,10 +16,10 @@ def get_config(arg=None):
   # §4: coarse LP-VAE batch 512 for 50K iterations; fine LP-VAE batch 160 on 512² for 100K
   # (then a 1K-patch adaptation, batch 32 on 1024², 50K); DiT batch 128 for 250K.
   config.optim.batch_size, config.optim.num_steps = {
-      "vae_coarse": (512, 50_000),
-      "vae_fine": (160, 100_000),
-      "pixel_decoder": (32, 50_000),
-      "dit": (128, 250_000),
+    "vae_coarse": (512, 50_000),
+    "vae_fine": (160, 100_000),
+    "pixel_decoder": (32, 50_000),
+    "dit": (128, 250_000),
   }[stage]
   config.lock()
   return config

@@ -8,8 +8,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
 # One persistent compilation cache for the xdist workers and the CLI subprocesses of a run: the same
 # tiny programs are otherwise compiled again in every process (ignored by git; fresh in CI).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_jax_cache"))
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR",
+  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_jax_cache"),
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # Two xdist workers share CI's 2 cores: numpy's multithreaded OpenBLAS spin-waits against the other
 # worker's XLA threads (the D=2048 FID check, both cores otherwise busy: 20.6 s with 2 BLAS threads,
@@ -30,8 +32,10 @@ GOLDEN_DIR = ROOT / "tests" / "golden"
 def read_events(folder):
   """TensorBoard's own reader over a stage folder's event files."""
   from tensorboard.backend.event_processing import event_accumulator
-  accumulator = event_accumulator.EventAccumulator(str(folder), size_guidance={
-      event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0})
+
+  accumulator = event_accumulator.EventAccumulator(
+    str(folder), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0}
+  )
   accumulator.Reload()
   return accumulator
 
@@ -42,15 +46,18 @@ def perturbed(params, seed: int, scale: float = 0.05):
   compile one small program per leaf shape: seconds for a network's few hundred leaves."""
   import jax
   import numpy as np
+
   rng = np.random.default_rng(seed)
   return jax.tree.map(
-      lambda x: (np.asarray(x) + scale * rng.standard_normal(np.shape(x))).astype(x.dtype), params)
+    lambda x: (np.asarray(x) + scale * rng.standard_normal(np.shape(x))).astype(x.dtype), params
+  )
 
 
 def jitted_apply(module, method: str | None = None):
   """``module.apply`` of ``method`` as ``fn(params, *args)``, jitted: op by op, one pass of a VAE
   dispatches a few hundred small programs, each compiled on the CPU."""
   import jax
+
   return jax.jit(lambda params, *args: module.apply({"params": params}, *args, method=method))
 
 
@@ -68,24 +75,31 @@ def load_golden_module(name: str):
 # the end. Measured cold on the 2-core box: 565 s, both workers busy 550 s; the same code in
 # alphabetical order took 695 s.
 SLOW_FIRST = (  # longest first, by cold CI durations (2026-11-26: 276, 243, 124-142, 113-131, 76-109 s)
-    "tests/test_train.py::test_stages_chain_from_command_line_then_make_demo",
-    "tests/test_parallel.py::",
-    "tests/test_train.py::test_resume_after_sigkill_and_sigterm_matches_straight_run",
-    "tests/test_train.py::test_sdvae_ablation_trains_vae_then_dit_into_a_bundle",
-    "tests/test_bench.py::test_restore_and_train_step_benchmarks_report_every_part",
+  "tests/test_train.py::test_stages_chain_from_command_line_then_make_demo",
+  "tests/test_parallel.py::",
+  "tests/test_train.py::test_resume_after_sigkill_and_sigterm_matches_straight_run",
+  "tests/test_train.py::test_sdvae_ablation_trains_vae_then_dit_into_a_bundle",
+  "tests/test_bench.py::test_restore_and_train_step_benchmarks_report_every_part",
 )
 
 
 def pytest_collection_modifyitems(items):
   def rank(item):
     return next((i for i, p in enumerate(SLOW_FIRST) if item.nodeid.startswith(p)), len(SLOW_FIRST))
+
   items.sort(key=rank)  # stable: everything else keeps its order
 
 
 def subprocess_env() -> dict[str, str]:
   """Environment for CLI subprocesses: CPU, this run's RNG, compilation-cache and BLAS settings."""
-  keep = ("PATH", "JAX_PLATFORMS", "JAX_DEFAULT_PRNG_IMPL", "JAX_COMPILATION_CACHE_DIR",
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "OPENBLAS_NUM_THREADS")
+  keep = (
+    "PATH",
+    "JAX_PLATFORMS",
+    "JAX_DEFAULT_PRNG_IMPL",
+    "JAX_COMPILATION_CACHE_DIR",
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+    "OPENBLAS_NUM_THREADS",
+  )
   return {k: os.environ[k] for k in keep if k in os.environ}
 
 

@@ -26,8 +26,9 @@ def tiny_restorer_parts():
   shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))
   rng = np.random.default_rng(0)
   variables = jax.tree_util.tree_map(
-      lambda s: (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32),
-      shapes)
+    lambda s: (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32),
+    shapes,
+  )
   last = variables["params"]["conv_last"]
   last["kernel"] = last["kernel"] * 0.1
   last["bias"] = np.full_like(last["bias"], 0.5)
@@ -40,15 +41,17 @@ def tiny_restorer(tiny_restorer_parts):
   return baselines.RealESRGANRestorer(model=model, variables=variables)
 
 
-@pytest.mark.parametrize("name,flag", [("bicubic", cv2.INTER_CUBIC),
-                                       ("lanczos", cv2.INTER_LANCZOS4)])
+@pytest.mark.parametrize(
+  "name,flag", [("bicubic", cv2.INTER_CUBIC), ("lanczos", cv2.INTER_LANCZOS4)]
+)
 def test_interpolation_equals_opencv(name, flag):
   lq = _lq((13, 17, 3))
   restorer = baselines.make_restorer(name)
   assert restorer.name == name
   out = restorer(lq, (104, 136))
-  expected = np.clip(cv2.resize(lq.astype(np.float32) / 255.0, (136, 104), interpolation=flag),
-                     0.0, 1.0)
+  expected = np.clip(
+    cv2.resize(lq.astype(np.float32) / 255.0, (136, 104), interpolation=flag), 0.0, 1.0
+  )
   assert out.dtype == np.float32
   np.testing.assert_array_equal(out, expected)
   # Cubic kernels overshoot on random pixels; the output is clipped, not rescaled.
@@ -117,8 +120,9 @@ def test_tile_windows_cover_each_axis_once():
 
 def test_factory_and_input_errors():
   assert isinstance(baselines.make_restorer("lanczos"), baselines.LanczosRestorer)
-  with pytest.raises(ValueError, match="unknown restorer 'esrgan'; valid names: bicubic, "
-                     "lanczos, realesrgan"):
+  with pytest.raises(
+    ValueError, match="unknown restorer 'esrgan'; valid names: bicubic, lanczos, realesrgan"
+  ):
     baselines.make_restorer("esrgan")
   with pytest.raises(TypeError):
     baselines.make_restorer("bicubic", tile=64)

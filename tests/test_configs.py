@@ -16,8 +16,13 @@ pytestmark = pytest.mark.xdist_group("tiny_lpvae")
 
 
 def test_the_configs_exist():
-  assert {"configs/zipir_3b.py", "configs/zipir_0p7b.py", "configs/sdvae_f32c64.py",
-          "configs/tiny.py", "configs/tiny_sdvae.py"} <= set(CONFIG_FILES)
+  assert {
+    "configs/zipir_3b.py",
+    "configs/zipir_0p7b.py",
+    "configs/sdvae_f32c64.py",
+    "configs/tiny.py",
+    "configs/tiny_sdvae.py",
+  } <= set(CONFIG_FILES)
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES)
@@ -41,9 +46,14 @@ def test_paper_numbers():
   assert (config.diffusion.beta_start, config.diffusion.beta_end) == (0.00085, 0.012)
 
 
-@pytest.mark.parametrize("path,stage", [("configs/zipir_3b.py", "vae"),
-                                        ("configs/sdvae_f32c64.py", "vae_fine"),
-                                        ("configs/tiny.py", "dti")])
+@pytest.mark.parametrize(
+  "path,stage",
+  [
+    ("configs/zipir_3b.py", "vae"),
+    ("configs/sdvae_f32c64.py", "vae_fine"),
+    ("configs/tiny.py", "dti"),
+  ],
+)
 def test_wrong_stage_lists_the_valid_ones(path, stage):
   valid = config_lib.load_config(path).stages
   with pytest.raises(ValueError, match=f"unknown stage '{stage}'") as info:
@@ -76,27 +86,40 @@ def test_summary_counts_match_real_initialisation(tiny_config, tiny_lpvae):
   _, params = tiny_lpvae
   result = summary.summarize(tiny_config, 96, 160)
   counts = result["counts"]
-  for name, key in [("E_c  coarse encoder", "coarse_encoder"), ("E_f  fine encoder", "fine_encoder"),
-                    ("D_c  coarse decoder (training only)", "coarse_decoder"),
-                    ("D_f  fine decoder", "fine_decoder")]:
+  for name, key in [
+    ("E_c  coarse encoder", "coarse_encoder"),
+    ("E_f  fine encoder", "fine_encoder"),
+    ("D_c  coarse decoder (training only)", "coarse_decoder"),
+    ("D_f  fine decoder", "fine_decoder"),
+  ]:
     assert counts[name] == summary.count_params(params[key])
   # D_f* = extractor (a subset of E_f) + D_f + the new fusion layers.
   assert counts["  of which extractor"] < counts["E_f  fine encoder"]
-  assert (counts["D_f* pixel-aware decoder"] == counts["  of which extractor"]
-          + counts["D_f  fine decoder"] + counts["  of which new fusion layers"])
+  assert (
+    counts["D_f* pixel-aware decoder"]
+    == counts["  of which extractor"]
+    + counts["D_f  fine decoder"]
+    + counts["  of which new fusion layers"]
+  )
   assert tuple(result["shapes"]["z"]) == (1, 3, 5, 64)
 
 
 def test_summary_cli_prints_every_component_for_every_config():
-  out = subprocess.run([sys.executable, "-m", "zipir_jax.models.summary", "--size=2048x1376"],
-                       cwd=ROOT, capture_output=True, text=True, check=True,
-                       env=subprocess_env()).stdout
+  out = subprocess.run(
+    [sys.executable, "-m", "zipir_jax.models.summary", "--size=2048x1376"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=True,
+    env=subprocess_env(),
+  ).stdout
   blocks = out.strip().split("\n\n")
   assert len(blocks) == len(CONFIG_FILES)
   for block, path in zip(blocks, CONFIG_FILES):
     assert block.startswith(f"== {path}")
-    names = (["E_c", "D_c", "E_f", "D_f ", "D_f*"] if "sdvae" not in path
-             else ["encoder", "decoder"]) + ["discriminator", "DiT"]
+    names = (
+      ["E_c", "D_c", "E_f", "D_f ", "D_f*"] if "sdvae" not in path else ["encoder", "decoder"]
+    ) + ["discriminator", "DiT"]
     for name in names:
       assert any(line.startswith(name) for line in block.splitlines()), (path, name)
     # The SD-VAE ablation restores with its own decoder: no pixel-aware decoder to count.
@@ -105,9 +128,13 @@ def test_summary_cli_prints_every_component_for_every_config():
 
 
 def test_summary_single_config_and_bad_size():
-  run = lambda *a: subprocess.run([sys.executable, "-m", "zipir_jax.models.summary", *a], cwd=ROOT,
-                                  capture_output=True, text=True,
-                                  env=subprocess_env())
+  run = lambda *a: subprocess.run(
+    [sys.executable, "-m", "zipir_jax.models.summary", *a],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env=subprocess_env(),
+  )
   out = run("--config=configs/zipir_3b.py")
   assert out.returncode == 0 and out.stdout.count("==") == 1 and "(1, 64, 64, 64)" in out.stdout
   bad = run("--config=configs/zipir_3b.py", "--size=2048x")
@@ -116,15 +143,27 @@ def test_summary_single_config_and_bad_size():
 
 def test_command_line_config_mistakes_are_one_line_errors(tmp_path):
   """A misspelt --config.KEY override or an impossible value is named in one line, no traceback."""
+
   def train(*overrides):
-    return subprocess.run([sys.executable, "train.py", "--config=configs/tiny.py:vae_coarse",
-                           f"--workdir={tmp_path}", *overrides], cwd=ROOT, capture_output=True,
-                          text=True, env=subprocess_env())
+    return subprocess.run(
+      [
+        sys.executable,
+        "train.py",
+        "--config=configs/tiny.py:vae_coarse",
+        f"--workdir={tmp_path}",
+        *overrides,
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env=subprocess_env(),
+    )
 
   for override, words in (
-      ("--config.optim.lrr=1", ("'optim.lrr' does not exist", "b1, b2")),
-      ("--config.optimm.lr=1", ("'optimm' does not exist", "optim, pixel_decoder")),
-      ("--config.optim.lr.x=1", ("'optim.lr' is a value",))):
+    ("--config.optim.lrr=1", ("'optim.lrr' does not exist", "b1, b2")),
+    ("--config.optimm.lr=1", ("'optimm' does not exist", "optim, pixel_decoder")),
+    ("--config.optim.lr.x=1", ("'optim.lr' is a value",)),
+  ):
     result = train(override)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr, result.stderr

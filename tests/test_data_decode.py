@@ -10,8 +10,15 @@ from zipir_jax.data import defaults
 from zipir_jax.data import pipeline
 from zipir_jax.data import testing
 
-_COLOUR_EXACT = ("cmyk.jpg", "rgb16.png", "palette.png", "exif_rotated.jpg", "photo.webp",
-                 "photo.bmp", "photo.tiff")
+_COLOUR_EXACT = (
+  "cmyk.jpg",
+  "rgb16.png",
+  "palette.png",
+  "exif_rotated.jpg",
+  "photo.webp",
+  "photo.bmp",
+  "photo.tiff",
+)
 
 
 @pytest.fixture(name="bad_files", scope="module")
@@ -55,6 +62,7 @@ def test_sixteen_bit_is_scaled_not_truncated(bad_files):
   root, _ = bad_files
   gray = decode.decode_image(_read(os.path.join(root, "gray16.png")))
   import cv2  # pylint: disable=g-import-not-at-top
+
   expected = cv2.cvtColor(testing.natural_image(96, 128, 1), cv2.COLOR_RGB2GRAY)
   assert np.abs(gray[..., 0].astype(int) - expected).max() <= 1
 
@@ -89,8 +97,10 @@ def test_skip_log_logs_each_file_once_and_summarises(tmp_path):
     log.record("a.jpg", "corrupt", "bad\tbytes")
   log.record("b.png", "empty", "empty file")
   assert log.counts == {"corrupt": 1, "empty": 1}
-  assert decode.summarize_skips(str(tmp_path)) == {"corrupt": {"a.jpg": "bad bytes"},
-                                                   "empty": {"b.png": "empty file"}}
+  assert decode.summarize_skips(str(tmp_path)) == {
+    "corrupt": {"a.jpg": "bad bytes"},
+    "empty": {"b.png": "empty file"},
+  }
 
 
 def _config(root, **overrides):

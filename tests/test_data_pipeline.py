@@ -111,8 +111,9 @@ def test_default_buckets_and_presets_follow_the_paper():
 def test_downscale_policy_samples_between_cover_and_native():
   rng = np.random.default_rng(0)
   bucket = buckets_lib.Bucket(512, 512, 1)
-  scales = [buckets_lib.sample_resize_scale(rng, (4000, 3000), bucket, "downscale")
-            for _ in range(2000)]
+  scales = [
+    buckets_lib.sample_resize_scale(rng, (4000, 3000), bucket, "downscale") for _ in range(2000)
+  ]
   assert min(scales) >= 512 / 3000 and max(scales) <= 1.0
   assert min(scales) < 0.2 and max(scales) > 0.9  # whole-view and native crops both happen
   assert all(min(buckets_lib.resized_size((4000, 3000), s, bucket)) >= 512 for s in scales)
@@ -145,8 +146,11 @@ def test_processes_get_disjoint_shares_with_the_same_bucket_schedule(folder):
   config = _config(folder, buckets=((64, 64, 4), (64, 96, 2)))
   p0 = _take(pipeline.create_train_iterator(config, seed=0, process_index=0, process_count=2), 4)
   p1 = _take(pipeline.create_train_iterator(config, seed=0, process_index=1, process_count=2), 4)
-  assert [b["hq"].shape for b in p0] == [b["hq"].shape for b in p1] == [
-      (2, 64, 64, 3), (1, 64, 96, 3)] * 2
+  assert (
+    [b["hq"].shape for b in p0]
+    == [b["hq"].shape for b in p1]
+    == [(2, 64, 64, 3), (1, 64, 96, 3)] * 2
+  )
   first_epoch_0 = set(p0[0]["caption"]) | set(p0[2]["caption"])
   first_epoch_1 = set(p1[0]["caption"]) | set(p1[2]["caption"])
   assert first_epoch_0.isdisjoint(first_epoch_1)
@@ -154,13 +158,28 @@ def test_processes_get_disjoint_shares_with_the_same_bucket_schedule(folder):
 
 def test_tfds_source_end_to_end():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  examples = [{"image": testing.natural_image(80 + 8 * i, 100, i),
-               "file_name": f"flower {i}".encode(), "label": np.int64(i)} for i in range(5)]
-  examples.append({"image": np.zeros((10, 10, 3), np.uint8), "file_name": b"tiny",
-                   "label": np.int64(0)})
+
+  examples = [
+    {
+      "image": testing.natural_image(80 + 8 * i, 100, i),
+      "file_name": f"flower {i}".encode(),
+      "label": np.int64(i),
+    }
+    for i in range(5)
+  ]
+  examples.append(
+    {"image": np.zeros((10, 10, 3), np.uint8), "file_name": b"tiny", "label": np.int64(0)}
+  )
   with tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: examples):
-    config = _config("", source="tfds", tfds_name="oxford_flowers102", tfds_split="train",
-                     image_key="image", caption_key="file_name", buckets=((64, 64, 2),))
+    config = _config(
+      "",
+      source="tfds",
+      tfds_name="oxford_flowers102",
+      tfds_split="train",
+      image_key="image",
+      caption_key="file_name",
+      buckets=((64, 64, 2),),
+    )
     batches = _take(pipeline.create_train_iterator(config, seed=0), 4)
   captions = {c for b in batches for c in b["caption"]}
   assert captions <= {f"flower {i}" for i in range(5)} and len(captions) >= 3
@@ -175,16 +194,19 @@ def test_array_record_source_end_to_end(folder, tmp_path):
     f.write(b"not a jpeg")
   counts = prepare.prepare_array_record(bad_root, out, num_shards=2)
   assert counts == {"written": 4, "skipped": 1}
-  assert sorted(os.listdir(out)) == ["images-00000-of-00002.array_record",
-                                     "images-00001-of-00002.array_record"]
+  assert sorted(os.listdir(out)) == [
+    "images-00000-of-00002.array_record",
+    "images-00001-of-00002.array_record",
+  ]
   source = sources.ArrayRecordSource(out)
   assert len(source) == 4 and source[0]["caption"].startswith("image ")
   config = _config(out, source="array_record", buckets=((64, 64, 2), (64, 96, 2)))
   batches = _take(pipeline.create_train_iterator(config, seed=0), 4)
   assert [b["hq"].shape[1:3] for b in batches] == [(64, 64), (64, 96)] * 2
   # The same images as the folder they came from.
-  folder_batch = next(pipeline.create_train_iterator(_config(bad_root, buckets=config.buckets),
-                                                     seed=0))
+  folder_batch = next(
+    pipeline.create_train_iterator(_config(bad_root, buckets=config.buckets), seed=0)
+  )
   assert set(folder_batch["caption"]) <= {f"image {i}" for i in range(4)}
 
 
@@ -192,8 +214,20 @@ def test_prepare_command_line(tmp_path):
   root = str(tmp_path / "in")
   testing.write_image_folder(root, [(64, 64), (70, 80)])
   result = subprocess.run(
-      [sys.executable, "-m", "zipir_jax.data.prepare", "--input", root, "--output",
-       str(tmp_path / "out")], capture_output=True, text=True, timeout=120, check=False)
+    [
+      sys.executable,
+      "-m",
+      "zipir_jax.data.prepare",
+      "--input",
+      root,
+      "--output",
+      str(tmp_path / "out"),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr
   assert "wrote 2 images, skipped 0" in result.stdout
   assert len(sources.ArrayRecordSource(str(tmp_path / "out"))) == 2
@@ -215,8 +249,13 @@ def test_grain_worker_processes_restore_exactly_and_log_skips(tmp_path):
   root = str(tmp_path / "images")
   expected = testing.write_bad_files(root)
   log_dir = str(tmp_path / "skips")
-  config = _config(root, buckets=((64, 64, 2), (64, 96, 2)), num_workers=2,
-                   skip_log_dir=log_dir, size_probe_records=1)
+  config = _config(
+    root,
+    buckets=((64, 64, 2), (64, 96, 2)),
+    num_workers=2,
+    skip_log_dir=log_dir,
+    size_probe_records=1,
+  )
   it = pipeline.create_train_iterator(config, seed=0)
   try:
     _take(it, 6)

@@ -27,9 +27,10 @@ def _second_moments(kernel: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------- blur kernels
 
 
-@pytest.mark.parametrize("sigma_x,sigma_y,theta", [
-    (1.0, 1.0, 0.0), (2.5, 2.5, 0.0), (2.0, 1.0, 0.0), (2.4, 1.2, math.pi / 5),
-    (1.5, 2.5, -2.0)])
+@pytest.mark.parametrize(
+  "sigma_x,sigma_y,theta",
+  [(1.0, 1.0, 0.0), (2.5, 2.5, 0.0), (2.0, 1.0, 0.0), (2.4, 1.2, math.pi / 5), (1.5, 2.5, -2.0)],
+)
 def test_gaussian_kernel_sums_to_one_with_requested_covariance(sigma_x, sigma_y, theta):
   kernel = deg.bivariate_gaussian_kernel(21, sigma_x, sigma_y, theta)
   assert kernel.shape == (21, 21)
@@ -45,11 +46,14 @@ def test_gaussian_kernel_sums_to_one_with_requested_covariance(sigma_x, sigma_y,
 def test_generalized_and_plateau_kernels():
   """β=1 generalized Gaussian is the Gaussian; all kernels sum to 1 and are centred."""
   gauss = deg.bivariate_gaussian_kernel(15, 2.0, 1.0, 0.3)
-  np.testing.assert_allclose(deg.bivariate_generalized_gaussian_kernel(15, 2.0, 1.0, 0.3, 1.0),
-                             gauss, atol=1e-7)
-  for kernel in (deg.bivariate_generalized_gaussian_kernel(15, 2.0, 1.0, 0.3, 0.5),
-                 deg.bivariate_generalized_gaussian_kernel(15, 2.0, 1.0, 0.3, 4.0),
-                 deg.bivariate_plateau_kernel(15, 2.0, 1.0, 0.3, 1.5)):
+  np.testing.assert_allclose(
+    deg.bivariate_generalized_gaussian_kernel(15, 2.0, 1.0, 0.3, 1.0), gauss, atol=1e-7
+  )
+  for kernel in (
+    deg.bivariate_generalized_gaussian_kernel(15, 2.0, 1.0, 0.3, 0.5),
+    deg.bivariate_generalized_gaussian_kernel(15, 2.0, 1.0, 0.3, 4.0),
+    deg.bivariate_plateau_kernel(15, 2.0, 1.0, 0.3, 1.5),
+  ):
     np.testing.assert_allclose(kernel.sum(), 1.0, atol=1e-6)
     assert np.unravel_index(np.argmax(kernel), kernel.shape) == (7, 7)
   # Heavier tails for β<1: more mass outside 2σ than the Gaussian.
@@ -97,14 +101,17 @@ def test_random_kernels_every_type_and_size_range():
 
 def test_separable_filter_matches_full_2d_filter():
   import cv2  # pylint: disable=g-import-not-at-top
+
   img = testing.natural_image(40, 56).astype(np.float32) / 255
   kernel = deg.bivariate_gaussian_kernel(13, 1.7, 1.7, 0.0)
   expected = cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
   np.testing.assert_allclose(deg.filter2d(img, kernel), expected, atol=2e-6)
   aniso = deg.bivariate_gaussian_kernel(13, 2.5, 0.8, 0.7)
   np.testing.assert_allclose(
-      deg.filter2d(img, aniso),
-      cv2.filter2D(img, -1, aniso, borderType=cv2.BORDER_REFLECT_101), atol=2e-6)
+    deg.filter2d(img, aniso),
+    cv2.filter2D(img, -1, aniso, borderType=cv2.BORDER_REFLECT_101),
+    atol=2e-6,
+  )
 
 
 # ---------------------------------------------------------------------------- noise, JPEG, resize
@@ -146,21 +153,23 @@ def test_poisson_noise_has_requested_sigma(gray):
 def test_poisson_sampler_matches_the_poisson_distribution(vals, level):
   """Table inversion draws Poisson(level/255·v) exactly: χ² against the pmf."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
+
   lam = level / 255 * vals
-  draws = deg.sample_poisson_of_levels(np.full(100_000, level, np.uint8), vals,
-                                       np.random.default_rng(level))
+  draws = deg.sample_poisson_of_levels(
+    np.full(100_000, level, np.uint8), vals, np.random.default_rng(level)
+  )
   counts = np.bincount(draws.astype(np.int64))
   ks = np.arange(len(counts))
   expected = stats.poisson.pmf(ks, lam) * draws.size
   keep = expected > 10
-  chi2 = np.sum((counts[keep] - expected[keep])**2 / expected[keep])
+  chi2 = np.sum((counts[keep] - expected[keep]) ** 2 / expected[keep])
   assert stats.chi2.sf(chi2, keep.sum() - 1) > 1e-3
   assert abs(draws.mean() - lam) < 5 * math.sqrt(lam / draws.size) + 1e-9
 
 
 def test_jpeg_quality_changes_error_monotonically():
   img = testing.natural_image(128, 128).astype(np.float32) / 255
-  errors = [np.mean((deg.jpeg_compress(img, q) - img)**2) for q in (10, 30, 50, 70, 90)]
+  errors = [np.mean((deg.jpeg_compress(img, q) - img) ** 2) for q in (10, 30, 50, 70, 90)]
   assert all(a > b for a, b in zip(errors, errors[1:])), errors
 
 
@@ -202,9 +211,11 @@ def test_usm_sharpened_target():
   hq = testing.natural_image(64, 64)
   pair = deg.degrade(hq, np.random.default_rng(0), _params(usm_sharpen=True))
   assert pair.hq.shape == hq.shape and not np.array_equal(pair.hq, hq)
+
   # Sharpening raises local contrast.
   def gradient(x):
     return np.abs(np.diff(x.astype(np.float32), axis=1)).mean()
+
   assert gradient(pair.hq) > gradient(hq)
 
 

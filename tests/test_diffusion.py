@@ -23,7 +23,7 @@ SCHEDULE = diffusion.make_schedule(T, 0.00085, 0.012, "scaled_linear")
 
 def _abar_np() -> np.ndarray:
   """LDM's schedule computed independently of the module, in float64."""
-  return np.cumprod(1.0 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, T) ** 2)
+  return np.cumprod(1.0 - np.linspace(0.00085**0.5, 0.012**0.5, T) ** 2)
 
 
 def _abar(t):
@@ -43,7 +43,7 @@ def gaussian_eps(moments, z, t, lq, emb, mask):
   del lq, emb, mask
   mu, sigma = moments
   abar = _abar(t)
-  return jnp.sqrt(1.0 - abar) * (z - jnp.sqrt(abar) * mu) / (abar * sigma ** 2 + 1.0 - abar)
+  return jnp.sqrt(1.0 - abar) * (z - jnp.sqrt(abar) * mu) / (abar * sigma**2 + 1.0 - abar)
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,9 +113,19 @@ def test_ddim_recovers_a_point_mass_from_any_noise(num_steps, seed):
   sample = _sampler(point_mass_eps, num_steps)
   for eta, strength in [(0.0, 1.0), (1.0, 1.0), (0.0, 0.6)]:
     # CFG 3.5 with a text-blind predictor: both branches agree, guidance changes nothing.
-    out = sample(x0, np.zeros_like(x0), emb, mask, emb[:1], mask[:1], _key(seed),
-                 cfg_scale=3.5, eta=eta, strength=strength,
-                 init_noise=3.0 * _normal(seed + 100, x0.shape))
+    out = sample(
+      x0,
+      np.zeros_like(x0),
+      emb,
+      mask,
+      emb[:1],
+      mask[:1],
+      _key(seed),
+      cfg_scale=3.5,
+      eta=eta,
+      strength=strength,
+      init_noise=3.0 * _normal(seed + 100, x0.shape),
+    )
     np.testing.assert_allclose(out, x0, atol=1e-4, err_msg=f"eta={eta} strength={strength}")
 
 
@@ -130,8 +140,8 @@ def _gaussian_chain(num_steps, eta, mu, sigma, start_mean=0.0, start_var=1.0):
   for i, t in enumerate(ts):
     a = abar[t]
     a_prev = abar[ts[i + 1]] if i + 1 < num_steps else 1.0
-    s2 = eta ** 2 * (1 - a_prev) / (1 - a) * (1 - a / a_prev)
-    c = np.sqrt(1 - a) / (a * sigma ** 2 + 1 - a)  # ε̂ = c (z − sqrt(a) μ)
+    s2 = eta**2 * (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+    c = np.sqrt(1 - a) / (a * sigma**2 + 1 - a)  # ε̂ = c (z − sqrt(a) μ)
     a_x0 = (1 - np.sqrt(1 - a) * c) / np.sqrt(a)  # x̂0 = a_x0 z + b_x0
     b_x0 = np.sqrt(1 - a) * c * np.sqrt(a) * mu / np.sqrt(a)
     d = np.sqrt(max(1 - a_prev - s2, 0.0))
@@ -148,8 +158,18 @@ def _gaussian_samples(num_steps, eta, n, seed, init_noise=None):
   lq = np.zeros((1, n // 500, 500, 1), np.float32)
   emb, mask = _text(1)
   sample = _sampler(gaussian_eps, num_steps)
-  out = sample((jnp.float32(MU), jnp.float32(SIGMA)), lq, emb, mask, emb, mask,
-               _key(seed), cfg_scale=1.0, eta=eta, init_noise=init_noise)
+  out = sample(
+    (jnp.float32(MU), jnp.float32(SIGMA)),
+    lq,
+    emb,
+    mask,
+    emb,
+    mask,
+    _key(seed),
+    cfg_scale=1.0,
+    eta=eta,
+    init_noise=init_noise,
+  )
   return np.asarray(out, np.float64).ravel()
 
 
@@ -179,13 +199,13 @@ def test_ddim_gaussian_samples_match_the_data_distribution(eta):
   """
   n = 100_000
   abar = _abar_np()[-1]
-  start_var = abar * SIGMA ** 2 + 1 - abar
+  start_var = abar * SIGMA**2 + 1 - abar
   init = np.sqrt(abar) * MU + np.sqrt(start_var) * _normal(7, (1, n // 500, 500, 1))
   x = _gaussian_samples(T, eta, n, seed=11, init_noise=init)
   chain_mean, chain_var = _gaussian_chain(T, eta, MU, SIGMA, np.sqrt(abar) * MU, start_var)
-  assert abs(chain_mean - MU) < 1e-9 and abs(chain_var / SIGMA ** 2 - 1) < 0.025
+  assert abs(chain_mean - MU) < 1e-9 and abs(chain_var / SIGMA**2 - 1) < 0.025
   assert abs(x.mean() - MU) < 5 * SIGMA / np.sqrt(n), x.mean()
-  assert abs(x.var() - SIGMA ** 2) < abs(chain_var - SIGMA ** 2) + 5 * SIGMA ** 2 * np.sqrt(2 / n)
+  assert abs(x.var() - SIGMA**2) < abs(chain_var - SIGMA**2) + 5 * SIGMA**2 * np.sqrt(2 / n)
 
 
 def test_strength_starts_from_the_noised_lq_latent():
@@ -196,8 +216,7 @@ def test_strength_starts_from_the_noised_lq_latent():
   emb, mask = _text(2)
   abar = _abar_np()
   for strength, t0 in [(1.0, 999), (0.5, 499), (0.2, 199)]:
-    out = sample(None, lq, emb, mask, emb, mask, _key(2), strength=strength,
-                 init_noise=noise)
+    out = sample(None, lq, emb, mask, emb, mask, _key(2), strength=strength, init_noise=noise)
     start = noise if strength == 1 else np.sqrt(abar[t0]) * lq + np.sqrt(1 - abar[t0]) * noise
     np.testing.assert_allclose(out, start / np.sqrt(abar[t0]), rtol=2e-4, atol=1e-4)
 
@@ -205,8 +224,19 @@ def test_strength_starts_from_the_noised_lq_latent():
 def test_clip_x0_bounds_the_prediction():
   x0 = np.full((3, 4, 5, 8), 3.0, np.float32)  # the shapes of the point-mass test: no new compile
   emb, mask = _text(3)
-  args = (x0, np.zeros_like(x0), emb, mask, emb[:1], mask[:1], _key(0), 3.5, 0.0, 1.0,
-          _normal(0, x0.shape))
+  args = (
+    x0,
+    np.zeros_like(x0),
+    emb,
+    mask,
+    emb[:1],
+    mask[:1],
+    _key(0),
+    3.5,
+    0.0,
+    1.0,
+    _normal(0, x0.shape),
+  )
   np.testing.assert_allclose(_sampler(point_mass_eps, 7, 1.5)(*args), 1.5, atol=1e-5)
   np.testing.assert_allclose(_sampler(point_mass_eps, 7)(*args), 3.0, atol=1e-4)
 
@@ -242,8 +272,13 @@ def test_sampler_is_one_program_whose_unconditional_branch_sees_the_negative_pro
 
   def recording_eps(params, z, t, lq, emb, mask):
     traces.append(z.shape)  # runs only while tracing
-    jax.debug.callback(lambda e, m, tt: seen.append((np.asarray(e), np.asarray(m), np.asarray(tt))),
-                       emb, mask, t, ordered=True)
+    jax.debug.callback(
+      lambda e, m, tt: seen.append((np.asarray(e), np.asarray(m), np.asarray(tt))),
+      emb,
+      mask,
+      t,
+      ordered=True,
+    )
     return _text_eps(params, z, t, lq, emb, mask)
 
   b = 2
@@ -253,8 +288,18 @@ def test_sampler_is_one_program_whose_unconditional_branch_sees_the_negative_pro
     emb, mask = _text(b, length=4, seed=seed)
     mask[1, 3] = False
     seen.clear()
-    sample(None, _normal(seed, (b, 3, 5, 4)), emb, mask, neg, neg_mask, _key(seed),
-           cfg_scale=cfg, eta=eta, strength=strength).block_until_ready()
+    sample(
+      None,
+      _normal(seed, (b, 3, 5, 4)),
+      emb,
+      mask,
+      neg,
+      neg_mask,
+      _key(seed),
+      cfg_scale=cfg,
+      eta=eta,
+      strength=strength,
+    ).block_until_ready()
     assert len(seen) == 25
     expected_t = np.round(strength * T * np.arange(25, 0, -1) / 25).astype(int) - 1
     for (e, m, t), t_expected in zip(seen, expected_t):
@@ -316,8 +361,9 @@ def test_text_dropout_rate_and_null_replacement():
   # Dropped rows are the empty prompt (padded with masked zeros); kept rows are untouched.
   np.testing.assert_array_equal(out[dropped][:, :2], -7.0)
   np.testing.assert_array_equal(out[dropped][:, 2:], 0.0)
-  np.testing.assert_array_equal(out_mask[dropped], np.tile([True, False, False, False, False],
-                                                           (dropped.sum(), 1)))
+  np.testing.assert_array_equal(
+    out_mask[dropped], np.tile([True, False, False, False, False], (dropped.sum(), 1))
+  )
   np.testing.assert_array_equal(out[~dropped], np.asarray(emb)[~dropped])
   np.testing.assert_array_equal(out_mask[~dropped], np.asarray(mask)[~dropped])
   none, _ = drop_text(_key(0), emb, mask, null_emb, null_mask, 0.0)

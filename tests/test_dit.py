@@ -67,7 +67,8 @@ def test_bfloat16_compute_and_fractional_timesteps(model, params, forward):
   z, t, lq, text, mask = _inputs()
   reference = np.asarray(forward(trained, z, t, lq, text, mask))
   out = jax.jit(dit.as_denoise_fn(model.clone(dtype=jnp.bfloat16)))(
-      trained, z, t.astype(np.float32), lq, text, mask)
+    trained, z, t.astype(np.float32), lq, text, mask
+  )
   assert out.dtype == jnp.float32
   error = np.abs(np.asarray(out) - reference).max() / np.abs(reference).max()
   assert error < 0.05, error
@@ -126,8 +127,11 @@ def test_sum_and_concat_fusion(model, params, forward):
 
   def tokens_seen_by_blocks(m):
     m = m.clone(scan_layers=False)
-    _, state = jax.eval_shape(lambda: m.apply({"params": dit.unstack_layers(trained, 2)}, z, t, lq,
-                                              text, mask, capture_intermediates=True))
+    _, state = jax.eval_shape(
+      lambda: m.apply(
+        {"params": dit.unstack_layers(trained, 2)}, z, t, lq, text, mask, capture_intermediates=True
+      )
+    )
     return state["intermediates"]["blocks_0"]["__call__"][0][0].shape[1]
 
   assert tokens_seen_by_blocks(model) == 3 * 5
@@ -172,8 +176,9 @@ def test_rope_depends_only_on_relative_positions():
     assert np.abs(np.asarray(scores(moved))[..., 0, 1:] - np.asarray(base)[..., 0, 1:]).max() > 1e-2
   # Rotation keeps norms; a head dimension not divisible by 4 is refused.
   cos, sin = dit.rope_2d(positions, head_dim)
-  np.testing.assert_allclose(np.linalg.norm(dit.apply_rope(q, cos, sin), axis=-1),
-                             np.linalg.norm(q, axis=-1), rtol=1e-5)
+  np.testing.assert_allclose(
+    np.linalg.norm(dit.apply_rope(q, cos, sin), axis=-1), np.linalg.norm(q, axis=-1), rtol=1e-5
+  )
   with pytest.raises(ValueError, match="divisible by 4"):
     dit.rope_2d(positions, 18)
 
@@ -192,16 +197,20 @@ def test_scan_with_remat_equals_the_unrolled_stack(model, params, forward):
   assert jax.tree.map(lambda x: x.shape, roundtrip) == jax.tree.map(np.shape, trained)
 
   loss = lambda out: np.mean(np.square(np.asarray(out, np.float64) - z))
-  grad = jax.jit(jax.grad(lambda p: jnp.mean(jnp.square(
-      model.apply({"params": p}, z, t, lq, text, mask) - z))))(trained)
+  grad = jax.jit(
+    jax.grad(lambda p: jnp.mean(jnp.square(model.apply({"params": p}, z, t, lq, text, mask) - z)))
+  )(trained)
   direction = perturbed(jax.tree.map(np.zeros_like, trained), 5, scale=1.0)
   h = 1e-3
   plus = jax.tree.map(lambda p, d: p + h * d, trained, direction)
   minus = jax.tree.map(lambda p, d: p - h * d, trained, direction)
-  finite_difference = (loss(forward(plus, z, t, lq, text, mask)) -
-                       loss(forward(minus, z, t, lq, text, mask))) / (2 * h)
-  analytic = sum(np.vdot(np.asarray(g, np.float64), d) for g, d in zip(jax.tree.leaves(grad),
-                                                                       jax.tree.leaves(direction)))
+  finite_difference = (
+    loss(forward(plus, z, t, lq, text, mask)) - loss(forward(minus, z, t, lq, text, mask))
+  ) / (2 * h)
+  analytic = sum(
+    np.vdot(np.asarray(g, np.float64), d)
+    for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction))
+  )
   np.testing.assert_allclose(analytic, finite_difference, rtol=2e-2)
   # The other policies trace (shapes only; no compile).
   loss_fn = lambda m: lambda p: jnp.mean(m.apply({"params": p}, z, t, lq, text, mask))
@@ -222,8 +231,18 @@ def test_25_step_sampler_compiles_once_with_the_dit(model, params):
   trained = perturbed(params, 0)
   for seed in range(2):
     z, _, lq, text, mask = _inputs(batch=1, height=4, width=7, seed=seed)
-    out = sample(trained, lq, text, mask, text[:, :2], mask[:, :2], _key(seed),
-                 cfg_scale=3.5 + seed, eta=float(seed), strength=1.0 - 0.3 * seed)
+    out = sample(
+      trained,
+      lq,
+      text,
+      mask,
+      text[:, :2],
+      mask[:, :2],
+      _key(seed),
+      cfg_scale=3.5 + seed,
+      eta=float(seed),
+      strength=1.0 - 0.3 * seed,
+    )
     assert out.shape == (1, 4, 7, C) and np.all(np.isfinite(out))
   assert traces == [(2, 4, 7, C)] and sample._cache_size() == 1
 
@@ -251,23 +270,24 @@ def test_attention_backend_selection(monkeypatch):
   assert out.dtype == jnp.float32
 
 
-def _expected_counts(d, heads, depth, text_dim, mlp_ratio=4.0, patch=1, text_projection=True,
-                     cross_mod=True, freq=256):
+def _expected_counts(
+  d, heads, depth, text_dim, mlp_ratio=4.0, patch=1, text_projection=True, cross_mod=True, freq=256
+):
   """The parameter count of the architecture, written out by hand."""
   hd, m, pc = d // heads, int(d * mlp_ratio), patch * patch * C
   ctx = d if text_projection else text_dim
   linear = lambda i, o: i * o + o
   return {
-      "x_embedder (z_t patches)": linear(pc, d),
-      "lq_embedder (LQ patches)": linear(pc, d),
-      "t_embedder (timestep MLP)": linear(freq, d) + linear(d, d),
-      "text_projection (T5 -> hidden)": (linear(text_dim, d) + linear(d, d)) * text_projection,
-      "blocks: self-attention": depth * (4 * linear(d, d) + 2 * hd),
-      "blocks: cross-attention": depth * (2 * linear(d, d) + 2 * linear(ctx, d) + 2 * hd +
-                                          (0 if cross_mod else 2 * d)),
-      "blocks: MLP": depth * (linear(d, m) + linear(m, d)),
-      "blocks: adaLN modulation": depth * linear(d, (9 if cross_mod else 6) * d),
-      "final_layer": linear(d, 2 * d) + linear(d, pc),
+    "x_embedder (z_t patches)": linear(pc, d),
+    "lq_embedder (LQ patches)": linear(pc, d),
+    "t_embedder (timestep MLP)": linear(freq, d) + linear(d, d),
+    "text_projection (T5 -> hidden)": (linear(text_dim, d) + linear(d, d)) * text_projection,
+    "blocks: self-attention": depth * (4 * linear(d, d) + 2 * hd),
+    "blocks: cross-attention": depth
+    * (2 * linear(d, d) + 2 * linear(ctx, d) + 2 * hd + (0 if cross_mod else 2 * d)),
+    "blocks: MLP": depth * (linear(d, m) + linear(m, d)),
+    "blocks: adaLN modulation": depth * linear(d, (9 if cross_mod else 6) * d),
+    "final_layer": linear(d, 2 * d) + linear(d, pc),
   }
 
 
@@ -282,4 +302,5 @@ def test_parameter_breakdown(tiny_config, params):
   # The choices that move the count (reported against the paper's "3.1 B", §4.3).
   variant = config_lib.apply_overrides(paper, {"dit.cross_attn_modulation": False})
   assert dit.param_breakdown(variant)["total"] == sum(
-      _expected_counts(2048, 16, 24, 4096, cross_mod=False).values())
+    _expected_counts(2048, 16, 24, 4096, cross_mod=False).values()
+  )

@@ -43,20 +43,38 @@ def inception_weights(tmp_path_factory):
 def test_bicubic_and_realesrgan_on_sr8(tmp_path, photos, inception_weights):
   out = tmp_path / "eval"
   result = subprocess.run(
-      [sys.executable, "-m", "zipir_jax.evaluate", "--method=bicubic,realesrgan",
-       f"--data={photos}", "--preset=sr8", "--size=320", f"--output={out}",
-       f"--inception={inception_weights}", "--num_crops=2"],
-      cwd=ROOT, capture_output=True, text=True, timeout=900,
-      env=subprocess_env())
+    [
+      sys.executable,
+      "-m",
+      "zipir_jax.evaluate",
+      "--method=bicubic,realesrgan",
+      f"--data={photos}",
+      "--preset=sr8",
+      "--size=320",
+      f"--output={out}",
+      f"--inception={inception_weights}",
+      "--num_crops=2",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    env=subprocess_env(),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   table = (out / "table.md").read_text()
   assert table in result.stdout
   assert "| Method | PSNR ↑ | SSIM ↑ | LPIPS ↓ | FID ↓ | pFID ↓ | KID ↓ |" in table
-  rows = {line.split("|")[1].strip(): line for line in table.splitlines()
-          if line.startswith("| ") and "Method" not in line}
+  rows = {
+    line.split("|")[1].strip(): line
+    for line in table.splitlines()
+    if line.startswith("| ") and "Method" not in line
+  }
   assert set(rows) == {"bicubic", "realesrgan"}
   assert "LPIPS: omitted: no VGG16 weights" in table  # absent weights are noted, never faked
-  assert "skipped" in result.stderr and "broken.jpg" in result.stderr and "small.png" in result.stderr
+  assert (
+    "skipped" in result.stderr and "broken.jpg" in result.stderr and "small.png" in result.stderr
+  )
 
   metrics = json.loads((out / "metrics.json").read_text())
   assert metrics["images"] == ["astronaut", "coffee"]
@@ -75,18 +93,29 @@ def test_bicubic_and_realesrgan_on_sr8(tmp_path, photos, inception_weights):
   hq = np.asarray(Image.open(photos / "astronaut.png"))[96:416, 96:416].astype(np.float32) / 255
   lq = np.asarray(Image.open(out / "lq" / "astronaut.png"))
   import cv2  # pylint: disable=g-import-not-at-top
-  bicubic = np.clip(cv2.resize(lq.astype(np.float32) / 255, (320, 320),
-                               interpolation=cv2.INTER_CUBIC), 0, 1)
+
+  bicubic = np.clip(
+    cv2.resize(lq.astype(np.float32) / 255, (320, 320), interpolation=cv2.INTER_CUBIC), 0, 1
+  )
   expected = 10 * np.log10(1 / np.mean((bicubic - hq) ** 2))
   assert metrics["methods"]["bicubic"]["per_image"]["astronaut"]["PSNR"] == pytest.approx(
-      expected, abs=1e-3)  # scored in float, before the PNG is rounded
+    expected, abs=1e-3
+  )  # scored in float, before the PNG is rounded
 
 
 def test_zipir_method_restores_with_a_bundle(tmp_path, photos, tiny_bundle_dir):
   """--method=zipir goes through restore.Restorer with the bundle (random weights here)."""
-  results = evaluate.evaluate(["zipir"], str(photos), "sr16", 128, str(tmp_path / "z"),
-                              checkpoint=str(tiny_bundle_dir), limit=1, steps=1,
-                              log=lambda m: None)
+  results = evaluate.evaluate(
+    ["zipir"],
+    str(photos),
+    "sr16",
+    128,
+    str(tmp_path / "z"),
+    checkpoint=str(tiny_bundle_dir),
+    limit=1,
+    steps=1,
+    log=lambda m: None,
+  )
   assert results["images"] == ["astronaut"]
   assert set(results["methods"]["zipir"]["mean"]) == {"PSNR", "SSIM"}
   with Image.open(tmp_path / "z" / "zipir" / "astronaut.png") as image:
@@ -95,8 +124,13 @@ def test_zipir_method_restores_with_a_bundle(tmp_path, photos, tiny_bundle_dir):
 
 
 def test_table_layout_and_errors(tmp_path, photos):
-  table = evaluate.markdown_table("mix", 2048, 3, {"a": {"PSNR": 25.123, "SSIM": 0.71234}},
-                                  {"FID": "omitted: no Inception weights (--inception)"})
+  table = evaluate.markdown_table(
+    "mix",
+    2048,
+    3,
+    {"a": {"PSNR": 25.123, "SSIM": 0.71234}},
+    {"FID": "omitted: no Inception weights (--inception)"},
+  )
   assert "| a | 25.12 | 0.7123 | — | — | — | — |" in table
   assert "- FID: omitted" in table
   with pytest.raises(ValueError, match="unknown method"):
@@ -111,22 +145,52 @@ def test_table_layout_and_errors(tmp_path, photos):
 
 def test_restored_folders_are_scored_like_methods(tmp_path, photos):
   """--restored scores another program's outputs (e.g. sample.py) for the same fixed LQ images."""
-  first = evaluate.evaluate(["bicubic"], str(photos), "fig4", 128, str(tmp_path / "a"),
-                            log=lambda m: None)
-  second = evaluate.evaluate([], str(photos), "fig4", 128, str(tmp_path / "b"),
-                             log=lambda m: None, restored={"copy": str(tmp_path / "a" / "bicubic")})
+  first = evaluate.evaluate(
+    ["bicubic"], str(photos), "fig4", 128, str(tmp_path / "a"), log=lambda m: None
+  )
+  second = evaluate.evaluate(
+    [],
+    str(photos),
+    "fig4",
+    128,
+    str(tmp_path / "b"),
+    log=lambda m: None,
+    restored={"copy": str(tmp_path / "a" / "bicubic")},
+  )
   assert second["methods"]["copy"] == first["methods"]["bicubic"]
   for name in first["images"]:  # the same deterministic LQ images in both runs
-    with Image.open(tmp_path / "a" / "lq" / f"{name}.png") as a, \
-        Image.open(tmp_path / "b" / "lq" / f"{name}.png") as b:
+    with (
+      Image.open(tmp_path / "a" / "lq" / f"{name}.png") as a,
+      Image.open(tmp_path / "b" / "lq" / f"{name}.png") as b,
+    ):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   os.remove(tmp_path / "a" / "bicubic" / "coffee.png")
   with pytest.raises(FileNotFoundError, match="coffee.png is missing"):
-    evaluate.evaluate([], str(photos), "fig4", 128, str(tmp_path / "c"), log=lambda m: None,
-                      restored={"copy": str(tmp_path / "a" / "bicubic")})
+    evaluate.evaluate(
+      [],
+      str(photos),
+      "fig4",
+      128,
+      str(tmp_path / "c"),
+      log=lambda m: None,
+      restored={"copy": str(tmp_path / "a" / "bicubic")},
+    )
   with pytest.raises(ValueError, match="is 128x128, expected 96x96"):
-    evaluate.evaluate([], str(photos), "fig4", 96, str(tmp_path / "d"), log=lambda m: None,
-                      restored={"copy": str(tmp_path / "a" / "bicubic")}, )
+    evaluate.evaluate(
+      [],
+      str(photos),
+      "fig4",
+      96,
+      str(tmp_path / "d"),
+      log=lambda m: None,
+      restored={"copy": str(tmp_path / "a" / "bicubic")},
+    )
   with pytest.raises(ValueError, match="both as --method and --restored"):
-    evaluate.evaluate(["bicubic"], str(photos), "fig4", 128, str(tmp_path / "e"),
-                      restored={"bicubic": str(tmp_path)})
+    evaluate.evaluate(
+      ["bicubic"],
+      str(photos),
+      "fig4",
+      128,
+      str(tmp_path / "e"),
+      restored={"bicubic": str(tmp_path)},
+    )

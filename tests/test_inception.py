@@ -37,8 +37,9 @@ def variables(state_dict):
 def _images(golden, name):
   x = reference.images(name)
   assert reference.images_digest(x) == str(golden[f"{name}/digest"]), (
-      "the seeded test images differ from those the golden file was made from (numpy's RNG "
-      "changed?); regenerate with tests/golden/make_inception_golden.py")
+    "the seeded test images differ from those the golden file was made from (numpy's RNG "
+    "changed?); regenerate with tests/golden/make_inception_golden.py"
+  )
   return x
 
 
@@ -85,8 +86,10 @@ def test_batch_norm_is_folded_into_the_conv(state_dict, variables):
   prefix = "Mixed_6c.branch7x7_2"
   params = variables["params"]["Mixed_6c"]["branch7x7_2"]["conv"]
   w = state_dict[f"{prefix}.conv.weight"].astype(np.float64)
-  g, b, m, v = (state_dict[f"{prefix}.bn.{k}"].astype(np.float64)
-                for k in ("weight", "bias", "running_mean", "running_var"))
+  g, b, m, v = (
+    state_dict[f"{prefix}.bn.{k}"].astype(np.float64)
+    for k in ("weight", "bias", "running_mean", "running_var")
+  )
   scale = g / np.sqrt(v + 1e-3)
   assert params["kernel"].shape == (1, 7, 160, 160)  # HWIO of a (1, 7) conv.
   np.testing.assert_allclose(params["kernel"][0, 4, 11, 5], w[5, 11, 0, 4] * scale[5], rtol=1e-6)
@@ -101,8 +104,11 @@ def test_converter_errors_name_key_and_shapes(state_dict):
   with pytest.raises(KeyError, match=r"Mixed_7c\.branch_pool\.bn\.running_var.*\(192,\)"):
     inception.convert(missing)
   wrong = dict(state_dict, **{"Mixed_5b.branch5x5_2.conv.weight": np.zeros((64, 48, 3, 3))})
-  with pytest.raises(ValueError, match=r"Mixed_5b\.branch5x5_2\.conv\.weight.*\(64, 48, 3, 3\)"
-                     r".*\(64, 48, 5, 5\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"Mixed_5b\.branch5x5_2\.conv\.weight.*\(64, 48, 3, 3\)"
+    r".*\(64, 48, 5, 5\)",
+  ):
     inception.convert(wrong)
   imagenet = dict(state_dict, **{"fc.weight": np.zeros((1000, 2048), np.float32)})
   with pytest.raises(ValueError, match=r"fc\.weight.*\(1000, 2048\).*\(1008, 2048\)"):
@@ -122,8 +128,11 @@ def test_load_reads_a_weight_file(tmp_path, state_dict, variables):
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
 
   path = tmp_path / "pt_inception.safetensors"
-  tracked = {k.replace("running_var", "num_batches_tracked"): np.zeros((), np.int64)
-             for k in state_dict if k.endswith("running_var")}
+  tracked = {
+    k.replace("running_var", "num_batches_tracked"): np.zeros((), np.int64)
+    for k in state_dict
+    if k.endswith("running_var")
+  }
   safetensors.numpy.save_file(dict(state_dict, **tracked), str(path))
   jax.tree_util.tree_map(np.testing.assert_array_equal, inception.load(path), variables)
   with pytest.raises(FileNotFoundError, match="missing.pth"):

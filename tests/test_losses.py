@@ -14,8 +14,9 @@ def test_hinge_losses():
   real = jnp.array([2.0, 0.5, -1.0])
   fake = jnp.array([-2.0, 0.0, 1.0])
   # relu(1 - real) = [0, .5, 2]; relu(1 + fake) = [0, 1, 2]  ->  0.5 * (2.5/3 + 3/3)
-  np.testing.assert_allclose(losses.hinge_discriminator_loss(real, fake), 0.5 * (2.5 / 3 + 1.0),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.hinge_discriminator_loss(real, fake), 0.5 * (2.5 / 3 + 1.0), rtol=1e-6
+  )
   np.testing.assert_allclose(losses.generator_loss(fake), 1.0 / 3, rtol=1e-6)
   # A perfect discriminator (margins met) has zero loss.
   assert losses.hinge_discriminator_loss(jnp.full(4, 3.0), jnp.full(4, -3.0)) == 0.0
@@ -23,8 +24,9 @@ def test_hinge_losses():
 
 def test_disc_factor_switches_on_at_start():
   steps = jnp.arange(8)
-  np.testing.assert_array_equal(losses.disc_factor(steps, 5, 0.75),
-                                [0, 0, 0, 0, 0, 0.75, 0.75, 0.75])
+  np.testing.assert_array_equal(
+    losses.disc_factor(steps, 5, 0.75), [0, 0, 0, 0, 0, 0.75, 0.75, 0.75]
+  )
 
 
 def test_kl_matches_closed_form():
@@ -77,8 +79,9 @@ def test_patch_discriminator_shapes_and_modes(tiny_config, height, width):
   size = lambda n: (((n // 2) // 2) - 1) - 1  # k4 s2 p1 halves (floor); k4 s1 p1 loses one
   assert logits.shape == (2, size(height), size(width), 1)
   # Training mode uses batch statistics and updates the running averages; eval mode uses them.
-  assert not np.allclose(updates["batch_stats"]["norm_1"]["mean"],
-                         variables["batch_stats"]["norm_1"]["mean"])
+  assert not np.allclose(
+    updates["batch_stats"]["norm_1"]["mean"], variables["batch_stats"]["norm_1"]["mean"]
+  )
   eval_logits = disc.apply({**variables, **updates}, image, train=False)
   assert eval_logits.shape == logits.shape and not np.allclose(eval_logits, logits)
 
@@ -86,6 +89,8 @@ def test_patch_discriminator_shapes_and_modes(tiny_config, height, width):
 def test_paper_discriminator_receptive_patches():
   config = __import__("zipir_jax.config_lib", fromlist=["x"]).load_config("configs/zipir_3b.py")
   disc = autoencoder.build_discriminator(config)
-  out = jax.eval_shape(lambda x: disc.init_with_output(jax.random.key(0), x, train=False)[0],
-                       jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32))
+  out = jax.eval_shape(
+    lambda x: disc.init_with_output(jax.random.key(0), x, train=False)[0],
+    jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32),
+  )
   assert out.shape == (1, 30, 30, 1)  # pix2pix's 70x70 PatchGAN on 256² gives 30x30 logits

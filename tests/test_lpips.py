@@ -43,8 +43,10 @@ _apply = jax.jit(lambda v, x0, x1: lpips.LPIPS().apply(v, x0, x1, per_tap=True))
 
 
 def _case(golden, name):
-  return (reference.decode_images(golden[f"{name}/x0"]),
-          reference.decode_images(golden[f"{name}/x1"]))
+  return (
+    reference.decode_images(golden[f"{name}/x0"]),
+    reference.decode_images(golden[f"{name}/x1"]),
+  )
 
 
 @pytest.mark.parametrize("name", ["sq64", "rect48x80", "odd37x53"])
@@ -112,8 +114,9 @@ def test_vgg_converter_accepts_lpips_slice_naming(vgg_state_dict):
   assert list(got) == lpips.conv_names()
   jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
   # OIHW -> HWIO.
-  np.testing.assert_array_equal(got["conv2_1"]["kernel"][1, 2, 5, 7],
-                                vgg_state_dict["features.5.weight"][7, 5, 1, 2])
+  np.testing.assert_array_equal(
+    got["conv2_1"]["kernel"][1, 2, 5, 7], vgg_state_dict["features.5.weight"][7, 5, 1, 2]
+  )
 
 
 def test_converter_errors_name_the_key_and_shapes(vgg_state_dict, heads_state_dict):
@@ -123,8 +126,9 @@ def test_converter_errors_name_the_key_and_shapes(vgg_state_dict, heads_state_di
     lpips.convert_vgg16(missing)
   wrong = dict(vgg_state_dict)
   wrong["features.7.weight"] = np.zeros((128, 128, 1, 1), np.float32)
-  with pytest.raises(ValueError,
-                     match=r"features\.7\.weight.*\(128, 128, 1, 1\).*\(128, 128, 3, 3\)"):
+  with pytest.raises(
+    ValueError, match=r"features\.7\.weight.*\(128, 128, 1, 1\).*\(128, 128, 3, 3\)"
+  ):
     lpips.convert_vgg16(wrong)
   heads = dict(heads_state_dict)
   del heads["lin3.model.1.weight"]
@@ -140,7 +144,8 @@ def test_load_reads_trunk_file_and_default_heads(tmp_path, vgg_state_dict, varia
 
   path = tmp_path / "vgg16.safetensors"
   safetensors.numpy.save_file(
-      dict(vgg_state_dict, **{"classifier.0.bias": np.zeros(4096, np.float32)}), str(path))
+    dict(vgg_state_dict, **{"classifier.0.bias": np.zeros(4096, np.float32)}), str(path)
+  )
   loaded = lpips.load(path)
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, variables)
 

@@ -83,10 +83,12 @@ def test_paper_shapes_by_eval_shape():
   config = config_lib.load_config("configs/zipir_3b.py:vae_fine")
   module = autoencoder.build_autoencoder(config)
   image = jax.ShapeDtypeStruct((1, 2048, 1376, 3), jnp.float32)
-  params = jax.eval_shape(lambda x: autoencoder.init_autoencoder(module, jax.random.key(0), x.shape),
-                          image)
-  z, post = jax.eval_shape(lambda p, x: module.apply({"params": p}, x, method="encode"),
-                           params, image)
+  params = jax.eval_shape(
+    lambda x: autoencoder.init_autoencoder(module, jax.random.key(0), x.shape), image
+  )
+  z, post = jax.eval_shape(
+    lambda p, x: module.apply({"params": p}, x, method="encode"), params, image
+  )
   assert z.shape == (1, 64, 43, 64)
   assert post["coarse"].mean.shape == (1, 64, 43, 9) and post["fine"].mean.shape == (1, 64, 43, 52)
   recon = jax.eval_shape(lambda p, z: module.apply({"params": p}, z, method="decode"), params, z)
@@ -119,8 +121,9 @@ def test_parameters_carry_logical_axis_names(tiny_lpvae):
   import flax.linen as nn
 
   module, _ = tiny_lpvae
-  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
-                                             method="init_all"))["params"]
+  boxed = jax.eval_shape(
+    lambda: module.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), method="init_all")
+  )["params"]
   specs = nn.get_partition_spec(boxed)
   flat = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, tuple))
   assert flat

@@ -18,8 +18,12 @@ from zipir_jax import metrics
 # ------------------------------------------------------------------------------------------------
 
 # (photo, crop size): several sizes, odd ones included.
-PHOTO_CROPS = [("astronaut", (301, 257)), ("coffee", (97, 131)), ("chelsea", (97, 131)),
-               ("rocket", (64, 64))]
+PHOTO_CROPS = [
+  ("astronaut", (301, 257)),
+  ("coffee", (97, 131)),
+  ("chelsea", (97, 131)),
+  ("rocket", (64, 64)),
+]
 DEGRADATIONS = ["blur", "noise", "jpeg", "saturated"]
 
 
@@ -27,7 +31,7 @@ def _photo(name: str, size: tuple[int, int]) -> np.ndarray:
   """A crop of a scikit-image photo as float64 in [0, 1] (exact multiples of 1/255)."""
   image = getattr(data, name)()
   top, left = (image.shape[0] - size[0]) // 2, (image.shape[1] - size[1]) // 2
-  return image[top:top + size[0], left:left + size[1]].astype(np.float64) / 255.0
+  return image[top : top + size[0], left : left + size[1]].astype(np.float64) / 255.0
 
 
 def _degrade(image: np.ndarray, kind: str, seed: int) -> np.ndarray:
@@ -41,15 +45,22 @@ def _degrade(image: np.ndarray, kind: str, seed: int) -> np.ndarray:
     return np.asarray(Image.open(buf), np.float64) / 255.0
   if kind == "saturated":  # Large flat (clipped) areas: SSIM's near-zero-variance windows.
     bright = np.clip(image * 1.8, 0, 1)
-    return np.clip(bright + np.random.default_rng(seed).normal(0, 0.02, image.shape) *
-                   (bright < 1), 0, 1)
+    return np.clip(
+      bright + np.random.default_rng(seed).normal(0, 0.02, image.shape) * (bright < 1), 0, 1
+    )
   raise ValueError(kind)
 
 
 def _skimage_ssim(a: np.ndarray, b: np.ndarray) -> float:
-  return skmetrics.structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
-                                         use_sample_covariance=False, data_range=1,
-                                         channel_axis=-1)
+  return skmetrics.structural_similarity(
+    a,
+    b,
+    gaussian_weights=True,
+    sigma=1.5,
+    use_sample_covariance=False,
+    data_range=1,
+    channel_axis=-1,
+  )
 
 
 _psnr = jax.jit(metrics.psnr)
@@ -83,27 +94,37 @@ def test_y_channel_variant_matches_scikit_image():
   ya, yb = (np.asarray(metrics.rgb_to_y(jnp.asarray(x[None], jnp.float32)))[0] for x in (a, b))
   np.testing.assert_allclose(ya[..., 0], color.rgb2ycbcr(a)[..., 0] / 255, rtol=0, atol=1e-6)
   want_ssim = skmetrics.structural_similarity(
-      color.rgb2ycbcr(a)[..., 0] / 255, color.rgb2ycbcr(b)[..., 0] / 255, gaussian_weights=True,
-      sigma=1.5, use_sample_covariance=False, data_range=1)
+    color.rgb2ycbcr(a)[..., 0] / 255,
+    color.rgb2ycbcr(b)[..., 0] / 255,
+    gaussian_weights=True,
+    sigma=1.5,
+    use_sample_covariance=False,
+    data_range=1,
+  )
   np.testing.assert_allclose(_ssim(ya[None], yb[None])[0], want_ssim, rtol=0, atol=1e-4)
   # Y-channel PSNR is a different number from RGB PSNR: the two must not be mixed up.
-  assert abs(float(metrics.psnr(ya[None], yb[None])[0]) -
-             float(metrics.psnr(a[None], b[None])[0])) > 0.1
+  assert (
+    abs(float(metrics.psnr(ya[None], yb[None])[0]) - float(metrics.psnr(a[None], b[None])[0])) > 0.1
+  )
 
 
 def test_psnr_data_range_identical_images_and_unit_range_conversion():
   a = _photo("rocket", (64, 64))[None]
   b = _degrade(a[0], "noise", seed=1)[None]
-  np.testing.assert_allclose(metrics.psnr(a * 255, b * 255, data_range=255.0),
-                             metrics.psnr(a, b), rtol=1e-6)
-  np.testing.assert_allclose(metrics.ssim(a * 255, b * 255, data_range=255.0),
-                             metrics.ssim(a, b), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(
+    metrics.psnr(a * 255, b * 255, data_range=255.0), metrics.psnr(a, b), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    metrics.ssim(a * 255, b * 255, data_range=255.0), metrics.ssim(a, b), rtol=0, atol=1e-6
+  )
   assert np.isinf(metrics.psnr(a, a)[0])
-  np.testing.assert_allclose(metrics.ssim(jnp.asarray(a, jnp.float32),
-                                          jnp.asarray(a, jnp.float32)), [1.0], atol=1e-6)
+  np.testing.assert_allclose(
+    metrics.ssim(jnp.asarray(a, jnp.float32), jnp.asarray(a, jnp.float32)), [1.0], atol=1e-6
+  )
   model_images = jnp.array([[[[-1.5, -1.0, 0.0]], [[0.5, 1.0, 2.0]]]])
-  np.testing.assert_allclose(metrics.to_unit_range(model_images),
-                             [[[[0.0, 0.0, 0.5]], [[0.75, 1.0, 1.0]]]])
+  np.testing.assert_allclose(
+    metrics.to_unit_range(model_images), [[[[0.0, 0.0, 0.5]], [[0.75, 1.0, 1.0]]]]
+  )
 
 
 def test_image_metric_errors_say_what_was_expected():
@@ -154,8 +175,7 @@ def _exact_fid_of_samples(f1, f2):
   scale = np.sqrt((len(f1) - 1) * (len(f2) - 1))
   nuclear = scipy.linalg.svdvals(x1 @ x2.T / scale).sum()
   diff = f1.mean(0) - f2.mean(0)
-  return (diff @ diff + np.sum(x1 ** 2) / (len(f1) - 1) + np.sum(x2 ** 2) / (len(f2) - 1)
-          - 2 * nuclear)
+  return diff @ diff + np.sum(x1**2) / (len(f1) - 1) + np.sum(x2**2) / (len(f2) - 1) - 2 * nuclear
 
 
 @pytest.mark.parametrize("n,d", [(400, 32), (20, 64), (60, 128), (64, 512)])
@@ -189,8 +209,9 @@ def test_frechet_distance_analytic_for_commuting_covariances():
   a[20:23] = 1e-10  # Near-singular: tiny but resolvable eigenvalues still count.
   mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
   want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-  np.testing.assert_allclose(metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)), want,
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)), want, rtol=1e-12
+  )
   q, _ = np.linalg.qr(rng.standard_normal((d, d)))
   s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
   np.testing.assert_allclose(metrics.frechet_distance(mu1, s1, mu2, s2), want, rtol=0, atol=1e-6)
@@ -204,8 +225,11 @@ def test_feature_statistics_fid_from_features_and_statistics_files(tmp_path):
   np.testing.assert_allclose(mu, f1.mean(0), rtol=1e-6)
   np.testing.assert_allclose(sigma, np.cov(f1, rowvar=False), rtol=1e-5, atol=1e-7)
   assert mu.dtype == sigma.dtype == np.float64
-  np.testing.assert_allclose(metrics.fid_from_features(f1, f2), _pytorch_fid_reference(
-      *metrics.feature_statistics(f1), *metrics.feature_statistics(f2)), rtol=1e-9)
+  np.testing.assert_allclose(
+    metrics.fid_from_features(f1, f2),
+    _pytorch_fid_reference(*metrics.feature_statistics(f1), *metrics.feature_statistics(f2)),
+    rtol=1e-9,
+  )
   path = tmp_path / "ref_stats.npz"
   metrics.save_statistics(path, mu, sigma)
   for got, want in zip(metrics.load_statistics(path), (mu, sigma)):
@@ -240,8 +264,9 @@ def test_mmd2_unbiased_matches_direct_formula():
   x = rng.standard_normal((9, 5))
   y = rng.standard_normal((12, 5)) * 1.3 + 0.2  # Unequal sizes.
   np.testing.assert_allclose(metrics.mmd2_unbiased(x, y), _mmd2_unbiased_loops(x, y), rtol=1e-12)
-  np.testing.assert_allclose(metrics.polynomial_kernel(x, y)[2, 7],
-                             (x[2] @ y[7] / 5 + 1) ** 3, rtol=1e-12)
+  np.testing.assert_allclose(
+    metrics.polynomial_kernel(x, y)[2, 7], (x[2] @ y[7] / 5 + 1) ** 3, rtol=1e-12
+  )
 
 
 def test_kid_is_unbiased_for_samples_of_one_distribution():
@@ -254,8 +279,7 @@ def test_kid_is_unbiased_for_samples_of_one_distribution():
   standard_error = unbiased.std() / np.sqrt(trials)
   assert abs(unbiased.mean()) < 4 * standard_error
   k = metrics.polynomial_kernel
-  biased = np.array([k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()
-                     for x, y in zip(xs, ys)])
+  biased = np.array([k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean() for x, y in zip(xs, ys)])
   assert biased.mean() > 20 * standard_error  # The test above has the power to see the bias.
 
 
@@ -302,8 +326,8 @@ def test_paired_patches_crop_the_same_places():
   a, b, pos = metrics.paired_patches(restored, reference, index=5, num_crops=4, size=64, seed=2)
   assert a.shape == b.shape == (4, 64, 64, 3) and a.dtype == np.uint8
   for crop_a, crop_b, (top, left) in zip(a, b, pos):
-    np.testing.assert_array_equal(crop_a, restored[top:top + 64, left:left + 64])
-    np.testing.assert_array_equal(crop_b, reference[top:top + 64, left:left + 64])
+    np.testing.assert_array_equal(crop_a, restored[top : top + 64, left : left + 64])
+    np.testing.assert_array_equal(crop_b, reference[top : top + 64, left : left + 64])
   crops, pos_alone = metrics.random_patches(reference, index=5, num_crops=4, size=64, seed=2)
   np.testing.assert_array_equal(pos_alone, pos)
   np.testing.assert_array_equal(crops, b)
@@ -321,11 +345,15 @@ def test_streamed_patch_features_equal_features_of_all_crops():
     return np.concatenate([batch.mean(axis=(1, 2)), batch.std(axis=(1, 2))], axis=1)
 
   streamed = metrics.collect_features(
-      feature_fn, metrics.iter_patches(iter(images), num_crops=3, size=32, seed=4))
+    feature_fn, metrics.iter_patches(iter(images), num_crops=3, size=32, seed=4)
+  )
   assert calls == [(3, 32, 32, 3)] * 4  # One image's crops at a time.
   every_crop = np.concatenate(
-      [metrics.random_patches(im, index=i, num_crops=3, size=32, seed=4)[0]
-       for i, im in enumerate(images)])
+    [
+      metrics.random_patches(im, index=i, num_crops=3, size=32, seed=4)[0]
+      for i, im in enumerate(images)
+    ]
+  )
   np.testing.assert_allclose(streamed, feature_fn(every_crop), rtol=1e-6)
   batches = list(metrics.iter_batches((im[:80] for im in images), batch_size=3))
   assert [b.shape for b in batches] == [(3, 80, 90, 3), (1, 80, 90, 3)]
@@ -341,8 +369,10 @@ def test_fid_from_features_equals_fid_of_their_statistics(n1, n2, d):
   f1 = _gaussian_samples(rng, n1, d)
   f2 = _gaussian_samples(rng, n2, d, shift=0.3)
   got = metrics.fid_from_features(f1.astype(np.float32), f2.astype(np.float32))
-  want = metrics.frechet_distance(*metrics.feature_statistics(f1.astype(np.float32)),
-                                  *metrics.feature_statistics(f2.astype(np.float32)))
+  want = metrics.frechet_distance(
+    *metrics.feature_statistics(f1.astype(np.float32)),
+    *metrics.feature_statistics(f2.astype(np.float32)),
+  )
   assert got > 1.0
   np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-7)
   np.testing.assert_allclose(metrics.fid_from_features(f1, f1), 0.0, atol=1e-6)

@@ -16,8 +16,9 @@ def test_quickstart_notebook_executes(monkeypatch):
     monkeypatch.setenv(key, value)
   path = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
   notebook = nbformat.read(path, as_version=4)
-  NotebookClient(notebook, timeout=300, kernel_name="python3",
-                 resources={"metadata": {"path": ROOT}}).execute()
+  NotebookClient(
+    notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": ROOT}}
+  ).execute()
   outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
   assert not [o for o in outputs if o.output_type == "error"]
   images = [o for o in outputs if "image/png" in o.get("data", {})]

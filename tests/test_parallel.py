@@ -18,7 +18,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-WORKER = r'''
+WORKER = r"""
 import json, os, sys
 mode, out = sys.argv[1], sys.argv[2]
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + ("4" if mode == "proc" else "8")
@@ -116,7 +116,7 @@ else:  # "proc": one of two processes with 4 devices each
 if jax.process_index() == 0:
   with open(out, "w") as f:
     json.dump(report, f)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +126,14 @@ def worker(tmp_path_factory):
   script.write_text(WORKER)
   # A persistent XLA cache shared by test sessions (keys include the jax version and the program).
   cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-             JAX_COMPILATION_CACHE_DIR=cache,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=str(ROOT),
+    JAX_COMPILATION_CACHE_DIR=cache,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+  )
   env.pop("XLA_FLAGS", None)
   return root, script, env
 
@@ -137,8 +141,14 @@ def worker(tmp_path_factory):
 def _run(worker, *args, name):
   root, script, env = worker
   out = root / f"{name}.json"
-  result = subprocess.run([sys.executable, str(script), args[0], str(out), *args[1:]], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+    [sys.executable, str(script), args[0], str(out), *args[1:]],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-4000:]
   return json.loads(out.read_text())
 
@@ -177,9 +187,17 @@ def check_two_processes_match_one(worker, mesh_report):
   root, script, env = worker
   address = f"localhost:{_free_port()}"
   out = root / "proc.json"
-  procs = [subprocess.Popen([sys.executable, str(script), "proc", str(out), address, str(i)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(script), "proc", str(out), address, str(i)],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   errors = []
   for p in procs:
     _, err = p.communicate(timeout=600)

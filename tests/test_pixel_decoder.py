@@ -39,6 +39,7 @@ def run(setup):
 
   def pixel_decode(p, z, lq, fusion_weight=1.0):
     return jitted(p, z, lq, jnp.float32(fusion_weight))  # traced, as restore passes it
+
   return decode, pixel_decode
 
 

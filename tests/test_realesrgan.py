@@ -37,7 +37,8 @@ def packaged():
 def restorer(packaged):
   model = packaged.model
   return baselines.RealESRGANRestorer(
-      model=model, variables=rrdbnet.convert_state_dict(packaged.state_dict, model))
+    model=model, variables=rrdbnet.convert_state_dict(packaged.state_dict, model)
+  )
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +57,21 @@ def test_ncnn_reader_consumes_every_byte(packaged):
   size = os.path.getsize(bin_path)
   assert packaged.bytes_read == size
   # Independently: tag + fp16 weights padded to 4 bytes + fp32 biases, per conv.
-  shapes = {k[:-len(".weight")]: v.shape for k, v in packaged.state_dict.items()
-            if k.endswith(".weight")}
+  shapes = {
+    k[: -len(".weight")]: v.shape for k, v in packaged.state_dict.items() if k.endswith(".weight")
+  }
   expected = sum(4 + -(-2 * int(np.prod(s)) // 4) * 4 + 4 * s[0] for s in shapes.values())
   assert expected == size
   assert len(shapes) == 351 and len(packaged.state_dict) == 702
   m = packaged.model
   assert (m.num_block, m.num_feat, m.num_grow_ch, m.scale, m.num_in_ch, m.num_out_ch) == (
-      23, 64, 32, 4, 3, 3)
+    23,
+    64,
+    32,
+    4,
+    3,
+    3,
+  )
   assert all(np.isfinite(v).all() and v.dtype == np.float32 for v in packaged.state_dict.values())
 
 
@@ -91,8 +99,10 @@ def test_loaders_agree(packaged):
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, expected)
   default = baselines.make_restorer("realesrgan")
   assert default.model == packaged.model and default.name == "realesrgan"
-  np.testing.assert_array_equal(default.variables["params"]["body_22"]["rdb3"]["conv5"]["kernel"],
-                                expected["params"]["body_22"]["rdb3"]["conv5"]["kernel"])
+  np.testing.assert_array_equal(
+    default.variables["params"]["body_22"]["rdb3"]["conv5"]["kernel"],
+    expected["params"]["body_22"]["rdb3"]["conv5"]["kernel"],
+  )
 
 
 @pytest.mark.parametrize("change", ["truncate", "extend", "tag"])
@@ -125,22 +135,36 @@ def _edited_param(tmp_path, old: str, new: str, count: int = 1) -> pathlib.Path:
   return path
 
 
-@pytest.mark.parametrize("old,new,pattern", [
+@pytest.mark.parametrize(
+  "old,new,pattern",
+  [
     # Residual scale 0.3 instead of 0.2 in the first dense block.
-    ("0=1 -23301=2,2.000000e-01,1.000000e+00", "0=1 -23301=2,3.000000e-01,1.000000e+00",
-     r"edited\.param:\d+: layer Eltwise 'Add_16': coefficients"),
+    (
+      "0=1 -23301=2,2.000000e-01,1.000000e+00",
+      "0=1 -23301=2,3.000000e-01,1.000000e+00",
+      r"edited\.param:\d+: layer Eltwise 'Add_16': coefficients",
+    ),
     # conv3 of the first dense block reading (x, conv2, conv1) instead of (x, conv1, conv2).
-    ("Concat_6                 3 1 703_splitncnn_5 705_splitncnn_2 708_splitncnn_2",
-     "Concat_6                 3 1 703_splitncnn_5 708_splitncnn_2 705_splitncnn_2",
-     r"edited\.param: body\.0\.rdb1\.conv3 reads"),
+    (
+      "Concat_6                 3 1 703_splitncnn_5 705_splitncnn_2 708_splitncnn_2",
+      "Concat_6                 3 1 703_splitncnn_5 708_splitncnn_2 705_splitncnn_2",
+      r"edited\.param: body\.0\.rdb1\.conv3 reads",
+    ),
     # A ReLU (activation 1) where conv_first has none.
-    ("703 0=64 1=3 4=1 5=1 6=1728", "703 0=64 1=3 4=1 5=1 6=1728 9=1",
-     r"edited\.param:\d+: layer Convolution 'Conv_0': activation"),
+    (
+      "703 0=64 1=3 4=1 5=1 6=1728",
+      "703 0=64 1=3 4=1 5=1 6=1728 9=1",
+      r"edited\.param:\d+: layer Convolution 'Conv_0': activation",
+    ),
     # Bilinear instead of nearest up-sampling.
-    ("1883 0=1 1=2.000000e+00", "1883 0=2 1=2.000000e+00",
-     r"edited\.param:\d+: layer Interp 'Resize_1177': expected nearest"),
+    (
+      "1883 0=1 1=2.000000e+00",
+      "1883 0=2 1=2.000000e+00",
+      r"edited\.param:\d+: layer Interp 'Resize_1177': expected nearest",
+    ),
     ("999 1782", "999 1783", r"edited\.param: header says 999 layers and 1783 blobs"),
-])
+  ],
+)
 def test_ncnn_reader_rejects_other_graphs(tmp_path, old, new, pattern):
   _, bin_path = rrdbnet.packaged_model_paths()
   with pytest.raises(rrdbnet.NcnnFormatError, match=pattern):
@@ -182,8 +206,10 @@ def test_convert_state_dict_checks_keys_and_shapes(golden, tmp_path):
   path.write_bytes(golden["tiny_pth"].tobytes())
   sd = weights.load_torch_state_dict(path, key="params_ema")
   params = rrdbnet.convert_state_dict(sd)["params"]
-  np.testing.assert_array_equal(params["body_1"]["rdb3"]["conv2"]["kernel"],
-                                sd["body.1.rdb3.conv2.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+    params["body_1"]["rdb3"]["conv2"]["kernel"],
+    sd["body.1.rdb3.conv2.weight"].transpose(2, 3, 1, 0),
+  )
   missing = {k: v for k, v in sd.items() if k != "body.1.rdb2.conv4.bias"}
   with pytest.raises(KeyError, match="missing key 'body.1.rdb2.conv4.bias'"):
     rrdbnet.convert_state_dict(missing)
@@ -225,16 +251,19 @@ def high_frequency_power(image: np.ndarray, scale: int = 4) -> float:
   """Spectral power above the LQ's Nyquist frequency: detail that interpolation cannot create."""
   y = _gray(image)
   power = np.abs(np.fft.fft2(y - y.mean())) ** 2
-  radius = np.hypot(*np.meshgrid(np.fft.fftfreq(y.shape[0]), np.fft.fftfreq(y.shape[1]),
-                                 indexing="ij"))
+  radius = np.hypot(
+    *np.meshgrid(np.fft.fftfreq(y.shape[0]), np.fft.fftfreq(y.shape[1]), indexing="ij")
+  )
   return float(power[radius > 0.5 / scale].sum())
 
 
 def edge_gradient_similarity(image: np.ndarray, reference: np.ndarray) -> float:
   """Mean gradient-magnitude similarity (GMSD's map, Xue et al. 2014) on the reference's edges."""
+
   def magnitude(x):
     g = _gray(x)
     return np.hypot(cv2.Sobel(g, cv2.CV_32F, 1, 0), cv2.Sobel(g, cv2.CV_32F, 0, 1))
+
   a, b = magnitude(reference), magnitude(image)
   c = 0.0026 * 16  # GMSD's constant for [0, 1] images, times Sobel's 4x gain squared.
   edges = a > np.percentile(a, 80)

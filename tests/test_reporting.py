@@ -31,8 +31,9 @@ def test_tensorboard_writer_round_trips_scalars_and_images(tmp_path):
   assert sorted(events.Tags()["images"]) == ["hq_lq_output", "pair/0", "pair/1"]
   (image,) = events.Images("hq_lq_output")
   assert (image.step, image.width, image.height) == (20, 40, 24)
-  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(image.encoded_image_string))),
-                                grid[0])  # PNG: lossless
+  np.testing.assert_array_equal(
+    np.asarray(Image.open(io.BytesIO(image.encoded_image_string))), grid[0]
+  )  # PNG: lossless
   decoded = np.asarray(Image.open(io.BytesIO(events.Images("pair/1")[0].encoded_image_string)))
   np.testing.assert_array_equal(decoded, pair[1])
 
@@ -73,8 +74,9 @@ def test_create_writer_keeps_jsonl_and_png_next_to_tensorboard(tmp_path):
 
 def test_only_process_zero_writes(tmp_path, monkeypatch):
   monkeypatch.setattr(reporting.jax, "process_index", lambda: 1)
-  writer = reporting.MultiWriter(reporting.TensorBoardWriter(str(tmp_path)),
-                                 reporting.PlainWriter(str(tmp_path)))
+  writer = reporting.MultiWriter(
+    reporting.TensorBoardWriter(str(tmp_path)), reporting.PlainWriter(str(tmp_path))
+  )
   writer.write_scalars(1, {"loss": 1.0})
   writer.write_images(1, {"grid": np.zeros((1, 4, 4, 3), np.uint8)})
   writer.close()
@@ -103,7 +105,11 @@ print("ok")
 
 
 def test_tensorboard_events_need_no_tensorflow(tmp_path):
-  result = subprocess.run([sys.executable, "-c", _NO_TENSORFLOW, str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, "-c", _NO_TENSORFLOW, str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
   assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1

@@ -28,10 +28,14 @@ def _lq(seed, shape=(21, 30, 3)):
 
 def test_bundle_round_trip(tiny_config, tiny_bundle, tiny_bundle_dir):
   loaded = bundle_lib.load_bundle(str(tiny_bundle_dir))
-  jax.tree.map(np.testing.assert_array_equal, loaded.params,
-               jax.tree.map(np.asarray, tiny_bundle.params))
-  jax.tree.map(np.testing.assert_array_equal, loaded.text_params,
-               jax.tree.map(np.asarray, tiny_bundle.text_params))
+  jax.tree.map(
+    np.testing.assert_array_equal, loaded.params, jax.tree.map(np.asarray, tiny_bundle.params)
+  )
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    loaded.text_params,
+    jax.tree.map(np.asarray, tiny_bundle.text_params),
+  )
   assert loaded.config.to_dict() == json.loads(tiny_config.to_json())
   assert loaded.text_config.d_model == tiny_config.dit.text_dim
 
@@ -53,9 +57,11 @@ def test_restorer_holds_one_device_copy_with_the_dit_in_the_compute_dtype(tiny_b
   bundle = bundle_lib.load_bundle(str(tiny_bundle_dir))  # host (numpy) arrays, float32
   with bundle.config.unlocked():
     bundle.config.dit.dtype = "bfloat16"
-  kernels = {jax.tree_util.keystr(p): weakref.ref(x)
-             for p, x in jax.tree_util.tree_leaves_with_path(bundle.params["dit"])
-             if p[-1].key == "kernel"}
+  kernels = {
+    jax.tree_util.keystr(p): weakref.ref(x)
+    for p, x in jax.tree_util.tree_leaves_with_path(bundle.params["dit"])
+    if p[-1].key == "kernel"
+  }
   restorer = restore.Restorer(bundle)
   del bundle
   gc.collect()
@@ -65,15 +71,21 @@ def test_restorer_holds_one_device_copy_with_the_dit_in_the_compute_dtype(tiny_b
   assert all(isinstance(x, jax.Array) for _, x in leaves)  # on the device, transferred once
   dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in leaves}
   assert {k for k, d in dtypes.items() if d == jnp.bfloat16} == {
-      "['dit']" + k for k in kernels}  # only the DiT's kernels, all of them
+    "['dit']" + k for k in kernels
+  }  # only the DiT's kernels, all of them
   assert set(dtypes.values()) == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
 
 
 def test_each_prompt_is_encoded_once(restorer, monkeypatch):
   from zipir_jax import text
+
   want_emb, want_mask = text.encode_prompts(
-      ["a cat", "a dog", "a cat"], restorer.bundle.tokenizer, restorer.text_model,
-      restorer.bundle.text_params, restorer.config.text.max_length)
+    ["a cat", "a dog", "a cat"],
+    restorer.bundle.tokenizer,
+    restorer.text_model,
+    restorer.bundle.text_params,
+    restorer.config.text.max_length,
+  )
   calls = []
   encode = text.encode_prompts
   monkeypatch.setattr(text, "encode_prompts", lambda p, *a: calls.append(list(p)) or encode(p, *a))
@@ -120,14 +132,20 @@ def test_wavelet_color_fix_keeps_detail_and_takes_reference_colour():
   # Detail of the restored image survives: its high band is unchanged.
   other = jax.random.uniform(jax.random.key(1), x.shape, minval=-1, maxval=1)
   fixed = restore.wavelet_color_fix(other, reference)
-  np.testing.assert_allclose(restore.wavelet_decomposition(other)[0] + restore.wavelet_decomposition(
-      reference)[1], fixed, atol=1e-6)
-  assert np.abs(restore.wavelet_decomposition(fixed)[1]
-                - restore.wavelet_decomposition(other)[1]).max() > 0.01
+  np.testing.assert_allclose(
+    restore.wavelet_decomposition(other)[0] + restore.wavelet_decomposition(reference)[1],
+    fixed,
+    atol=1e-6,
+  )
+  assert (
+    np.abs(restore.wavelet_decomposition(fixed)[1] - restore.wavelet_decomposition(other)[1]).max()
+    > 0.01
+  )
 
 
-def test_plain_decoder_swap_decodes_with_d_f(tiny_bundle, tiny_lpvae, tiny_vae_fine_export,
-                                             tmp_path):
+def test_plain_decoder_swap_decodes_with_d_f(
+  tiny_bundle, tiny_lpvae, tiny_vae_fine_export, tmp_path
+):
   """The "w/o pixel-aware decoder" ablation: the bundle's DiT and latents, decoded by D_f."""
   import orbax.checkpoint as ocp
 
@@ -142,18 +160,25 @@ def test_plain_decoder_swap_decodes_with_d_f(tiny_bundle, tiny_lpvae, tiny_vae_f
   vae = tiny_lpvae[0]
   want = vae.apply({"params": {"fine_decoder": export["fine_decoder"]}}, z, method="decode")
   # (The export's D_f is a perturbed copy, far from the decoder inside the bundle's D_f*.)
-  np.testing.assert_allclose(restorer.decode(restorer.params, z, lq, jnp.float32(1.0)), want,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    restorer.decode(restorer.params, z, lq, jnp.float32(1.0)), want, atol=1e-5
+  )
 
   # Refused: no export there, an export without D_f, D_f from another run (other statistics).
   with pytest.raises(bundle_lib.BundleError, match="no training export there.*vae_fine"):
     bundle_lib.with_plain_decoder(tiny_bundle, str(tmp_path / "nope"))
   stats = export["latent_stats"]
   for name, params, match in (
-      ("pd", {"pixel_decoder": {"x": np.zeros(1)}, "latent_stats": stats}, "has no fine_decoder"),
-      ("other", {"fine_decoder": export["fine_decoder"],
-                 "latent_stats": {"mean": stats["mean"] + 1, "std": stats["std"]}},
-       "another training run")):
+    ("pd", {"pixel_decoder": {"x": np.zeros(1)}, "latent_stats": stats}, "has no fine_decoder"),
+    (
+      "other",
+      {
+        "fine_decoder": export["fine_decoder"],
+        "latent_stats": {"mean": stats["mean"] + 1, "std": stats["std"]},
+      },
+      "another training run",
+    ),
+  ):
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(str(tmp_path / name / "params"), params)
     checkpointer.wait_until_finished()
@@ -186,8 +211,10 @@ def test_missing_and_mismatched_bundles(tmp_path, tiny_bundle_dir):
   config = json.loads((wider / "config.json").read_text())
   config["vae"]["ch"] = 32  # the weights were trained with 16
   (wider / "config.json").write_text(json.dumps(config))
-  with pytest.raises(bundle_lib.BundleError,
-                     match=r"wrong shapes, e.g. \S+: \(\d+,?.*\) in the bundle, \(\d+,?.*\) from"):
+  with pytest.raises(
+    bundle_lib.BundleError,
+    match=r"wrong shapes, e.g. \S+: \(\d+,?.*\) in the bundle, \(\d+,?.*\) from",
+  ):
     bundle_lib.load_bundle(str(wider))
 
 

@@ -19,16 +19,27 @@ pytestmark = pytest.mark.xdist_group("tiny_bundle")
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True,
-                        text=True, env=subprocess_env(), timeout=600)
+  return subprocess.run(
+    [sys.executable, "sample.py", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env=subprocess_env(),
+    timeout=600,
+  )
 
 
 def test_folder_with_good_and_bad_images(tmp_path, tiny_bundle_dir):
   inputs, outputs = tmp_path / "in", tmp_path / "out"
   expected = testing.write_bad_files(str(inputs), size=(24, 32))
   (inputs / "photo.txt").write_text("a photo")  # sidecar caption of photo.{webp,bmp,tiff}
-  result = _run(f"--checkpoint={tiny_bundle_dir}", f"--input={inputs}", f"--output={outputs}",
-                "--scale=4", "--steps=2")
+  result = _run(
+    f"--checkpoint={tiny_bundle_dir}",
+    f"--input={inputs}",
+    f"--output={outputs}",
+    "--scale=4",
+    "--steps=2",
+  )
   assert result.returncode == 1, result.stderr[-2000:]
   good = [p for p, outcome in expected.items() if os.path.basename(p) not in BAD]
   for path in good:
@@ -45,29 +56,50 @@ def test_folder_with_good_and_bad_images(tmp_path, tiny_bundle_dir):
 
   # A second run never replaces what the first wrote, unless told to.
   before = {p: p.stat().st_mtime_ns for p in outputs.glob("*.png")}
-  again = _run(f"--checkpoint={tiny_bundle_dir}", f"--input={inputs}", f"--output={outputs}",
-               "--scale=4", "--steps=2")
+  again = _run(
+    f"--checkpoint={tiny_bundle_dir}",
+    f"--input={inputs}",
+    f"--output={outputs}",
+    "--scale=4",
+    "--steps=2",
+  )
   assert again.returncode == 1 and "exists (use --overwrite" in again.stderr
   assert {p: p.stat().st_mtime_ns for p in outputs.glob("*.png")} == before
 
 
-def test_size_flag_single_file_overwrite_and_plain_decoder(tmp_path, tiny_bundle, tiny_bundle_dir,
-                                                          tiny_vae_fine_export):
+def test_size_flag_single_file_overwrite_and_plain_decoder(
+  tmp_path, tiny_bundle, tiny_bundle_dir, tiny_vae_fine_export
+):
   from zipir_jax import bundle as bundle_lib, restore
+
   lq = np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8)
   path = tmp_path / "lq.png"
   Image.fromarray(lq).save(path)
   out = tmp_path / "out"
-  first = _run(f"--checkpoint={tiny_bundle_dir}", f"--input={path}", f"--output={out}",
-               "--size=50x70", "--steps=2", "--color_fix=wavelet", "--prompt=a cat")
+  first = _run(
+    f"--checkpoint={tiny_bundle_dir}",
+    f"--input={path}",
+    f"--output={out}",
+    "--size=50x70",
+    "--steps=2",
+    "--color_fix=wavelet",
+    "--prompt=a cat",
+  )
   assert first.returncode == 0, first.stderr[-2000:]
   with Image.open(out / "lq.png") as image:
     assert image.size == (70, 50)
   # Replaced with --overwrite, by what --plain_decoder restores: the Restorer with
   # ``with_plain_decoder`` (whose refusals test_restore checks; sample.py reports them as it
   # reports a bad checkpoint).
-  second = _run(f"--checkpoint={tiny_bundle_dir}", f"--input={path}", f"--output={out}",
-                "--size=50x70", "--steps=2", "--overwrite", f"--plain_decoder={tiny_vae_fine_export}")
+  second = _run(
+    f"--checkpoint={tiny_bundle_dir}",
+    f"--input={path}",
+    f"--output={out}",
+    "--size=50x70",
+    "--steps=2",
+    "--overwrite",
+    f"--plain_decoder={tiny_vae_fine_export}",
+  )
   assert second.returncode == 0, second.stderr[-2000:]
   want = restore.Restorer(bundle_lib.with_plain_decoder(tiny_bundle, str(tiny_vae_fine_export)))
   want = want.restore([lq], (50, 70), options=restore.RestoreOptions(steps=2))[0]
@@ -79,12 +111,25 @@ def test_size_flag_single_file_overwrite_and_plain_decoder(tmp_path, tiny_bundle
 def test_missing_checkpoint_and_usage_errors(tmp_path):
   path = tmp_path / "lq.png"
   Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(path)
-  missing = _run(f"--checkpoint={tmp_path / 'nope'}", f"--input={path}",
-                 f"--output={tmp_path / 'o'}", "--scale=4")
+  missing = _run(
+    f"--checkpoint={tmp_path / 'nope'}",
+    f"--input={path}",
+    f"--output={tmp_path / 'o'}",
+    "--scale=4",
+  )
   assert missing.returncode == 2 and "checkpoint bundle folder not found" in missing.stderr
-  both = _run(f"--checkpoint={tmp_path}", f"--input={path}", f"--output={tmp_path / 'o'}",
-              "--scale=4", "--size=64x64")
+  both = _run(
+    f"--checkpoint={tmp_path}",
+    f"--input={path}",
+    f"--output={tmp_path / 'o'}",
+    "--scale=4",
+    "--size=64x64",
+  )
   assert both.returncode != 0 and "exactly one of --scale or --size" in both.stderr
-  none = _run(f"--checkpoint={tmp_path}", f"--input={tmp_path / 'empty*'}",
-              f"--output={tmp_path / 'o'}", "--scale=4")
+  none = _run(
+    f"--checkpoint={tmp_path}",
+    f"--input={tmp_path / 'empty*'}",
+    f"--output={tmp_path / 'o'}",
+    "--scale=4",
+  )
   assert none.returncode == 2 and "no images" in none.stderr

@@ -37,8 +37,9 @@ def test_paper_sdvae_latent_by_eval_shape():
   config = config_lib.load_config("configs/sdvae_f32c64.py:vae")
   module = autoencoder.build_autoencoder(config)
   image = jax.ShapeDtypeStruct((1, 2048, 2048, 3), jnp.float32)
-  params = jax.eval_shape(lambda x: autoencoder.init_autoencoder(module, jax.random.key(0), x.shape),
-                          image)
+  params = jax.eval_shape(
+    lambda x: autoencoder.init_autoencoder(module, jax.random.key(0), x.shape), image
+  )
   z, _ = jax.eval_shape(lambda p, x: module.apply({"params": p}, x, method="encode"), params, image)
   assert z.shape == (1, 64, 64, 64)
 
@@ -61,6 +62,6 @@ def test_ablation_restores_with_the_plain_sdvae_decoder(sdvae):
   assert jax.tree.structure(shapes["decoder"]) == jax.tree.structure(params["decoder"])
   out = jax.jit(decoder.apply)({"params": {"decoder": params["decoder"]}}, z, lq)
   np.testing.assert_array_equal(out, jitted_apply(module, "decode")(params, z))
-  np.testing.assert_array_equal(out, jax.jit(decoder.apply)(
-      {"params": {"decoder": params["decoder"]}}, z, -lq))
-
+  np.testing.assert_array_equal(
+    out, jax.jit(decoder.apply)({"params": {"decoder": params["decoder"]}}, z, -lq)
+  )

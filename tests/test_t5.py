@@ -32,7 +32,7 @@ def _case(golden, case, **overrides):
   """(config, HF state dict, HF config dict) of a golden case."""
   hf_config = json.loads(str(golden[f"{case}/config"]))
   prefix = f"{case}/sd/"
-  state = {k[len(prefix):]: v for k, v in golden.items() if k.startswith(prefix)}
+  state = {k[len(prefix) :]: v for k, v in golden.items() if k.startswith(prefix)}
   return t5.T5Config.from_hf_dict(hf_config, **overrides), state, hf_config
 
 
@@ -42,8 +42,9 @@ def _jit_apply(config, params, ids, mask):
 
 
 def _apply(config, params, ids, mask=None):
-  return np.asarray(_jit_apply(config, params, jnp.asarray(ids),
-                               None if mask is None else jnp.asarray(mask)))
+  return np.asarray(
+    _jit_apply(config, params, jnp.asarray(ids), None if mask is None else jnp.asarray(mask))
+  )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -73,8 +74,9 @@ def test_padding_does_not_change_valid_tokens(golden, case):
 @pytest.mark.parametrize("setting", ["32_128", "16_20", "32_32", "64_256", "8_16"])
 def test_relative_position_buckets_match_torch(golden, setting):
   num_buckets, max_distance = map(int, setting.split("_"))
-  buckets = t5.relative_position_buckets(golden["buckets/relative_position"], num_buckets,
-                                         max_distance)
+  buckets = t5.relative_position_buckets(
+    golden["buckets/relative_position"], num_buckets, max_distance
+  )
   np.testing.assert_array_equal(buckets, golden[f"buckets/{setting}"])
 
 
@@ -88,8 +90,9 @@ def test_byt5_prompts_match_hugging_face(golden):
   embeddings, mask = text.encode_prompts(prompts, tokenizer, t5.T5Encoder(config), params, length)
   np.testing.assert_array_equal(mask, golden["byt5/attention_mask"])
   valid = golden["byt5/attention_mask"].astype(bool)
-  np.testing.assert_allclose(np.asarray(embeddings)[valid],
-                             golden["v11/byt5_last_hidden_state"][valid], atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(embeddings)[valid], golden["v11/byt5_last_hidden_state"][valid], atol=1e-5
+  )
 
 
 def test_tokenize_pads_to_max_length():
@@ -144,8 +147,9 @@ def _write_hf_folder(folder, golden, state=None):
   _, golden_state, hf_config = _case(golden, "v11")
   folder.mkdir(exist_ok=True)
   (folder / "config.json").write_text(json.dumps(hf_config))
-  safetensors.numpy.save_file(golden_state if state is None else state,
-                              str(folder / "model.safetensors"))
+  safetensors.numpy.save_file(
+    golden_state if state is None else state, str(folder / "model.safetensors")
+  )
   transformers.ByT5Tokenizer().save_pretrained(str(folder))
   return golden_state
 
@@ -158,8 +162,9 @@ def test_load_folder_end_to_end(golden, tmp_path):
   out = _apply(config, params, golden["v11/input_ids"], golden["v11/attention_mask"])
   valid = golden["v11/attention_mask"].astype(bool)
   np.testing.assert_allclose(out[valid], golden["v11/last_hidden_state"][valid], atol=1e-5)
-  bf16_config, bf16_params, _ = t5.load_t5_encoder(tmp_path, dtype="bfloat16",
-                                                   param_dtype="bfloat16")
+  bf16_config, bf16_params, _ = t5.load_t5_encoder(
+    tmp_path, dtype="bfloat16", param_dtype="bfloat16"
+  )
   assert bf16_config.dtype == "bfloat16"
   assert {x.dtype for x in jax.tree.leaves(bf16_params)} == {jnp.dtype(jnp.bfloat16)}
 
@@ -171,8 +176,10 @@ def test_load_sharded_encoder_decoder_checkpoint(golden, tmp_path):
   state = dict(state)
   state["encoder.embed_tokens.weight"] = state.pop("shared.weight")  # Encoder-only name.
   keys = sorted(state)
-  shards = {"model-00001-of-00003.safetensors": keys[:len(keys) // 2],
-            "model-00002-of-00003.safetensors": keys[len(keys) // 2:]}
+  shards = {
+    "model-00001-of-00003.safetensors": keys[: len(keys) // 2],
+    "model-00002-of-00003.safetensors": keys[len(keys) // 2 :],
+  }
   for name, names in shards.items():
     safetensors.numpy.save_file({k: state[k] for k in names}, str(tmp_path / name))
   # The decoder-only shard is garbage: reading it would fail, so the test proves it is skipped.
@@ -190,8 +197,10 @@ def test_load_sharded_encoder_decoder_checkpoint(golden, tmp_path):
 
 def test_decoder_keys_in_a_state_dict_are_ignored(golden):
   config, state, _ = _case(golden, "v11")
-  extra = {"decoder.final_layer_norm.weight": np.ones(3, np.float32),
-           "lm_head.weight": np.ones((2, 2), np.float32)}
+  extra = {
+    "decoder.final_layer_norm.weight": np.ones(3, np.float32),
+    "lm_head.weight": np.ones((2, 2), np.float32),
+  }
   params = t5.convert_hf_state_dict({**state, **extra}, config)
   jax.tree.map(np.testing.assert_array_equal, params, t5.convert_hf_state_dict(state, config))
 
@@ -201,8 +210,9 @@ def test_missing_key_is_named(golden, tmp_path):
   key = "encoder.block.1.layer.1.DenseReluDense.wi_1.weight"
   del state[key]
   _write_hf_folder(tmp_path, golden, state)
-  with pytest.raises(t5.T5CheckpointError,
-                     match=rf"{tmp_path}: missing key '{key}' \(expected shape \(64, 32\)\)"):
+  with pytest.raises(
+    t5.T5CheckpointError, match=rf"{tmp_path}: missing key '{key}' \(expected shape \(64, 32\)\)"
+  ):
     t5.load_t5_encoder(tmp_path)
 
 
@@ -210,8 +220,9 @@ def test_wrong_shape_is_named(golden):
   config, state, _ = _case(golden, "v11")
   key = "encoder.block.0.layer.0.SelfAttention.o.weight"
   state[key] = state[key].T
-  with pytest.raises(t5.T5CheckpointError,
-                     match=rf"key '{key}' has shape \(24, 32\), expected \(32, 24\)"):
+  with pytest.raises(
+    t5.T5CheckpointError, match=rf"key '{key}' has shape \(24, 32\), expected \(32, 24\)"
+  ):
     t5.convert_hf_state_dict(state, config)
 
 
@@ -266,11 +277,13 @@ def test_hf_round_trip_and_logical_axes(tiny, tmp_path):
   assert loaded_config == config and isinstance(loaded_tokenizer, transformers.ByT5Tokenizer)
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
 
-  boxed = jax.eval_shape(lambda: t5.T5Encoder(config).init(jax.random.key(0),
-                                                           jnp.ones((1, 4), jnp.int32)))
+  boxed = jax.eval_shape(
+    lambda: t5.T5Encoder(config).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+  )
   specs = nn.get_partition_spec(boxed["params"])
   for path, spec in jax.tree_util.tree_leaves_with_path(
-      specs, is_leaf=lambda x: isinstance(x, tuple)):
+    specs, is_leaf=lambda x: isinstance(x, tuple)
+  ):
     assert spec and all(isinstance(a, str) for a in spec), path
   assert tuple(specs["block_0"]["attention"]["q"]["kernel"]) == ("embed", "heads", "kv")
   assert tuple(specs["relative_attention_bias"]) == ("relpos_buckets", "heads")

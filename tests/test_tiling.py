@@ -26,9 +26,14 @@ def test_tiled_encode_decode_and_pixel_decoder_equal_untiled(tiny_config, tiny_l
   original = tiling.tiled_conv
 
   def counting(conv, x, strip_rows, **kwargs):
-    calls.append({"up": kwargs.get("up", 1), "norm": kwargs.get("affine") is not None,
-                  "parts": len(x) if isinstance(x, (list, tuple)) else 1,
-                  "strided": conv.strides not in (None, 1, (1, 1))})
+    calls.append(
+      {
+        "up": kwargs.get("up", 1),
+        "norm": kwargs.get("affine") is not None,
+        "parts": len(x) if isinstance(x, (list, tuple)) else 1,
+        "strided": conv.strides not in (None, 1, (1, 1)),
+      }
+    )
     return original(conv, x, strip_rows, **kwargs)
 
   tiling.tiled_conv = counting
@@ -67,9 +72,12 @@ def test_tiled_encode_decode_and_pixel_decoder_equal_untiled(tiny_config, tiny_l
 
 def test_strided_and_explicitly_padded_convs_are_exact():
   x = jax.random.normal(jax.random.key(0), (2, 37, 11, 5))
-  for conv in (nn.Conv(7, (3, 3), strides=(2, 2), padding="VALID"),
-               nn.Conv(7, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1))),
-               nn.Conv(7, (3, 3), padding="SAME"), nn.Conv(7, (1, 1))):
+  for conv in (
+    nn.Conv(7, (3, 3), strides=(2, 2), padding="VALID"),
+    nn.Conv(7, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1))),
+    nn.Conv(7, (3, 3), padding="SAME"),
+    nn.Conv(7, (1, 1)),
+  ):
     variables = conv.init(jax.random.key(1), x)
     want = conv.apply(variables, x)
     with tiling.tiled_convolutions(strip_rows=4):
@@ -80,8 +88,11 @@ def test_strided_and_explicitly_padded_convs_are_exact():
 def test_upsampling_conv_in_strips_equals_conv_of_the_upsampled_image():
   x = jax.random.normal(jax.random.key(0), (2, 13, 7, 5))
   up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-  for conv in (nn.Conv(6, (3, 3), padding="SAME"), nn.Conv(6, (3, 3), padding="VALID"),
-               nn.Conv(6, (4, 4), strides=(2, 2), padding=((1, 2), (1, 1)))):
+  for conv in (
+    nn.Conv(6, (3, 3), padding="SAME"),
+    nn.Conv(6, (3, 3), padding="VALID"),
+    nn.Conv(6, (4, 4), strides=(2, 2), padding=((1, 2), (1, 1))),
+  ):
     variables = conv.init(jax.random.key(1), up)
     want = conv.apply(variables, up)
     for strip_rows in (1, 3, 5, 40):
@@ -93,8 +104,10 @@ def test_norm_swish_and_concat_inside_strips_equal_the_whole_image_ops():
   """GroupNorm (whole-image statistics, groups straddling the two parts) + swish + concat, done
   per strip inside the convolution, equal the same ops on whole arrays."""
   keys = jax.random.split(jax.random.key(0), 3)
-  parts = [2.0 + jax.random.normal(keys[0], (2, 19, 9, 6)),
-           jax.random.normal(keys[1], (2, 19, 9, 10))]
+  parts = [
+    2.0 + jax.random.normal(keys[0], (2, 19, 9, 6)),
+    jax.random.normal(keys[1], (2, 19, 9, 10)),
+  ]
   x = jnp.concatenate(parts, axis=-1)
   norm = nn.GroupNorm(num_groups=4, epsilon=1e-6)
   norm_vars = jax.tree.map(lambda p: p + jax.random.normal(keys[2], p.shape), norm.init(keys[2], x))
@@ -129,14 +142,17 @@ def test_tiled_group_norm_keeps_the_input_dtype_and_equals_the_exact_norm():
   equals a float64 reference to 1e-5 (flax's one-pass variance is 3e-5 off here: mean 3, std 1)."""
   norm = nn.GroupNorm(num_groups=4, epsilon=1e-6, dtype=jnp.float32)
   x = 3.0 + jax.random.normal(jax.random.key(0), (2, 40, 12, 16))
-  variables = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(1), p.shape),
-                           norm.init(jax.random.key(0), x))
+  variables = jax.tree.map(
+    lambda p: p + jax.random.normal(jax.random.key(1), p.shape), norm.init(jax.random.key(0), x)
+  )
   with tiling.tiled_convolutions(strip_rows=8):
     got32 = norm.apply(variables, x)
     got16 = norm.apply(variables, x.astype(jnp.bfloat16))
   g = np.asarray(x, np.float64).reshape(2, 40, 12, 4, 4)
-  exact = ((g - g.mean(axis=(1, 2, 4), keepdims=True))
-           / np.sqrt(g.var(axis=(1, 2, 4), keepdims=True) + 1e-6)).reshape(x.shape)
+  exact = (
+    (g - g.mean(axis=(1, 2, 4), keepdims=True))
+    / np.sqrt(g.var(axis=(1, 2, 4), keepdims=True) + 1e-6)
+  ).reshape(x.shape)
   params = jax.tree.map(lambda p: np.asarray(p, np.float64), variables["params"])
   np.testing.assert_allclose(got32, exact * params["scale"] + params["bias"], atol=1e-5, rtol=0)
   assert got16.dtype == jnp.bfloat16

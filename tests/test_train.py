@@ -30,14 +30,19 @@ COARSE = ("--config.loss.disc_start=2",)
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   from zipir_jax.data import testing
+
   root = tmp_path_factory.mktemp("train")
   data = root / "data"
   testing.write_image_folder(str(data), [(80, 80), (96, 128), (72, 100), (128, 96), (100, 100)])
   # A persistent XLA cache shared by test sessions (keys include the jax version and the program).
   cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
-  environ = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  environ = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    JAX_COMPILATION_CACHE_DIR=str(cache),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+  )
   environ.pop("XLA_FLAGS", None)
   return {"root": root, "data": str(data), "environ": environ}
 
@@ -45,16 +50,26 @@ def env(tmp_path_factory):
 def train_command(env, stage, workdir, *overrides, num_steps=2, config="configs/tiny.py"):
   """`make demo`'s own train.py command (so its flags are checked here) + the tests' settings."""
   from zipir_jax import demo
-  return [*demo.stage_command(stage, str(workdir), env["data"], num_steps, config),
-          "--config.train.log_every=1",  # the demo's bucket is the tests' ((64,64,4),)
-          "--config.train.image_every=0", "--config.train.latent_stats_batches=2",
-          "--config.train.async_checkpointing=False", *overrides]
+
+  return [
+    *demo.stage_command(stage, str(workdir), env["data"], num_steps, config),
+    "--config.train.log_every=1",  # the demo's bucket is the tests' ((64,64,4),)
+    "--config.train.image_every=0",
+    "--config.train.latent_stats_batches=2",
+    "--config.train.async_checkpointing=False",
+    *overrides,
+  ]
 
 
 def run_train(env, stage, workdir, *overrides, num_steps=2, config="configs/tiny.py"):
-  return subprocess.run(train_command(env, stage, workdir, *overrides, num_steps=num_steps,
-                                      config=config),
-                        cwd=ROOT, env=env["environ"], capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    train_command(env, stage, workdir, *overrides, num_steps=num_steps, config=config),
+    cwd=ROOT,
+    env=env["environ"],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def ok(result):
@@ -69,6 +84,7 @@ def read_metrics(path):
 
 def restore_raw(path):
   import orbax.checkpoint as ocp
+
   return ocp.StandardCheckpointer().restore(str(path))
 
 
@@ -95,8 +111,11 @@ def test_stages_chain_from_command_line_then_make_demo(env, tmp_path, capsys):
 
   for stage in STAGES:
     n = 6 if stage == "vae_coarse" else 2
-    extra = {"vae_coarse": COARSE, "pixel_decoder": ("--config.train.image_every=2",),
-             "dit": ("--config.train.image_every=1",)}
+    extra = {
+      "vae_coarse": COARSE,
+      "pixel_decoder": ("--config.train.image_every=2",),
+      "dit": ("--config.train.image_every=1",),
+    }
     ok(run_train(env, stage, workdir, *extra.get(stage, ()), num_steps=n))
     assert (workdir / stage / "checkpoints" / str(n) / "state").is_dir(), stage
     metrics = read_metrics(workdir / stage / "metrics.jsonl")
@@ -106,6 +125,7 @@ def test_stages_chain_from_command_line_then_make_demo(env, tmp_path, capsys):
   # dit: HQ | LQ↑ | restoration (short DDIM from the EMA DiT, decoded by D_f*) after every step,
   # as PNG and as a TensorBoard image; 4 examples of 64x64 stacked, 3 panels wide.
   from PIL import Image
+
   grids = sorted((workdir / "dit" / "images").glob("*.png"))
   assert [p.name for p in grids] == ["00000001_hq_lq_output.png", "00000002_hq_lq_output.png"]
   for path in grids:
@@ -126,22 +146,28 @@ def test_stages_chain_from_command_line_then_make_demo(env, tmp_path, capsys):
   # exactly the trainable networks.
   coarse = restore_raw(workdir / "vae_coarse" / "export" / "params")
   fine = restore_raw(workdir / "vae_fine" / "export" / "params")
-  for stage, frozen_from, names in (("vae_fine", coarse, ("coarse_encoder",)),
-                                    ("pixel_decoder", fine, ("coarse_encoder", "fine_encoder")),
-                                    ("dit", fine, ("coarse_encoder", "fine_encoder"))):
+  for stage, frozen_from, names in (
+    ("vae_fine", coarse, ("coarse_encoder",)),
+    ("pixel_decoder", fine, ("coarse_encoder", "fine_encoder")),
+    ("dit", fine, ("coarse_encoder", "fine_encoder")),
+  ):
     state = restore_raw(workdir / stage / "checkpoints" / "2" / "state")
     for name in names:
       got, want = flat(state["frozen"][name]), flat(frozen_from[name])
       assert got.keys() == want.keys()
       for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=f"{stage}: {name}/{k}")
-    optimised = {k.split("/")[k.split("/").index("mu") + 1] for k in flat(state["opt_state"])
-                 if "/mu/" in f"/{k}/"}
+    optimised = {
+      k.split("/")[k.split("/").index("mu") + 1]
+      for k in flat(state["opt_state"])
+      if "/mu/" in f"/{k}/"
+    }
     assert optimised == set(state["params"]), (stage, optimised)
     assert not optimised & set(state["frozen"])
   assert set(fine["latent_stats"]) == {"mean", "std"} and fine["latent_stats"]["std"].shape == (64,)
 
   from zipir_jax import bundle
+
   restored = bundle.load_bundle(str(workdir / "dit" / "bundle"))
   np.testing.assert_array_equal(restored.params["latent_stats"]["std"], fine["latent_stats"]["std"])
 
@@ -154,6 +180,7 @@ def check_make_demo_reuses_finished_stages(chain, tmp_path, capsys):
   from PIL import Image
 
   from zipir_jax import demo
+
   out = tmp_path / "demo_out"
   shutil.copytree(chain, out / "work")
   assert demo.main(["--output", str(out)]) == 0
@@ -180,10 +207,13 @@ def test_sdvae_ablation_trains_vae_then_dit_into_a_bundle(env):
   run the LP-VAE stages' code, tested above; test_train_step checks the vae stage's last layer.)"""
   from zipir_jax import config_lib
   from zipir_jax.training import checkpointing
+
   config = "configs/tiny_sdvae.py"
   workdir = env["root"] / "sdvae"
-  with pytest.raises(checkpointing.MissingPrerequisiteError,
-                     match=f"train.py --config={config}:vae --workdir={workdir}"):
+  with pytest.raises(
+    checkpointing.MissingPrerequisiteError,
+    match=f"train.py --config={config}:vae --workdir={workdir}",
+  ):
     checkpointing.load_prerequisites(config_lib.load_config(f"{config}:dit"), str(workdir), config)
 
   ok(run_train(env, "vae", workdir, config=config))
@@ -200,14 +230,18 @@ def test_sdvae_ablation_trains_vae_then_dit_into_a_bundle(env):
   assert set(state["frozen"]) == {"encoder", "latent_stats", "null_text"}
   for k, v in flat(export["encoder"]).items():  # the frozen encoder is bit-identical
     np.testing.assert_array_equal(flat(state["frozen"]["encoder"])[k], v, err_msg=k)
-  assert {k.split("/")[k.split("/").index("mu") + 1] for k in flat(state["opt_state"])
-          if "/mu/" in f"/{k}/"} == {"dit"}
+  assert {
+    k.split("/")[k.split("/").index("mu") + 1]
+    for k in flat(state["opt_state"])
+    if "/mu/" in f"/{k}/"
+  } == {"dit"}
 
   import jax
   import jax.numpy as jnp
 
   from zipir_jax import bundle, restore
   from zipir_jax.models import autoencoder
+
   loaded = bundle.load_bundle(str(workdir / "dit" / "bundle"))
   assert set(loaded.params["vae"]) == {"encoder"}
   restorer = restore.Restorer(loaded)
@@ -217,26 +251,36 @@ def test_sdvae_ablation_trains_vae_then_dit_into_a_bundle(env):
   z = jax.random.normal(jax.random.key(0), (1, 2, 3, 64))
   lq = jnp.zeros((1, 64, 96, 3))
   sdvae = autoencoder.build_autoencoder(loaded.config)
-  want = sdvae.apply({"params": {"decoder": export["decoder"]}}, z * stats["std"] + stats["mean"],
-                     method="decode")
-  np.testing.assert_allclose(restorer.decode(restorer.params, z, lq, jnp.float32(1.0)), want,
-                             atol=1e-5)
+  want = sdvae.apply(
+    {"params": {"decoder": export["decoder"]}}, z * stats["std"] + stats["mean"], method="decode"
+  )
+  np.testing.assert_allclose(
+    restorer.decode(restorer.params, z, lq, jnp.float32(1.0)), want, atol=1e-5
+  )
 
 
 def test_nonfinite_batches_are_skipped_then_stop(env):
   workdir = env["root"] / "nan"
   # Step indices 1, 3, 4 get NaN images: 1 is skipped alone, 3+4 make two in a row -> stop.
-  result = run_train(env, "vae_coarse", workdir, *COARSE, "--config.train.nan_steps=(1,3,4)",
-                     "--config.train.max_nonfinite=2", "--config.train.checkpoint_every=1",
-                     "--config.train.keep_checkpoints=10",
-                     num_steps=6)
+  result = run_train(
+    env,
+    "vae_coarse",
+    workdir,
+    *COARSE,
+    "--config.train.nan_steps=(1,3,4)",
+    "--config.train.max_nonfinite=2",
+    "--config.train.checkpoint_every=1",
+    "--config.train.keep_checkpoints=10",
+    num_steps=6,
+  )
   assert result.returncode == 2, result.stderr[-3000:]
   assert "2 non-finite updates in a row" in result.stderr
   metrics = read_metrics(workdir / "vae_coarse" / "metrics.jsonl")
   assert [m["finite"] for m in metrics] == [1.0, 0.0, 1.0, 0.0]
   assert [m["skipped"] for m in metrics] == [0.0, 1.0, 1.0, 2.0]
-  checkpoints = sorted(int(p.name) for p in (workdir / "vae_coarse" / "checkpoints").iterdir()
-                       if p.name.isdigit())
+  checkpoints = sorted(
+    int(p.name) for p in (workdir / "vae_coarse" / "checkpoints").iterdir() if p.name.isdigit()
+  )
   assert checkpoints[-1] == 4  # nothing written for the step that stopped the run
   s2 = restore_raw(workdir / "vae_coarse" / "checkpoints" / "2" / "state")
   s1 = restore_raw(workdir / "vae_coarse" / "checkpoints" / "1" / "state")
@@ -247,8 +291,9 @@ def test_nonfinite_batches_are_skipped_then_stop(env):
 def run_until_sigterm(env, cmd, ready, log_path):
   """Runs ``cmd``, sends SIGTERM once its output shows ``ready``; (exit status, output)."""
   with open(log_path, "w", encoding="utf-8") as log:
-    process = subprocess.Popen(cmd, cwd=ROOT, env=env["environ"], stdout=log,
-                               stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+      cmd, cwd=ROOT, env=env["environ"], stdout=log, stderr=subprocess.STDOUT
+    )
     try:
       deadline = time.monotonic() + 300
       while ready not in log_path.read_text():
@@ -267,18 +312,21 @@ def test_resume_after_sigkill_and_sigterm_matches_straight_run(env):
   straight, resumed = env["root"] / "straight", env["root"] / "resumed"
   common = ("--config.train.checkpoint_every=1", *COARSE)
   ok(run_train(env, "vae_coarse", straight, *common, num_steps=6))
-  killed = run_train(env, "vae_coarse", resumed, *common, "--config.train.kill_after_step=3",
-                     num_steps=6)
+  killed = run_train(
+    env, "vae_coarse", resumed, *common, "--config.train.kill_after_step=3", num_steps=6
+  )
   assert killed.returncode == -9, killed.stderr[-3000:]
   assert not (resumed / "vae_coarse" / "export").exists()
 
   # Preemption: SIGTERM as soon as the resumed run's loop is set up (its first step then takes
   # seconds: no race with the run's end). Checkpoints now only every 1000 steps, asynchronous: a
   # checkpoint of the step in flight can only be the SIGTERM handler's.
-  cmd = train_command(env, "vae_coarse", resumed, *COARSE,
-                      "--config.train.async_checkpointing=True", num_steps=6)
-  returncode, output = run_until_sigterm(env, cmd, "training vae_coarse: steps 4..6",
-                                         env["root"] / "sigterm.log")
+  cmd = train_command(
+    env, "vae_coarse", resumed, *COARSE, "--config.train.async_checkpointing=True", num_steps=6
+  )
+  returncode, output = run_until_sigterm(
+    env, cmd, "training vae_coarse: steps 4..6", env["root"] / "sigterm.log"
+  )
   assert returncode == 0, output[-3000:]
   match = re.search(r"SIGTERM: checkpoint of step (\d+) written; exiting", output)
   assert match, output[-3000:]
@@ -292,8 +340,9 @@ def test_resume_after_sigkill_and_sigterm_matches_straight_run(env):
   assert not (resumed / "vae_coarse" / "export").exists()
 
   # The same command again: resumes from the SIGTERM checkpoint and finishes.
-  again = ok(subprocess.run(cmd, cwd=ROOT, env=env["environ"], capture_output=True, text=True,
-                            timeout=600))
+  again = ok(
+    subprocess.run(cmd, cwd=ROOT, env=env["environ"], capture_output=True, text=True, timeout=600)
+  )
   assert f"resumed vae_coarse from step {step} " in again.stderr
   assert (resumed / "vae_coarse" / "export" / "params").is_dir()
   a = read_metrics(straight / "vae_coarse" / "metrics.jsonl")

@@ -13,8 +13,10 @@ from zipir_jax.training import state as state_lib, steps
 
 def test_gradient_accumulation_equals_full_batch():
   rs = np.random.RandomState(0)
-  batch = {"x": jnp.asarray(rs.normal(size=(8, 3)), jnp.float32),
-           "y": jnp.asarray(rs.normal(size=(8,)), jnp.float32)}
+  batch = {
+    "x": jnp.asarray(rs.normal(size=(8, 3)), jnp.float32),
+    "y": jnp.asarray(rs.normal(size=(8,)), jnp.float32),
+  }
   params = {"w": jnp.asarray([0.5, -1.0, 2.0])}
 
   def loss_fn(p, b, rng):
@@ -25,7 +27,8 @@ def test_gradient_accumulation_equals_full_batch():
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (l1, _), g1 = steps.accumulate(grad_fn, params, batch, jax.random.PRNGKey(0), 1)
   (l4, aux4), g4 = jax.jit(lambda p, b: steps.accumulate(grad_fn, p, b, jax.random.PRNGKey(0), 4))(
-      params, batch)
+    params, batch
+  )
   np.testing.assert_allclose(l4, l1, rtol=1e-6)
   np.testing.assert_allclose(aux4["loss"], l1, rtol=1e-6)
   np.testing.assert_allclose(g4["w"], g1["w"], rtol=1e-5)
@@ -50,8 +53,9 @@ def test_mesh_and_specs():
     parallel.create_mesh((2, 3, 1))
   # A dimension the mesh axes do not divide stays replicated.
   fake = jax.sharding.Mesh(np.asarray(jax.devices() * 4)[:4].reshape(1, 4, 1), parallel.MESH_AXES)
-  assert parallel.fit_spec(P(None, None, None, "fsdp"), (3, 3, 16, 9), fake) == P(None, None, None,
-                                                                                   None)
+  assert parallel.fit_spec(P(None, None, None, "fsdp"), (3, 3, 16, 9), fake) == P(
+    None, None, None, None
+  )
   assert parallel.fit_spec(P("fsdp", "tensor"), (8, 6), fake) == P("fsdp", "tensor")
 
 
@@ -63,11 +67,13 @@ def test_stage_partition_names_every_network(path):
     assert state_lib.check_stage(config) == stage
     trainable, frozen = state_lib.TRAINABLE[stage], state_lib.frozen_parts(config)
     assert trainable and not set(trainable) & set(frozen)
-    boxed = jax.eval_shape(lambda c=config: state_lib.boxed_init(state_lib.build_models(c),
-                                                                 jax.random.PRNGKey(0)))
+    boxed = jax.eval_shape(
+      lambda c=config: state_lib.boxed_init(state_lib.build_models(c), jax.random.PRNGKey(0))
+    )
     assert set(trainable + frozen) <= set(boxed), (path, stage)
-    specs = jax.tree.leaves(nn.get_partition_spec(boxed[trainable[0]]),
-                            is_leaf=lambda x: isinstance(x, P))
+    specs = jax.tree.leaves(
+      nn.get_partition_spec(boxed[trainable[0]]), is_leaf=lambda x: isinstance(x, P)
+    )
     assert any(any(s) for s in specs), (path, stage)  # logical names reach the sharding rules
     if stage in state_lib.GAN_STAGES:  # the adaptive GAN weight's layer exists, trainable
       assert steps.LAST_LAYER[stage][0] in trainable
@@ -81,12 +87,14 @@ def test_restoration_decoder_of_the_dit_stage():
   """D_f* from the pixel_decoder export; with no fusion levels the plain decoder, which must be in
   the prerequisite export (the vae_fine export for the LP-VAE, the vae export for the SD-VAE)."""
   from zipir_jax.training import checkpointing, loop
+
   pd, d_f, d = {"extractor": 1, "decoder": 2}, {"w": 3}, {"w": 4}
   config = config_lib.load_config("configs/tiny.py:dit")
   assert loop.restoration_decoder(config, {"pixel_decoder": pd, "fine_decoder": d_f}) is pd
   config_lib.apply_overrides(config, {"pixel_decoder.fusion_levels": ()})
-  with pytest.raises(checkpointing.MissingPrerequisiteError,
-                     match=r"init_from.pixel_decoder at the vae_fine export"):
+  with pytest.raises(
+    checkpointing.MissingPrerequisiteError, match=r"init_from.pixel_decoder at the vae_fine export"
+  ):
     loop.restoration_decoder(config, {"pixel_decoder": pd, "latent_stats": 0})
   assert loop.restoration_decoder(config, {"fine_decoder": d_f}) == {"decoder": d_f}
   sdvae = config_lib.load_config("configs/tiny_sdvae.py:dit")
@@ -108,14 +116,14 @@ def test_sdvae_training_refuses_a_pixel_aware_decoder():
     state_lib.check_stage(lpvae)
 
 
-
-
 def _conv_dtypes(fn, *args) -> set[str]:
   """Result element types ("f32", "bf16") of the convolutions in ``fn``'s lowered StableHLO."""
   hlo = jax.jit(fn).lower(*args).as_text()
-  return {line.split("->")[-1].rsplit("x", 1)[-1].rstrip(">") for line in hlo.splitlines()
-          if "stablehlo.convolution" in line}
-
+  return {
+    line.split("->")[-1].rsplit("x", 1)[-1].rstrip(">")
+    for line in hlo.splitlines()
+    if "stablehlo.convolution" in line
+  }
 
 
 def test_frozen_encoders_run_at_frozen_dtype():
@@ -130,6 +138,7 @@ def test_frozen_encoders_run_at_frozen_dtype():
     frozen["latent_stats"] = {"mean": jnp.zeros(64), "std": jnp.ones(64)}
     encode = lambda f, b, m=models: steps.encode_latents(m, f, b["hq"])  # the dit stage's
     reconstruct = lambda f, p, b, m=models: steps.reconstruct(  # the pixel_decoder stage's
-        m, {"pixel_decoder": p}, f, b, None)[1]
+      m, {"pixel_decoder": p}, f, b, None
+    )[1]
     assert _conv_dtypes(encode, frozen, batch) == {short}
     assert _conv_dtypes(reconstruct, frozen, params["pixel_decoder"], batch) == {short, "f32"}

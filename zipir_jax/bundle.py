@@ -43,6 +43,7 @@ class BundleError(ValueError):
 @dataclasses.dataclass
 class Bundle:
   """Config, network parameters and the text encoder of one trained ZipIR."""
+
   config: ml_collections.ConfigDict
   params: dict[str, Any]
   text_config: t5.T5Config
@@ -59,22 +60,27 @@ def expected_shapes(config: ml_collections.ConfigDict) -> dict[str, Any]:
   latent = jnp.zeros((1, 1, 1, vae.latent_channels))
   pd = autoencoder.build_pixel_decoder(config)
   pd_params = jax.eval_shape(
-      lambda: nn.meta.unbox(pd.init(jax.random.key(0), latent, jnp.zeros(image)))["params"])
+    lambda: nn.meta.unbox(pd.init(jax.random.key(0), latent, jnp.zeros(image)))["params"]
+  )
   dit = dit_lib.build_dit(config)
-  dit_params = jax.eval_shape(lambda: dit_lib.init_dit(dit, jax.random.key(0),
-                                                       vae.latent_channels))
+  dit_params = jax.eval_shape(lambda: dit_lib.init_dit(dit, jax.random.key(0), vae.latent_channels))
   stats = jax.ShapeDtypeStruct((vae.latent_channels,), jnp.float32)
-  return {"vae": {k: vae_params[k] for k in autoencoder.encoder_keys(config)},
-          "pixel_decoder": pd_params, "dit": dit_params,
-          "latent_stats": {"mean": stats, "std": stats}}
+  return {
+    "vae": {k: vae_params[k] for k in autoencoder.encoder_keys(config)},
+    "pixel_decoder": pd_params,
+    "dit": dit_params,
+    "latent_stats": {"mean": stats, "std": stats},
+  }
 
 
 def check_params(config: ml_collections.ConfigDict, params: dict[str, Any], where: str) -> None:
   """Raises a BundleError naming the first missing, unexpected or wrongly shaped parameters."""
   missing_parts = [p for p in PARTS if p not in params]
   if missing_parts:
-    raise BundleError(f"{where}: bundle has no {', '.join(missing_parts)} parameters "
-                      f"(a restoration bundle holds {', '.join(PARTS)})")
+    raise BundleError(
+      f"{where}: bundle has no {', '.join(missing_parts)} parameters "
+      f"(a restoration bundle holds {', '.join(PARTS)})"
+    )
   want = flax.traverse_util.flatten_dict(expected_shapes(config), sep="/")
   have = flax.traverse_util.flatten_dict(params, sep="/")
   missing = sorted(set(want) - set(have))
@@ -87,11 +93,14 @@ def check_params(config: ml_collections.ConfigDict, params: dict[str, Any], wher
     problems.append(f"{len(extra)} parameters the config does not build, e.g. {extra[:3]}")
   if wrong:
     k = wrong[0]
-    problems.append(f"{len(wrong)} with wrong shapes, e.g. {k}: {tuple(have[k].shape)} in the "
-                    f"bundle, {tuple(want[k].shape)} from the config")
+    problems.append(
+      f"{len(wrong)} with wrong shapes, e.g. {k}: {tuple(have[k].shape)} in the "
+      f"bundle, {tuple(want[k].shape)} from the config"
+    )
   if problems:
-    raise BundleError(f"{where}: parameters do not match config '{config.name}': "
-                      + "; ".join(problems))
+    raise BundleError(
+      f"{where}: parameters do not match config '{config.name}': " + "; ".join(problems)
+    )
 
 
 def random_bundle(config: ml_collections.ConfigDict, rng: jax.Array) -> Bundle:
@@ -109,20 +118,25 @@ def random_bundle(config: ml_collections.ConfigDict, rng: jax.Array) -> Bundle:
   latent = jnp.zeros((1, 1, 1, vae.latent_channels))
   fresh = nn.meta.unbox(jax.jit(pd.init)(rng_pd, latent, jnp.zeros(image)))["params"]
   lpvae = config.vae.kind == "lpvae"
-  pd_params = init_from_autoencoder(fresh, vae_params["fine_encoder" if lpvae else "encoder"],
-                                    vae_params["fine_decoder" if lpvae else "decoder"])
+  pd_params = init_from_autoencoder(
+    fresh,
+    vae_params["fine_encoder" if lpvae else "encoder"],
+    vae_params["fine_decoder" if lpvae else "decoder"],
+  )
   dit = dit_lib.build_dit(config)
   params = {
-      "vae": {k: vae_params[k] for k in autoencoder.encoder_keys(config)},
-      "pixel_decoder": pd_params,
-      "dit": dit_lib.init_dit(dit, rng_dit, vae.latent_channels),
-      "latent_stats": {"mean": jnp.zeros(vae.latent_channels), "std": jnp.ones(vae.latent_channels)},
+    "vae": {k: vae_params[k] for k in autoencoder.encoder_keys(config)},
+    "pixel_decoder": pd_params,
+    "dit": dit_lib.init_dit(dit, rng_dit, vae.latent_channels),
+    "latent_stats": {"mean": jnp.zeros(vae.latent_channels), "std": jnp.ones(vae.latent_channels)},
   }
   if config.text.encoder_path:
-    text_config, text_params, tokenizer = t5.load_t5_encoder(config.text.encoder_path,
-                                                             dtype=config.text.dtype)
+    text_config, text_params, tokenizer = t5.load_t5_encoder(
+      config.text.encoder_path, dtype=config.text.dtype
+    )
   else:
     import transformers  # pylint: disable=g-import-not-at-top
+
     text_config = t5.tiny_byt5_config(d_model=config.dit.text_dim, dtype=config.text.dtype)
     text_params = t5.init_t5_encoder(text_config, rng_text)
     tokenizer = transformers.ByT5Tokenizer()
@@ -144,15 +158,18 @@ def save_bundle(path: str, bundle: Bundle) -> None:
   checkpointer.save(os.path.join(path, "params"), jax.tree.map(np.asarray, bundle.params))
   checkpointer.wait_until_finished()
   if not bundle.config.text.encoder_path:
-    t5.save_hf_encoder(os.path.join(path, "text_encoder"), bundle.text_config,
-                       bundle.text_params, bundle.tokenizer)
+    t5.save_hf_encoder(
+      os.path.join(path, "text_encoder"), bundle.text_config, bundle.text_params, bundle.tokenizer
+    )
 
 
 def _read_config(path: str) -> ml_collections.ConfigDict:
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
-    raise BundleError(f"{path}: not a ZipIR bundle (no config.json); export one from training or "
-                      "make one with zipir_jax.bundle.save_bundle")
+    raise BundleError(
+      f"{path}: not a ZipIR bundle (no config.json); export one from training or "
+      "make one with zipir_jax.bundle.save_bundle"
+    )
   try:
     with open(config_path, encoding="utf-8") as f:
       return ml_collections.ConfigDict(json.load(f))
@@ -181,8 +198,10 @@ def load_bundle(path: str) -> Bundle:
     raise BundleError(f"{path}: no text encoder: neither {text_path} nor config.text.encoder_path")
   text_config, text_params, tokenizer = t5.load_t5_encoder(text_path, dtype=config.text.dtype)
   if text_config.d_model != config.dit.text_dim:
-    raise BundleError(f"{text_path}: text encoder width {text_config.d_model} != the DiT's "
-                      f"text_dim {config.dit.text_dim}")
+    raise BundleError(
+      f"{text_path}: text encoder width {text_config.d_model} != the DiT's "
+      f"text_dim {config.dit.text_dim}"
+    )
   return Bundle(config, params, text_config, text_params, tokenizer)
 
 
@@ -201,20 +220,27 @@ def with_plain_decoder(bundle: Bundle, export_path: str) -> Bundle:
   key, stage = PLAIN_DECODER[bundle.config.vae.kind]
   params_path = os.path.join(os.path.abspath(export_path), "params")
   if not os.path.isdir(params_path):
-    raise BundleError(f"{params_path}: no training export there (the plain decoder comes from "
-                      f"the {stage} stage's export, WORKDIR/{stage}/export)")
+    raise BundleError(
+      f"{params_path}: no training export there (the plain decoder comes from "
+      f"the {stage} stage's export, WORKDIR/{stage}/export)"
+    )
   try:
     export = ocp.StandardCheckpointer().restore(params_path)
   except Exception as e:  # Orbax raises several types for unreadable checkpoints.
     raise BundleError(f"{params_path}: cannot read the export ({type(e).__name__}: {e})") from e
   if key not in export:
-    raise BundleError(f"{export_path}: export has no {key} (it holds {', '.join(sorted(export))}); "
-                      f"the plain decoder comes from the {stage} stage's export")
+    raise BundleError(
+      f"{export_path}: export has no {key} (it holds {', '.join(sorted(export))}); "
+      f"the plain decoder comes from the {stage} stage's export"
+    )
   stats, ours = export.get("latent_stats"), bundle.params["latent_stats"]
-  if stats is None or any(not np.array_equal(np.asarray(stats[k]), np.asarray(ours[k]))
-                          for k in ("mean", "std")):
-    raise BundleError(f"{export_path}: its latent statistics differ from the bundle's: the "
-                      f"decoder is from another training run than the bundle's DiT")
+  if stats is None or any(
+    not np.array_equal(np.asarray(stats[k]), np.asarray(ours[k])) for k in ("mean", "std")
+  ):
+    raise BundleError(
+      f"{export_path}: its latent statistics differ from the bundle's: the "
+      f"decoder is from another training run than the bundle's DiT"
+    )
   config = copy.deepcopy(bundle.config)
   with config.unlocked():
     config.pixel_decoder.fusion_levels = ()

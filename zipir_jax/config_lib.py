@@ -41,8 +41,9 @@ def parse_stage(arg: str | None, valid: Sequence[str], where: str) -> str:
     return valid[-1]
   if arg not in valid:
     raise ConfigError(
-        f"{where}: unknown stage {arg!r}; valid stages are: {', '.join(valid)} "
-        f"(e.g. --config={where}:{valid[0]})")
+      f"{where}: unknown stage {arg!r}; valid stages are: {', '.join(valid)} "
+      f"(e.g. --config={where}:{valid[0]})"
+    )
   return arg
 
 
@@ -184,7 +185,9 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   tr.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices.
   tr.log_every = 50
   tr.image_every = 1000  # image grids HQ | LQ↑ | output; 0 = never.
-  tr.preview_steps = 0  # DDIM steps of the dit stage's image grid; 0 = min(8, diffusion.sample_steps).
+  tr.preview_steps = (
+    0  # DDIM steps of the dit stage's image grid; 0 = min(8, diffusion.sample_steps).
+  )
   tr.checkpoint_every = 1000
   tr.keep_checkpoints = 3
   tr.async_checkpointing = True
@@ -270,7 +273,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file {path!r} does not exist")
   module_spec = importlib.util.spec_from_file_location(
-      f"_zipir_config_{os.path.basename(path)[:-3]}", path)
+    f"_zipir_config_{os.path.basename(path)[:-3]}", path
+  )
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
@@ -278,27 +282,34 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg or None)
 
 
-def _parent(config: ml_collections.ConfigDict, dotted: str
-            ) -> tuple[ml_collections.ConfigDict, str]:
+def _parent(
+  config: ml_collections.ConfigDict, dotted: str
+) -> tuple[ml_collections.ConfigDict, str]:
   """(the ConfigDict that holds key ``dotted``, its last part); a KeyError names the valid keys."""
   *parents, leaf = dotted.split(".")
   node = config
   for i, key in enumerate(parents):
     if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-      raise KeyError(f"config key {'.'.join(parents[:i + 1])!r} does not exist; valid keys at "
-                     f"that level: {', '.join(sorted(node.keys()))}")
+      raise KeyError(
+        f"config key {'.'.join(parents[: i + 1])!r} does not exist; valid keys at "
+        f"that level: {', '.join(sorted(node.keys()))}"
+      )
     node = node[key]
   if not isinstance(node, ml_collections.ConfigDict):
-    raise KeyError(f"config key {dotted!r} does not exist: {'.'.join(parents)!r} is a value, not "
-                   f"a group of keys")
+    raise KeyError(
+      f"config key {dotted!r} does not exist: {'.'.join(parents)!r} is a value, not a group of keys"
+    )
   if leaf not in node:
-    raise KeyError(f"config key {dotted!r} does not exist; valid keys at that level: "
-                   f"{', '.join(sorted(node.keys()))}")
+    raise KeyError(
+      f"config key {dotted!r} does not exist; valid keys at that level: "
+      f"{', '.join(sorted(node.keys()))}"
+    )
   return node, leaf
 
 
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: dict[str, object]) -> ml_collections.ConfigDict:
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides: dict[str, object]
+) -> ml_collections.ConfigDict:
   """Sets dotted keys (``{"vae.ch": 64}``); a wrong key raises a KeyError naming the valid ones."""
   for dotted, value in overrides.items():
     node, leaf = _parent(config, dotted)
@@ -315,7 +326,7 @@ def _argv_config(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     elif arg == "--config" and i + 1 < len(argv):
       spec = argv[i + 1]
     elif arg.startswith("--config."):
-      keys.append(arg[len("--config."):].partition("=")[0])
+      keys.append(arg[len("--config.") :].partition("=")[0])
   return spec, keys
 
 
@@ -326,6 +337,7 @@ def flags_parser(argv: list[str]) -> list[str]:
   AttributeError from inside flag parsing. (A config flag with a default is parsed, overrides
   included, when it is defined: such programs give it no default.)"""
   from absl import app  # pylint: disable=g-import-not-at-top
+
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:

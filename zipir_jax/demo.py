@@ -45,19 +45,19 @@ STRENGTH = 0.5  # sample.py --strength: see main()
 
 # (package, name) -> caption. The README lists each photo's source and licence.
 TRAIN_PHOTOS = {
-    ("skimage", "astronaut"): "an astronaut in a white spacesuit in front of a flag",
-    ("skimage", "coffee"): "a cup of coffee on a saucer",
-    ("skimage", "chelsea"): "a tabby cat looking to the side",
-    ("skimage", "rocket"): "a rocket on a launch pad",
-    ("skimage", "immunohistochemistry"): "a stained tissue section under a microscope",
-    ("skimage", "hubble_deep_field"): "galaxies in deep space",
-    ("skimage", "retina"): "a photograph of a human retina",
-    ("sklearn", "china"): "a chinese temple with trees",
+  ("skimage", "astronaut"): "an astronaut in a white spacesuit in front of a flag",
+  ("skimage", "coffee"): "a cup of coffee on a saucer",
+  ("skimage", "chelsea"): "a tabby cat looking to the side",
+  ("skimage", "rocket"): "a rocket on a launch pad",
+  ("skimage", "immunohistochemistry"): "a stained tissue section under a microscope",
+  ("skimage", "hubble_deep_field"): "galaxies in deep space",
+  ("skimage", "retina"): "a photograph of a human retina",
+  ("sklearn", "china"): "a chinese temple with trees",
 }
 HELDOUT_PHOTOS = {
-    ("skimage", "cat"): "a cat with white whiskers",
-    ("sklearn", "flower"): "a pink flower with yellow centre",
-    ("matplotlib", "grace_hopper"): "a portrait of a woman in a navy uniform",
+  ("skimage", "cat"): "a cat with white whiskers",
+  ("sklearn", "flower"): "a pink flower with yellow centre",
+  ("matplotlib", "grace_hopper"): "a portrait of a woman in a navy uniform",
 }
 PANELS = ("LQ (nearest)", "bicubic", "Real-ESRGAN", "ZipIR (tiny)", "HQ")
 
@@ -70,12 +70,15 @@ def load_photo(package: str, name: str) -> np.ndarray:
   """A uint8 RGB photo from an installed package's bundled sample data (no download)."""
   if package == "skimage":
     from skimage import data  # pylint: disable=g-import-not-at-top
+
     image = getattr(data, name)()
   elif package == "sklearn":
     from sklearn.datasets import load_sample_image  # pylint: disable=g-import-not-at-top
+
     image = load_sample_image(f"{name}.jpg")
   elif package == "matplotlib":
     from matplotlib import cbook  # pylint: disable=g-import-not-at-top
+
     with cbook.get_sample_data(f"{name}.jpg") as f:
       image = np.asarray(Image.open(f).convert("RGB"))
   else:
@@ -87,9 +90,12 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
   h, w = image.shape[:2]
   side = min(h, w)
   top, left = (h - side) // 2, (w - side) // 2
-  square = Image.fromarray(image[top:top + side, left:left + side])
-  return np.asarray(square.resize((size, size), Image.Resampling.LANCZOS)) if side != size else \
-      np.asarray(square)
+  square = Image.fromarray(image[top : top + side, left : left + side])
+  return (
+    np.asarray(square.resize((size, size), Image.Resampling.LANCZOS))
+    if side != size
+    else np.asarray(square)
+  )
 
 
 def gather_photos(root: str) -> tuple[str, str]:
@@ -109,6 +115,7 @@ def gather_photos(root: str) -> tuple[str, str]:
 
 def stage_done(workdir: str, stage: str) -> bool:
   from zipir_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+
   if stage == "dit":
     return os.path.isdir(os.path.join(checkpointing.stage_dir(workdir, stage), "bundle", "params"))
   return os.path.isdir(os.path.join(checkpointing.export_dir(workdir, stage), "params"))
@@ -117,22 +124,26 @@ def stage_done(workdir: str, stage: str) -> bool:
 _STEP_LINE = re.compile(r"\] step (\d+): (.*)")
 
 
-def run_logged(cmd: Sequence[str], log_path: str, label: str, total_steps: int | None = None
-               ) -> None:
+def run_logged(
+  cmd: Sequence[str], log_path: str, label: str, total_steps: int | None = None
+) -> None:
   """Runs ``cmd``; its whole output goes to ``log_path``, progress lines to the console."""
   say(f"{label}: {' '.join(cmd)}")
   with open(log_path, "w", encoding="utf-8") as log:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
+    proc = subprocess.Popen(
+      cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     for line in proc.stdout:
       log.write(line)
       match = _STEP_LINE.search(line)
       if match and total_steps:
         values = dict(kv.split("=", 1) for kv in match.group(2).split(", ") if "=" in kv)
         eta = float(values.get("eta_hours", "nan")) * 3600
-        print(f"    {label} step {match.group(1)}/{total_steps}  loss {values.get('loss', '?')}  "
-              f"{float(values.get('steps_per_sec', 'nan')):.1f} steps/s  ETA {eta:.0f} s",
-              flush=True)
+        print(
+          f"    {label} step {match.group(1)}/{total_steps}  loss {values.get('loss', '?')}  "
+          f"{float(values.get('steps_per_sec', 'nan')):.1f} steps/s  ETA {eta:.0f} s",
+          flush=True,
+        )
       elif total_steps is None and ("100%|" in line or "FAILED" in line or "restored" in line):
         print("    " + line.rstrip().split("\r")[-1][-150:], flush=True)
     if proc.wait():
@@ -140,34 +151,45 @@ def run_logged(cmd: Sequence[str], log_path: str, label: str, total_steps: int |
       raise RuntimeError(f"{label} failed (exit {proc.returncode}); log: {log_path}\n{tail}")
 
 
-def stage_command(stage: str, workdir: str, data: str, num_steps: int,
-                  config_file: str = "configs/tiny.py") -> list[str]:
+def stage_command(
+  stage: str, workdir: str, data: str, num_steps: int, config_file: str = "configs/tiny.py"
+) -> list[str]:
   """The ``train.py`` command line of one demo stage (the tiny config, one crop size).
 
   The tiny config's GAN loss stays off (its ``disc_start`` is beyond a few hundred steps): the
   discriminator needs far longer to help than the demo trains.
   """
-  return [sys.executable, "train.py", f"--config={config_file}:{stage}",
-          f"--workdir={workdir}", f"--config.data.path={data}",
-          f"--config.data.buckets={DEMO_BUCKETS}",
-          f"--config.optim.num_steps={num_steps}",
-          f"--config.optim.warmup_steps={max(1, num_steps // 10)}",
-          f"--config.train.log_every={max(1, num_steps // 6)}",
-          f"--config.train.image_every={num_steps}",
-          f"--config.train.checkpoint_every={num_steps}",
-          "--config.train.latent_stats_batches=16"]
+  return [
+    sys.executable,
+    "train.py",
+    f"--config={config_file}:{stage}",
+    f"--workdir={workdir}",
+    f"--config.data.path={data}",
+    f"--config.data.buckets={DEMO_BUCKETS}",
+    f"--config.optim.num_steps={num_steps}",
+    f"--config.optim.warmup_steps={max(1, num_steps // 10)}",
+    f"--config.train.log_every={max(1, num_steps // 6)}",
+    f"--config.train.image_every={num_steps}",
+    f"--config.train.checkpoint_every={num_steps}",
+    "--config.train.latent_stats_batches=16",
+  ]
 
 
 def train_stages(workdir: str, data: str, steps: Sequence[int], logs: str) -> str:
   """Runs (or reuses) every stage; returns the dit stage's restoration bundle."""
   from zipir_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+
   for stage, num_steps in zip(STAGES, steps):
     if stage_done(workdir, stage):
       say(f"{stage}: finished earlier, reusing {workdir}/{stage}")
       continue
     start = time.time()
-    run_logged(stage_command(stage, workdir, data, num_steps),
-               os.path.join(logs, f"train_{stage}.log"), stage, num_steps)
+    run_logged(
+      stage_command(stage, workdir, data, num_steps),
+      os.path.join(logs, f"train_{stage}.log"),
+      stage,
+      num_steps,
+    )
     say(f"{stage}: done in {time.time() - start:.0f} s")
   return os.path.join(checkpointing.stage_dir(workdir, "dit"), "bundle")
 
@@ -191,8 +213,11 @@ def read_rgb(path: str) -> np.ndarray:
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--output", default="demo_out", help="everything the demo writes")
-  parser.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)),
-                      help="training steps of vae_coarse,vae_fine,pixel_decoder,dit")
+  parser.add_argument(
+    "--steps",
+    default=",".join(map(str, DEFAULT_STEPS)),
+    help="training steps of vae_coarse,vae_fine,pixel_decoder,dit",
+  )
   parser.add_argument("--fresh", action="store_true", help="retrain every stage")
   args = parser.parse_args(argv)
   steps = [int(s) for s in args.steps.split(",")]
@@ -209,20 +234,27 @@ def main(argv: Sequence[str] | None = None) -> int:
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(out, "xla_cache"))
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   t0 = time.time()
-  say("ZipIR demo: a tiny model trained for a few CPU minutes on a dozen photos. It shows the "
-      "pipeline end to end; it is NOT the paper's model and will not restore like it.")
+  say(
+    "ZipIR demo: a tiny model trained for a few CPU minutes on a dozen photos. It shows the "
+    "pipeline end to end; it is NOT the paper's model and will not restore like it."
+  )
 
   say(f"1/4 photos from scikit-image, scikit-learn and matplotlib -> {out}/photos")
   train, heldout = gather_photos(os.path.join(out, "photos"))
-  say(f"    {len(TRAIN_PHOTOS)} for training, {len(HELDOUT_PHOTOS)} held out "
-      f"({', '.join(n for _, n in HELDOUT_PHOTOS)})")
+  say(
+    f"    {len(TRAIN_PHOTOS)} for training, {len(HELDOUT_PHOTOS)} held out "
+    f"({', '.join(n for _, n in HELDOUT_PHOTOS)})"
+  )
 
   say("2/4 training the tiny config through the four stages with train.py")
   bundle = train_stages(work, train, steps, logs)
 
-  say(f"3/4 degrading the held-out photos ({PRESET}: 8x, blur, noise, JPEG) and restoring them "
-      "with sample.py")
+  say(
+    f"3/4 degrading the held-out photos ({PRESET}: 8x, blur, noise, JPEG) and restoring them "
+    "with sample.py"
+  )
   from zipir_jax import evaluate  # pylint: disable=g-import-not-at-top
+
   items = evaluate.load_hq_images(heldout, SIZE, 0, say)
   lq_dir, restored_dir = os.path.join(out, "lq"), os.path.join(out, "restored")
   os.makedirs(lq_dir, exist_ok=True)
@@ -232,17 +264,40 @@ def main(argv: Sequence[str] | None = None) -> int:
       f.write(caption + "\n")
   # A DiT trained for minutes cannot yet generate from pure noise (strength 1, the paper's
   # setting); the demo starts from the LQ latent noised to half strength (the fidelity knob).
-  run_logged([sys.executable, "sample.py", f"--checkpoint={bundle}", f"--input={lq_dir}",
-              f"--output={restored_dir}", "--scale=8", f"--strength={STRENGTH}", "--seed=0",
-              "--overwrite"],
-             os.path.join(logs, "sample.log"), "sample.py")
+  run_logged(
+    [
+      sys.executable,
+      "sample.py",
+      f"--checkpoint={bundle}",
+      f"--input={lq_dir}",
+      f"--output={restored_dir}",
+      "--scale=8",
+      f"--strength={STRENGTH}",
+      "--seed=0",
+      "--overwrite",
+    ],
+    os.path.join(logs, "sample.log"),
+    "sample.py",
+  )
 
   say("4/4 scoring ZipIR against bicubic and Real-ESRGAN with zipir_jax.evaluate")
   eval_dir = os.path.join(out, "eval")
-  run_logged([sys.executable, "-m", "zipir_jax.evaluate", "--method=bicubic,realesrgan",
-              f"--restored=zipir={restored_dir}", f"--data={heldout}", f"--preset={PRESET}",
-              f"--size={SIZE}", "--seed=0", f"--output={eval_dir}"],
-             os.path.join(logs, "evaluate.log"), "evaluate")
+  run_logged(
+    [
+      sys.executable,
+      "-m",
+      "zipir_jax.evaluate",
+      "--method=bicubic,realesrgan",
+      f"--restored=zipir={restored_dir}",
+      f"--data={heldout}",
+      f"--preset={PRESET}",
+      f"--size={SIZE}",
+      "--seed=0",
+      f"--output={eval_dir}",
+    ],
+    os.path.join(logs, "evaluate.log"),
+    "evaluate",
+  )
   panels = os.path.join(out, "side_by_side")
   os.makedirs(panels, exist_ok=True)
   for name, hq, _ in items:
@@ -250,8 +305,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not np.array_equal(lq, read_rgb(os.path.join(eval_dir, "lq", f"{name}.png"))):
       raise RuntimeError(f"{name}: evaluate degraded the photo differently from the demo")
     lq_big = np.asarray(Image.fromarray(lq).resize((SIZE, SIZE), Image.Resampling.NEAREST))
-    rows = [lq_big] + [read_rgb(os.path.join(eval_dir, m, f"{name}.png"))
-                       for m in ("bicubic", "realesrgan", "zipir")] + [hq]
+    rows = (
+      [lq_big]
+      + [
+        read_rgb(os.path.join(eval_dir, m, f"{name}.png"))
+        for m in ("bicubic", "realesrgan", "zipir")
+      ]
+      + [hq]
+    )
     side_by_side(rows, PANELS).save(os.path.join(panels, f"{name}.png"))
   table = open(os.path.join(eval_dir, "table.md"), encoding="utf-8").read()
   shutil.copy(os.path.join(eval_dir, "table.md"), os.path.join(out, "metrics.md"))
@@ -263,8 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"  metrics table        {out}/metrics.md  (per image: {eval_dir}/metrics.json)")
   print(f"  training logs        tensorboard --logdir {work}   (also {work}/<stage>/metrics.jsonl)")
   print(f"  restoration bundle   {bundle}   (python sample.py --checkpoint=... --input=...)")
-  print(f"  Reminder: a few-minute CPU model demonstrates the pipeline; it is not the paper's model "
-        f"(and it samples at --strength={STRENGTH}, not from pure noise).")
+  print(
+    f"  Reminder: a few-minute CPU model demonstrates the pipeline; it is not the paper's model "
+    f"(and it samples at --strength={STRENGTH}, not from pure noise)."
+  )
   return 0
 
 

@@ -43,6 +43,7 @@ TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
 @flax.struct.dataclass
 class NoiseSchedule:
   """β_t and ᾱ_t = Π(1 − β_s) for t = 0 … T−1 (float32 arrays; a pytree, so it can enter jit)."""
+
   betas: Array
   alphas_cumprod: Array
 
@@ -51,28 +52,34 @@ class NoiseSchedule:
     return self.betas.shape[0]
 
 
-def make_schedule(num_train_steps: int = 1000, beta_start: float = 0.00085,
-                  beta_end: float = 0.012, beta_schedule: str = "scaled_linear") -> NoiseSchedule:
+def make_schedule(
+  num_train_steps: int = 1000,
+  beta_start: float = 0.00085,
+  beta_end: float = 0.012,
+  beta_schedule: str = "scaled_linear",
+) -> NoiseSchedule:
   """The DDPM noise schedule; computed in float64, stored in float32.
 
   ``scaled_linear`` is LDM's: β_t = (linspace(√β_start, √β_end, T))², the schedule these numbers
   come from (supp. A); ``linear``: β_t = linspace(β_start, β_end, T).
   """
   if beta_schedule == "scaled_linear":
-    betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_steps, dtype=np.float64) ** 2
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_steps, dtype=np.float64) ** 2
   elif beta_schedule == "linear":
     betas = np.linspace(beta_start, beta_end, num_train_steps, dtype=np.float64)
   else:
-    raise config_lib.ConfigError(f"beta_schedule={beta_schedule!r}; valid: "
-                                 f"{', '.join(BETA_SCHEDULES)}")
+    raise config_lib.ConfigError(
+      f"beta_schedule={beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}"
+    )
   alphas_cumprod = np.cumprod(1.0 - betas)
   return NoiseSchedule(jnp.asarray(betas, jnp.float32), jnp.asarray(alphas_cumprod, jnp.float32))
 
 
 def schedule_from_config(diffusion: ml_collections.ConfigDict) -> NoiseSchedule:
   """:func:`make_schedule` from ``config.diffusion``."""
-  return make_schedule(diffusion.num_train_steps, diffusion.beta_start, diffusion.beta_end,
-                       diffusion.beta_schedule)
+  return make_schedule(
+    diffusion.num_train_steps, diffusion.beta_start, diffusion.beta_end, diffusion.beta_schedule
+  )
 
 
 def _per_example(values: Array, ndim: int) -> Array:
@@ -89,9 +96,14 @@ def q_sample(schedule: NoiseSchedule, x0: Array, t: Array, noise: Array) -> Arra
 # ------------------------------------------------------------------ training
 
 
-def sample_timesteps(rng: Array, batch: int, num_train_steps: int = 1000,
-                     sampling: str = "logit_normal", logit_mean: float = 0.0,
-                     logit_std: float = 1.0) -> Array:
+def sample_timesteps(
+  rng: Array,
+  batch: int,
+  num_train_steps: int = 1000,
+  sampling: str = "logit_normal",
+  logit_mean: float = 0.0,
+  logit_std: float = 1.0,
+) -> Array:
   """Training timesteps (B,) int32 in [0, T).
 
   ``logit_normal``: u = sigmoid(N(m, s²)), t = floor(u·T), so P(t ≤ k) = Φ((logit((k+1)/T) − m)/s).
@@ -102,8 +114,9 @@ def sample_timesteps(rng: Array, batch: int, num_train_steps: int = 1000,
     return jnp.clip(jnp.floor(u * num_train_steps), 0, num_train_steps - 1).astype(jnp.int32)
   if sampling == "uniform":
     return jax.random.randint(rng, (batch,), 0, num_train_steps, dtype=jnp.int32)
-  raise config_lib.ConfigError(f"timestep sampling {sampling!r}; valid: "
-                               f"{', '.join(TIMESTEP_SAMPLINGS)}")
+  raise config_lib.ConfigError(
+    f"timestep sampling {sampling!r}; valid: {', '.join(TIMESTEP_SAMPLINGS)}"
+  )
 
 
 def pad_text(emb: Array, mask: Array, length: int, batch: int) -> tuple[Array, Array]:
@@ -114,12 +127,15 @@ def pad_text(emb: Array, mask: Array, length: int, batch: int) -> tuple[Array, A
     raise ValueError(f"pad_text: embedding of shape {tuple(emb.shape)} is longer than {length}")
   emb = jnp.pad(emb, ((0, 0), (0, pad), (0, 0)))
   mask = jnp.pad(mask.astype(bool), ((0, 0), (0, pad)))
-  return (jnp.broadcast_to(emb, (batch, length, emb.shape[-1])),
-          jnp.broadcast_to(mask, (batch, length)))
+  return (
+    jnp.broadcast_to(emb, (batch, length, emb.shape[-1])),
+    jnp.broadcast_to(mask, (batch, length)),
+  )
 
 
-def _common_length(text_emb: Array, text_mask: Array, other_emb: Array, other_mask: Array
-                   ) -> tuple[Array, Array, Array, Array]:
+def _common_length(
+  text_emb: Array, text_mask: Array, other_emb: Array, other_mask: Array
+) -> tuple[Array, Array, Array, Array]:
   """Caption and the null/negative prompt padded to the longer of the two; batch of the caption."""
   b = text_emb.shape[0]
   length = max(text_emb.shape[1], other_emb.shape[1])
@@ -128,15 +144,22 @@ def _common_length(text_emb: Array, text_mask: Array, other_emb: Array, other_ma
   return text_emb, text_mask, other_emb, other_mask
 
 
-def drop_text(rng: Array, text_emb: Array, text_mask: Array, null_emb: Array, null_mask: Array,
-              rate: float = 0.05) -> tuple[Array, Array]:
+def drop_text(
+  rng: Array,
+  text_emb: Array,
+  text_mask: Array,
+  null_emb: Array,
+  null_mask: Array,
+  rate: float = 0.05,
+) -> tuple[Array, Array]:
   """Per example, with probability ``rate`` replaces the caption by the empty prompt (§3.2, CFG).
 
   ``null_emb`` / ``null_mask`` are the T5 embedding and mask of "" (batch 1 or B); the shorter of
   the two is padded (masked) to the other's length.
   """
-  text_emb, text_mask, null_emb, null_mask = _common_length(text_emb, text_mask, null_emb,
-                                                            null_mask)
+  text_emb, text_mask, null_emb, null_mask = _common_length(
+    text_emb, text_mask, null_emb, null_mask
+  )
   drop = jax.random.bernoulli(rng, rate, (text_emb.shape[0],))
   emb = jnp.where(drop[:, None, None], null_emb, text_emb)
   mask = jnp.where(drop[:, None], null_mask, text_mask)
@@ -148,11 +171,23 @@ def epsilon_loss(eps_pred: Array, noise: Array) -> Array:
   return jnp.mean(jnp.square(eps_pred.astype(jnp.float32) - noise.astype(jnp.float32)))
 
 
-def training_loss(denoise_fn: DenoiseFn, params: Any, schedule: NoiseSchedule, rng: Array,
-                  x0: Array, lq_latent: Array, text_emb: Array, text_mask: Array,
-                  null_emb: Array, null_mask: Array, *, text_dropout: float = 0.05,
-                  sampling: str = "logit_normal", logit_mean: float = 0.0,
-                  logit_std: float = 1.0) -> tuple[Array, dict[str, Array]]:
+def training_loss(
+  denoise_fn: DenoiseFn,
+  params: Any,
+  schedule: NoiseSchedule,
+  rng: Array,
+  x0: Array,
+  lq_latent: Array,
+  text_emb: Array,
+  text_mask: Array,
+  null_emb: Array,
+  null_mask: Array,
+  *,
+  text_dropout: float = 0.05,
+  sampling: str = "logit_normal",
+  logit_mean: float = 0.0,
+  logit_std: float = 1.0,
+) -> tuple[Array, dict[str, Array]]:
   """ε-prediction loss of one batch of HQ latents ``x0`` given LQ latents and captions.
 
   Returns (loss, aux) with aux the sampled timesteps ``t`` and the per-example ``loss_per_example``.
@@ -171,8 +206,9 @@ def training_loss(denoise_fn: DenoiseFn, params: Any, schedule: NoiseSchedule, r
 # ------------------------------------------------------------------ DDIM sampling
 
 
-def ddim_timesteps(num_train_steps: int, num_steps: int, strength: float | Array = 1.0
-                   ) -> tuple[Array, Array]:
+def ddim_timesteps(
+  num_train_steps: int, num_steps: int, strength: float | Array = 1.0
+) -> tuple[Array, Array]:
   """(t, t_prev), each (num_steps,) int32: "trailing" timesteps over [0, strength·T).
 
   t_i = round(strength·T·(S − i)/S) − 1, t_prev_i = t_{i+1}, and t_prev = −1 (ᾱ = 1) after the last
@@ -193,8 +229,16 @@ def _abar(schedule: NoiseSchedule, t: Array) -> Array:
   return jnp.where(t >= 0, schedule.alphas_cumprod[jnp.maximum(t, 0)], 1.0)
 
 
-def ddim_step(schedule: NoiseSchedule, z_t: Array, eps: Array, t: Array, t_prev: Array,
-              eta: float | Array, rng: Array, clip_x0: float | None = None) -> Array:
+def ddim_step(
+  schedule: NoiseSchedule,
+  z_t: Array,
+  eps: Array,
+  t: Array,
+  t_prev: Array,
+  eta: float | Array,
+  rng: Array,
+  clip_x0: float | None = None,
+) -> Array:
   """One DDIM update z_t -> z_{t_prev} (Song et al. 2021, eq. 12), t and t_prev scalars.
 
   x̂0 = (z_t − sqrt(1−ᾱ_t)·ε)/sqrt(ᾱ_t); σ = η·sqrt((1−ᾱ')/(1−ᾱ_t))·sqrt(1 − ᾱ_t/ᾱ');
@@ -207,14 +251,23 @@ def ddim_step(schedule: NoiseSchedule, z_t: Array, eps: Array, t: Array, t_prev:
     x0 = jnp.clip(x0, -clip_x0, clip_x0)
     eps = (z_t - jnp.sqrt(abar_t) * x0) / jnp.sqrt(1.0 - abar_t)
   sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev))
-  direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma ** 2, 0.0)) * eps
+  direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0)) * eps
   noise = jax.random.normal(rng, z_t.shape, z_t.dtype)
   return jnp.sqrt(abar_prev) * x0 + direction + sigma * noise
 
 
-def guided_eps(denoise_fn: DenoiseFn, params: Any, z_t: Array, t: Array, lq_latent: Array,
-               text_emb: Array, text_mask: Array, negative_emb: Array, negative_mask: Array,
-               cfg_scale: float | Array) -> Array:
+def guided_eps(
+  denoise_fn: DenoiseFn,
+  params: Any,
+  z_t: Array,
+  t: Array,
+  lq_latent: Array,
+  text_emb: Array,
+  text_mask: Array,
+  negative_emb: Array,
+  negative_mask: Array,
+  cfg_scale: float | Array,
+) -> Array:
   """Classifier-free guidance with a negative prompt, both branches as one batch of 2B.
 
   ε = ε_c + (s − 1)(ε_c − ε_u), which equals ε_u + s(ε_c − ε_u) and is exactly ε_c at s = 1.
@@ -224,20 +277,39 @@ def guided_eps(denoise_fn: DenoiseFn, params: Any, z_t: Array, t: Array, lq_late
   t = jnp.broadcast_to(t, (b,))
   if isinstance(cfg_scale, (int, float)) and cfg_scale == 1:
     return denoise_fn(params, z_t, t, lq_latent, text_emb, text_mask).astype(jnp.float32)
-  text_emb, text_mask, neg_emb, neg_mask = _common_length(text_emb, text_mask, negative_emb,
-                                                          negative_mask)
-  eps = denoise_fn(params, jnp.concatenate([z_t, z_t]), jnp.concatenate([t, t]),
-                   jnp.concatenate([lq_latent, lq_latent]), jnp.concatenate([text_emb, neg_emb]),
-                   jnp.concatenate([text_mask, neg_mask])).astype(jnp.float32)
+  text_emb, text_mask, neg_emb, neg_mask = _common_length(
+    text_emb, text_mask, negative_emb, negative_mask
+  )
+  eps = denoise_fn(
+    params,
+    jnp.concatenate([z_t, z_t]),
+    jnp.concatenate([t, t]),
+    jnp.concatenate([lq_latent, lq_latent]),
+    jnp.concatenate([text_emb, neg_emb]),
+    jnp.concatenate([text_mask, neg_mask]),
+  ).astype(jnp.float32)
   eps_cond, eps_uncond = eps[:b], eps[b:]
   return eps_cond + (cfg_scale - 1.0) * (eps_cond - eps_uncond)
 
 
-def ddim_sample(denoise_fn: DenoiseFn, params: Any, schedule: NoiseSchedule, lq_latent: Array,
-                text_emb: Array, text_mask: Array, negative_emb: Array, negative_mask: Array,
-                rng: Array, *, num_steps: int = 25, cfg_scale: float | Array = 3.5,
-                eta: float | Array = 0.0, strength: float | Array = 1.0,
-                clip_x0: float | None = None, init_noise: Array | None = None) -> Array:
+def ddim_sample(
+  denoise_fn: DenoiseFn,
+  params: Any,
+  schedule: NoiseSchedule,
+  lq_latent: Array,
+  text_emb: Array,
+  text_mask: Array,
+  negative_emb: Array,
+  negative_mask: Array,
+  rng: Array,
+  *,
+  num_steps: int = 25,
+  cfg_scale: float | Array = 3.5,
+  eta: float | Array = 0.0,
+  strength: float | Array = 1.0,
+  clip_x0: float | None = None,
+  init_noise: Array | None = None,
+) -> Array:
   """Restored latents (B, h, w, C) float32 by DDIM with CFG; a pure, jittable function.
 
   Starts from ``init_noise`` (default N(0, I) from ``rng``) at strength 1, else from the LQ latent
@@ -247,41 +319,84 @@ def ddim_sample(denoise_fn: DenoiseFn, params: Any, schedule: NoiseSchedule, lq_
   rng_init, rng_steps = jax.random.split(rng)
   lq_latent = lq_latent.astype(jnp.float32)
   b = lq_latent.shape[0]
-  noise = (jax.random.normal(rng_init, lq_latent.shape, jnp.float32) if init_noise is None
-           else init_noise.astype(jnp.float32))
+  noise = (
+    jax.random.normal(rng_init, lq_latent.shape, jnp.float32)
+    if init_noise is None
+    else init_noise.astype(jnp.float32)
+  )
   ts, ts_prev = ddim_timesteps(schedule.num_train_steps, num_steps, strength)
   noised_lq = q_sample(schedule, lq_latent, jnp.full((b,), ts[0]), noise)
   z = jnp.where(jnp.asarray(strength) >= 1.0, noise, noised_lq)
 
   def step(i, z):
-    eps = guided_eps(denoise_fn, params, z, ts[i], lq_latent, text_emb, text_mask, negative_emb,
-                     negative_mask, cfg_scale)
-    return ddim_step(schedule, z, eps, ts[i], ts_prev[i], eta, jax.random.fold_in(rng_steps, i),
-                     clip_x0)
+    eps = guided_eps(
+      denoise_fn,
+      params,
+      z,
+      ts[i],
+      lq_latent,
+      text_emb,
+      text_mask,
+      negative_emb,
+      negative_mask,
+      cfg_scale,
+    )
+    return ddim_step(
+      schedule, z, eps, ts[i], ts_prev[i], eta, jax.random.fold_in(rng_steps, i), clip_x0
+    )
 
   return jax.lax.fori_loop(0, num_steps, step, z)
 
 
-def make_ddim_sampler(denoise_fn: DenoiseFn, schedule: NoiseSchedule, num_steps: int = 25,
-                      clip_x0: float | None = None) -> Callable[..., Array]:
+def make_ddim_sampler(
+  denoise_fn: DenoiseFn, schedule: NoiseSchedule, num_steps: int = 25, clip_x0: float | None = None
+) -> Callable[..., Array]:
   """One jitted sampling program for a network and step count.
 
   Returns ``sample(params, lq_latent, text_emb, text_mask, negative_emb, negative_mask, rng,
   cfg_scale=3.5, eta=0.0, strength=1.0, init_noise=None) -> latents``; cfg_scale, η and strength
   are traced, so changing them (or the inputs, at the same shapes) never recompiles.
   """
+
   @jax.jit
-  def sample(params, lq_latent, text_emb, text_mask, negative_emb, negative_mask, rng,
-             cfg_scale=3.5, eta=0.0, strength=1.0, init_noise=None):
-    return ddim_sample(denoise_fn, params, schedule, lq_latent, text_emb, text_mask, negative_emb,
-                       negative_mask, rng, num_steps=num_steps, cfg_scale=jnp.asarray(cfg_scale),
-                       eta=jnp.asarray(eta), strength=jnp.asarray(strength), clip_x0=clip_x0,
-                       init_noise=init_noise)
+  def sample(
+    params,
+    lq_latent,
+    text_emb,
+    text_mask,
+    negative_emb,
+    negative_mask,
+    rng,
+    cfg_scale=3.5,
+    eta=0.0,
+    strength=1.0,
+    init_noise=None,
+  ):
+    return ddim_sample(
+      denoise_fn,
+      params,
+      schedule,
+      lq_latent,
+      text_emb,
+      text_mask,
+      negative_emb,
+      negative_mask,
+      rng,
+      num_steps=num_steps,
+      cfg_scale=jnp.asarray(cfg_scale),
+      eta=jnp.asarray(eta),
+      strength=jnp.asarray(strength),
+      clip_x0=clip_x0,
+      init_noise=init_noise,
+    )
+
   return sample
 
 
-def sampler_from_config(denoise_fn: DenoiseFn, diffusion: ml_collections.ConfigDict
-                        ) -> Callable[..., Array]:
+def sampler_from_config(
+  denoise_fn: DenoiseFn, diffusion: ml_collections.ConfigDict
+) -> Callable[..., Array]:
   """:func:`make_ddim_sampler` with ``config.diffusion``'s schedule, step count and x0 clipping."""
-  return make_ddim_sampler(denoise_fn, schedule_from_config(diffusion), diffusion.sample_steps,
-                           diffusion.clip_x0 or None)
+  return make_ddim_sampler(
+    denoise_fn, schedule_from_config(diffusion), diffusion.sample_steps, diffusion.clip_x0 or None
+  )

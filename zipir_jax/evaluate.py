@@ -33,18 +33,23 @@ COLUMNS = (("PSNR", "↑"), ("SSIM", "↑"), ("LPIPS", "↓"), ("FID", "↓"), (
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
   h, w = image.shape[:2]
   top, left = (h - size) // 2, (w - size) // 2
-  return image[top:top + size, left:left + size]
+  return image[top : top + size, left : left + size]
 
 
-def load_hq_images(folder: str, size: int, limit: int, log: Callable[[str], None]
-                   ) -> list[tuple[str, np.ndarray, str]]:
+def load_hq_images(
+  folder: str, size: int, limit: int, log: Callable[[str], None]
+) -> list[tuple[str, np.ndarray, str]]:
   """(name, uint8 HQ crop, caption) for every usable image; unusable ones are reported."""
   from zipir_jax.data.decode import decode_image  # pylint: disable=g-import-not-at-top
 
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"--data={folder}: folder not found")
-  paths = sorted(os.path.join(r, f) for r, _, files in os.walk(folder) for f in files
-                 if f.lower().endswith(IMAGE_SUFFIXES))
+  paths = sorted(
+    os.path.join(r, f)
+    for r, _, files in os.walk(folder)
+    for f in files
+    if f.lower().endswith(IMAGE_SUFFIXES)
+  )
   items = []
   for path in paths:
     if limit and len(items) >= limit:
@@ -59,8 +64,9 @@ def load_hq_images(folder: str, size: int, limit: int, log: Callable[[str], None
       log(f"skipped {path}: {image.shape[0]}x{image.shape[1]} is smaller than --size={size}")
       continue
     caption_path = os.path.splitext(path)[0] + ".txt"
-    caption = open(caption_path, encoding="utf-8").read().strip() if os.path.isfile(
-        caption_path) else ""
+    caption = (
+      open(caption_path, encoding="utf-8").read().strip() if os.path.isfile(caption_path) else ""
+    )
     name = os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, "__")
     items.append((name, np.ascontiguousarray(center_crop(image, size)), caption))
   if not items:
@@ -68,12 +74,16 @@ def load_hq_images(folder: str, size: int, limit: int, log: Callable[[str], None
   return items
 
 
-def degrade(items: Sequence[tuple[str, np.ndarray, str]], preset: str, seed: int
-            ) -> list[np.ndarray]:
+def degrade(
+  items: Sequence[tuple[str, np.ndarray, str]], preset: str, seed: int
+) -> list[np.ndarray]:
   """The LQ image of every (name, HQ, caption) item: preset with seed ``seed + index``."""
   from zipir_jax.data import eval_presets  # pylint: disable=g-import-not-at-top
-  return [eval_presets.make_eval_pair(hq, preset, seed + index)[0]
-          for index, (_, hq, _) in enumerate(items)]
+
+  return [
+    eval_presets.make_eval_pair(hq, preset, seed + index)[0]
+    for index, (_, hq, _) in enumerate(items)
+  ]
 
 
 def read_restored(folder: str) -> Callable[[str, tuple[int, int]], np.ndarray]:
@@ -87,23 +97,28 @@ def read_restored(folder: str) -> Callable[[str, tuple[int, int]], np.ndarray]:
     with open(path, "rb") as f:
       image = decode_image(f.read())
     if image.shape[:2] != tuple(size):
-      raise ValueError(f"--restored: {path} is {image.shape[0]}x{image.shape[1]}, expected "
-                       f"{size[0]}x{size[1]}")
+      raise ValueError(
+        f"--restored: {path} is {image.shape[0]}x{image.shape[1]}, expected {size[0]}x{size[1]}"
+      )
     return image.astype(np.float32) / 255.0
+
   return read
 
 
-def make_method(name: str, checkpoint: str | None, steps: int | None, seed: int
-                ) -> Callable[[np.ndarray, tuple[int, int], str], np.ndarray]:
+def make_method(
+  name: str, checkpoint: str | None, steps: int | None, seed: int
+) -> Callable[[np.ndarray, tuple[int, int], str], np.ndarray]:
   """``method(lq uint8 HWC, out_size, caption) -> float [0, 1] HWC`` for every method name."""
   if name == "zipir":
     if not checkpoint:
       raise ValueError("--method=zipir needs --checkpoint=BUNDLE")
     from zipir_jax import bundle, restore  # pylint: disable=g-import-not-at-top
+
     restorer = restore.Restorer(bundle.load_bundle(checkpoint))
     options = restore.RestoreOptions(steps=steps, seed=seed)
     return lambda lq, size, caption: restorer.restore([lq], size, [caption], options)[0]
   from zipir_jax import baselines  # pylint: disable=g-import-not-at-top
+
   restorer = baselines.make_restorer(name)
   return lambda lq, size, caption: restorer(lq, size)
 
@@ -111,8 +126,7 @@ def make_method(name: str, checkpoint: str | None, steps: int | None, seed: int
 class Scorer:
   """Per-image PSNR/SSIM/LPIPS, and streamed Inception features for FID/KID/patch-FID."""
 
-  def __init__(self, lpips_path: str | None, inception_path: str | None, num_crops: int,
-               seed: int):
+  def __init__(self, lpips_path: str | None, inception_path: str | None, num_crops: int, seed: int):
     import jax  # pylint: disable=g-import-not-at-top
     from zipir_jax import metrics  # pylint: disable=g-import-not-at-top
     from zipir_jax.models import inception, lpips  # pylint: disable=g-import-not-at-top
@@ -129,8 +143,9 @@ class Scorer:
     self.features = None
     if inception_path:
       # One batch size for whole images and crops: the network compiles once.
-      self.features = inception.make_feature_fn(inception.load(inception_path),
-                                                batch_size=max(num_crops, 1))
+      self.features = inception.make_feature_fn(
+        inception.load(inception_path), batch_size=max(num_crops, 1)
+      )
     else:
       for key in ("FID", "pFID", "KID"):
         self.notes[key] = "omitted: no Inception weights (--inception)"
@@ -150,12 +165,14 @@ class Scorer:
     if min(image.shape[:2]) < 299:
       self.notes["pFID"] = "omitted: images smaller than the 299x299 crops"
       return whole, None
-    crops, _ = self.metrics.random_patches(image, index=index, num_crops=self.num_crops,
-                                           seed=self.seed)
+    crops, _ = self.metrics.random_patches(
+      image, index=index, num_crops=self.num_crops, seed=self.seed
+    )
     return whole, self.features(crops)
 
-  def distribution_scores(self, real: tuple[list, list], fake: tuple[list, list]
-                          ) -> dict[str, float]:
+  def distribution_scores(
+    self, real: tuple[list, list], fake: tuple[list, list]
+  ) -> dict[str, float]:
     if self.features is None:
       return {}
     scores = {}
@@ -165,26 +182,38 @@ class Scorer:
       self.notes["FID"] = self.notes["KID"] = "omitted: needs at least 2 images"
     else:
       scores["FID"] = self.metrics.fid_from_features(real_whole, fake_whole)
-      scores["KID"] = self.metrics.kid(real_whole, fake_whole, subset_size=min(n, 1000),
-                                       seed=self.seed)[0]
+      scores["KID"] = self.metrics.kid(
+        real_whole, fake_whole, subset_size=min(n, 1000), seed=self.seed
+      )[0]
     if real[1] and real[1][0] is not None:
-      scores["pFID"] = self.metrics.fid_from_features(np.concatenate(real[1]),
-                                                      np.concatenate(fake[1]))
+      scores["pFID"] = self.metrics.fid_from_features(
+        np.concatenate(real[1]), np.concatenate(fake[1])
+      )
     return scores
 
 
-def markdown_table(preset: str, size: int, count: int, means: dict[str, dict[str, float]],
-                   notes: dict[str, str]) -> str:
+def markdown_table(
+  preset: str, size: int, count: int, means: dict[str, dict[str, float]], notes: dict[str, str]
+) -> str:
   """Table 1's layout: one row per method, the degradation's metrics as columns."""
   header = " | ".join(f"{name} {arrow}" for name, arrow in COLUMNS)
-  lines = [f"Degradation: {preset} · {count} images · HQ {size}x{size}", "",
-           f"| Method | {header} |", "|---|" + "---|" * len(COLUMNS)]
+  lines = [
+    f"Degradation: {preset} · {count} images · HQ {size}x{size}",
+    "",
+    f"| Method | {header} |",
+    "|---|" + "---|" * len(COLUMNS),
+  ]
   for method, scores in means.items():
     cells = []
     for name, _ in COLUMNS:
       value = scores.get(name)
-      cells.append("—" if value is None else f"{value:.4f}" if name in ("SSIM", "LPIPS", "KID")
-                   else f"{value:.2f}")
+      cells.append(
+        "—"
+        if value is None
+        else f"{value:.4f}"
+        if name in ("SSIM", "LPIPS", "KID")
+        else f"{value:.2f}"
+      )
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
   if notes:
     lines.append("")
@@ -192,12 +221,23 @@ def markdown_table(preset: str, size: int, count: int, means: dict[str, dict[str
   return "\n".join(lines) + "\n"
 
 
-def evaluate(methods: Sequence[str], data: str, preset: str, size: int, output: str, *,
-             checkpoint: str | None = None, limit: int = 0, seed: int = 0,
-             steps: int | None = None, lpips_path: str | None = None,
-             inception_path: str | None = None, num_crops: int = 10,
-             log: Callable[[str], None] = print,
-             restored: dict[str, str] | None = None) -> dict:
+def evaluate(
+  methods: Sequence[str],
+  data: str,
+  preset: str,
+  size: int,
+  output: str,
+  *,
+  checkpoint: str | None = None,
+  limit: int = 0,
+  seed: int = 0,
+  steps: int | None = None,
+  lpips_path: str | None = None,
+  inception_path: str | None = None,
+  num_crops: int = 10,
+  log: Callable[[str], None] = print,
+  restored: dict[str, str] | None = None,
+) -> dict:
   """Runs every method on the degraded images, scores ``restored`` folders too; writes metrics."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -230,8 +270,13 @@ def evaluate(methods: Sequence[str], data: str, preset: str, size: int, output: 
       real[0].append(whole)
       real[1].append(crops)
 
-  results = {"preset": preset, "size": size, "seed": seed, "images": [n for n, _, _ in items],
-             "methods": {}}
+  results = {
+    "preset": preset,
+    "size": size,
+    "seed": seed,
+    "images": [n for n, _, _ in items],
+    "methods": {},
+  }
   for method in [*methods, *restored]:
     if method in restored:
       read = read_restored(restored[method])
@@ -242,7 +287,8 @@ def evaluate(methods: Sequence[str], data: str, preset: str, size: int, output: 
     os.makedirs(os.path.join(output, method), exist_ok=True)
     per_image, fake = {}, ([], [])
     for index, ((name, _, caption), lq, hq) in enumerate(
-        tqdm(list(zip(items, pairs, references)), desc=method, unit="img", file=sys.stdout)):
+      tqdm(list(zip(items, pairs, references)), desc=method, unit="img", file=sys.stdout)
+    ):
       out = np.clip(restore_fn(lq, (size, size), caption, name), 0.0, 1.0)
       # Scored as written (8-bit PNG), so a method's scores and its files agree exactly.
       out8 = np.round(out * 255).astype(np.uint8)
@@ -253,14 +299,16 @@ def evaluate(methods: Sequence[str], data: str, preset: str, size: int, output: 
         whole, crops = scorer.image_features(out, index)
         fake[0].append(whole)
         fake[1].append(crops)
-    means = {k: float(np.mean([s[k] for s in per_image.values()])) for k in next(
-        iter(per_image.values()))}
+    means = {
+      k: float(np.mean([s[k] for s in per_image.values()])) for k in next(iter(per_image.values()))
+    }
     means.update(scorer.distribution_scores(real, fake))
     results["methods"][method] = {"mean": means, "per_image": per_image}
 
   results["notes"] = scorer.notes
-  table = markdown_table(preset, size, len(items),
-                         {m: r["mean"] for m, r in results["methods"].items()}, scorer.notes)
+  table = markdown_table(
+    preset, size, len(items), {m: r["mean"] for m, r in results["methods"].items()}, scorer.notes
+  )
   with open(os.path.join(output, "metrics.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
   with open(os.path.join(output, "table.md"), "w", encoding="utf-8") as f:
@@ -281,11 +329,16 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Seed of the degradation noise, sampling and crops.")
   flags.DEFINE_integer("steps", None, "DDIM steps for zipir (config default).")
   flags.DEFINE_string("lpips_vgg16", None, "torchvision VGG16 weights for LPIPS.")
-  flags.DEFINE_string("inception", None,
-                      "pt_inception-2015-12-05 weights for FID / KID / patch-FID.")
+  flags.DEFINE_string(
+    "inception", None, "pt_inception-2015-12-05 weights for FID / KID / patch-FID."
+  )
   flags.DEFINE_integer("num_crops", 10, "Random 299² crops per image for patch-FID.")
-  flags.DEFINE_multi_string("restored", [], "NAME=FOLDER: score FOLDER/<image>.png (restorations "
-                            "made elsewhere, e.g. by sample.py on <output>/lq) as method NAME.")
+  flags.DEFINE_multi_string(
+    "restored",
+    [],
+    "NAME=FOLDER: score FOLDER/<image>.png (restorations "
+    "made elsewhere, e.g. by sample.py on <output>/lq) as method NAME.",
+  )
 
 
 def main(argv):
@@ -301,10 +354,22 @@ def main(argv):
       raise app.UsageError(f"--restored={spec!r}: expected NAME=FOLDER")
     restored[name] = folder
   try:
-    results = evaluate(methods, f.data, f.preset, f.size, f.output, checkpoint=f.checkpoint,
-                       limit=f.limit, seed=f.seed, steps=f.steps, lpips_path=f.lpips_vgg16,
-                       inception_path=f.inception, num_crops=f.num_crops,
-                       log=lambda m: print(m, file=sys.stderr), restored=restored)
+    results = evaluate(
+      methods,
+      f.data,
+      f.preset,
+      f.size,
+      f.output,
+      checkpoint=f.checkpoint,
+      limit=f.limit,
+      seed=f.seed,
+      steps=f.steps,
+      lpips_path=f.lpips_vgg16,
+      inception_path=f.inception,
+      num_crops=f.num_crops,
+      log=lambda m: print(m, file=sys.stderr),
+      restored=restored,
+    )
   except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -27,8 +27,9 @@ def _dot_flops(eqn) -> float:
   contract = math.prod(lhs[d] for d in lc)
   batch = math.prod(lhs[d] for d in lb)
   free_l = math.prod(s for d, s in enumerate(lhs) if d not in lc and d not in lb)
-  free_r = math.prod(s for d, s in enumerate(rhs) if d not in rc and d not in eqn.params[
-      "dimension_numbers"][1][1])
+  free_r = math.prod(
+    s for d, s in enumerate(rhs) if d not in rc and d not in eqn.params["dimension_numbers"][1][1]
+  )
   return 2.0 * batch * free_l * free_r * contract
 
 
@@ -68,8 +69,12 @@ def jaxpr_flops(fn: Callable[..., Any], *args: Any) -> float:
   return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def dit_forward_flops(config: ml_collections.ConfigDict, batch: int,
-                      latent_hw: tuple[int, int], text_len: int | None = None) -> float:
+def dit_forward_flops(
+  config: ml_collections.ConfigDict,
+  batch: int,
+  latent_hw: tuple[int, int],
+  text_len: int | None = None,
+) -> float:
   """Forward FLOPs of the config's ZipDiT on ``batch`` latents of ``latent_hw`` (analytic).
 
   Each kernel counts ``2 x size`` per row it multiplies: the blocks' per sequence token (twice the
@@ -78,13 +83,15 @@ def dit_forward_flops(config: ml_collections.ConfigDict, batch: int,
   every adaLN modulation once per sample. Attention adds ``4·seq·keys·d`` per layer.
   """
   from zipir_jax.models import dit as dit_lib  # pylint: disable=g-import-not-at-top
+
   d, depth, p = config.dit.hidden_size, config.dit.depth, config.dit.patch_size
   tokens = (latent_hw[0] // p) * (latent_hw[1] // p)
   seq = tokens * (2 if config.dit.lq_fusion == "concat" else 1)
   text_len = config.text.max_length if text_len is None else text_len
   model = dit_lib.build_dit(config).clone(scan_layers=True)
-  params = jax.eval_shape(lambda: dit_lib.init_dit(model, jax.random.key(0),
-                                                   dit_lib.latent_channels(config)))
+  params = jax.eval_shape(
+    lambda: dit_lib.init_dit(model, jax.random.key(0), dit_lib.latent_channels(config))
+  )
   dense = 0.0
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     names = [k.key for k in path]
@@ -93,7 +100,8 @@ def dit_forward_flops(config: ml_collections.ConfigDict, batch: int,
     if "adaLN_modulation" in names or names[0] == "t_embedder":
       rows = 1
     elif names[0].startswith("text_projection") or (
-        names[1:2] == ["cross_attn"] and names[2] in ("key", "value")):
+      names[1:2] == ["cross_attn"] and names[2] in ("key", "value")
+    ):
       rows = text_len
     elif names[0] == "blocks":
       rows = seq

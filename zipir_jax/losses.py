@@ -23,9 +23,13 @@ from zipir_jax.models.vae_blocks import DiagonalGaussian
 Array = jax.Array
 
 
-def reconstruction_loss(target: Array, reconstruction: Array,
-                        perceptual: Callable[[Array, Array], Array] | None = None,
-                        l1_weight: float = 1.0, perceptual_weight: float = 1.0) -> Array:
+def reconstruction_loss(
+  target: Array,
+  reconstruction: Array,
+  perceptual: Callable[[Array, Array], Array] | None = None,
+  l1_weight: float = 1.0,
+  perceptual_weight: float = 1.0,
+) -> Array:
   """Mean of L1 (per pixel) plus the perceptual distance (per image, e.g. LPIPS)."""
   loss = l1_weight * jnp.mean(jnp.abs(target.astype(jnp.float32) - reconstruction))
   if perceptual is not None and perceptual_weight:
@@ -33,8 +37,9 @@ def reconstruction_loss(target: Array, reconstruction: Array,
   return loss
 
 
-def perceptual_from_config(loss_config: ml_collections.ConfigDict
-                           ) -> Callable[[Array, Array], Array] | None:
+def perceptual_from_config(
+  loss_config: ml_collections.ConfigDict,
+) -> Callable[[Array, Array], Array] | None:
   """LPIPS(x, y) -> (B,) from ``config.loss`` weight files, or None when no VGG16 file is given.
 
   The VGG16 trunk is the user's (torchvision state dict, .pth or .safetensors); the heads default to
@@ -54,8 +59,7 @@ def kl_loss(posteriors: Mapping[str, DiagonalGaussian]) -> Array:
 
 def hinge_discriminator_loss(logits_real: Array, logits_fake: Array) -> Array:
   """0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(x̂))]) (LDM's hinge_d_loss)."""
-  return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) +
-                jnp.mean(jax.nn.relu(1.0 + logits_fake)))
+  return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
 
 
 def generator_loss(logits_fake: Array) -> Array:
@@ -68,9 +72,13 @@ def disc_factor(step: Array | int, start: int, factor: float = 1.0) -> Array:
   return jnp.where(jnp.asarray(step) >= start, factor, 0.0)
 
 
-def adaptive_disc_weight(nll_of_last_layer: Callable[[Array], Array],
-                         g_of_last_layer: Callable[[Array], Array], last_layer: Array,
-                         disc_weight: float = 1.0, max_weight: float = 1e4) -> Array:
+def adaptive_disc_weight(
+  nll_of_last_layer: Callable[[Array], Array],
+  g_of_last_layer: Callable[[Array], Array],
+  last_layer: Array,
+  disc_weight: float = 1.0,
+  max_weight: float = 1e4,
+) -> Array:
   """LDM's adaptive generator weight: balances the GAN gradient against the reconstruction one.
 
   Both callables map the decoder's last-layer kernel ``last_layer`` to a scalar loss (close over the

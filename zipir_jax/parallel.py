@@ -28,16 +28,30 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 LOGICAL_AXIS_RULES = (
-    # activations
-    ("batch", BATCH_AXES),
-    ("length", None), ("text_length", None), ("height", None), ("width", None),
-    ("channels", None), ("activation_embed", None), ("activation_mlp", "tensor"),
-    # DiT / T5 parameters
-    ("embed", "fsdp"), ("text_embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-    ("kv", None), ("layers", None), ("vocab", "tensor"), ("relpos_buckets", None),
-    # convolutions (VAE, pixel decoder, discriminator)
-    ("conv_out", "fsdp"), ("conv_in", None), ("kernel_h", None), ("kernel_w", None),
-    ("norm", None),
+  # activations
+  ("batch", BATCH_AXES),
+  ("length", None),
+  ("text_length", None),
+  ("height", None),
+  ("width", None),
+  ("channels", None),
+  ("activation_embed", None),
+  ("activation_mlp", "tensor"),
+  # DiT / T5 parameters
+  ("embed", "fsdp"),
+  ("text_embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv", None),
+  ("layers", None),
+  ("vocab", "tensor"),
+  ("relpos_buckets", None),
+  # convolutions (VAE, pixel decoder, discriminator)
+  ("conv_out", "fsdp"),
+  ("conv_in", None),
+  ("kernel_h", None),
+  ("kernel_w", None),
+  ("norm", None),
 )
 
 
@@ -46,19 +60,23 @@ def create_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = Non
   devices = list(jax.devices() if devices is None else devices)
   shape = list(shape)
   if len(shape) != 3:
-    raise config_lib.ConfigError("config.train.mesh must have 3 entries (data, fsdp, tensor); got "
-                                 f"{shape}")
+    raise config_lib.ConfigError(
+      f"config.train.mesh must have 3 entries (data, fsdp, tensor); got {shape}"
+    )
   if shape.count(-1) > 1:
     raise config_lib.ConfigError(f"config.train.mesh={tuple(shape)}: at most one entry may be -1")
   if -1 in shape:
     known = int(np.prod([s for s in shape if s != -1]))
     if len(devices) % known:
-      raise config_lib.ConfigError(f"config.train.mesh={tuple(shape)}: {len(devices)} devices are "
-                                   f"not a multiple of {known}")
+      raise config_lib.ConfigError(
+        f"config.train.mesh={tuple(shape)}: {len(devices)} devices are not a multiple of {known}"
+      )
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices):
-    raise config_lib.ConfigError(f"config.train.mesh={tuple(shape)} needs {int(np.prod(shape))} "
-                                 f"devices; this run has {len(devices)}")
+    raise config_lib.ConfigError(
+      f"config.train.mesh={tuple(shape)} needs {int(np.prod(shape))} "
+      f"devices; this run has {len(devices)}"
+    )
   try:  # physical topology aware where jax knows it (TPU, GPU); plain reshape otherwise.
     grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
   except Exception:  # pylint: disable=broad-except
@@ -77,8 +95,12 @@ def _axis_size(mesh: Mesh, axes: Any) -> int:
 def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
   """Drops the mesh axes of every dimension they do not divide (that dimension is replicated)."""
   entries = list(spec) + [None] * (len(shape) - len(spec))
-  return P(*[a if a is not None and dim % _axis_size(mesh, a) == 0 else None
-             for a, dim in zip(entries, shape)])
+  return P(
+    *[
+      a if a is not None and dim % _axis_size(mesh, a) == 0 else None
+      for a, dim in zip(entries, shape)
+    ]
+  )
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
@@ -89,8 +111,8 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> 
 
   def fit(sharding, leaf):
     return NamedSharding(mesh, fit_spec(sharding.spec, leaf.shape, mesh))
-  return jax.tree.map(fit, mesh_specs, unboxed,
-                      is_leaf=lambda x: isinstance(x, NamedSharding))
+
+  return jax.tree.map(fit, mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -105,15 +127,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Per-process host arrays -> global jax.Arrays split over the batch axes (multi-host safe)."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+  }
 
 
-def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
-                           process_id: int = -1) -> None:
+def initialize_distributed(
+  coordinator_address: str = "", num_processes: int = 0, process_id: int = -1
+) -> None:
   """``jax.distributed.initialize``: auto-detected on TPU pods and SLURM, explicit otherwise."""
   if coordinator_address:
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
   else:
     jax.distributed.initialize()

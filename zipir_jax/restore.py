@@ -39,7 +39,8 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
   """
   if path is None:
     path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "zipir_jax", "xla")
+      os.path.expanduser("~"), ".cache", "zipir_jax", "xla"
+    )
   if not path:
     return None
   os.makedirs(path, exist_ok=True)
@@ -51,6 +52,7 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class RestoreOptions:
   """Sampling controls; ``None`` takes the config's default (``config.diffusion``/``restore``)."""
+
   steps: int | None = None
   cfg_scale: float | None = None
   negative_prompt: str | None = None
@@ -61,8 +63,9 @@ class RestoreOptions:
   seed: int = 0
 
 
-def target_size(lq_hw: tuple[int, int], scale: float | None = None,
-                size: tuple[int, int] | None = None) -> tuple[int, int]:
+def target_size(
+  lq_hw: tuple[int, int], scale: float | None = None, size: tuple[int, int] | None = None
+) -> tuple[int, int]:
   """Output (H, W): ``size`` if given, else the LQ size times ``scale`` (rounded)."""
   if (scale is None) == (size is None):
     raise ValueError("give exactly one of scale (e.g. 8) or size (H, W)")
@@ -97,16 +100,21 @@ def _wavelet_blur(x: Array, radius: int) -> Array:
   c = x.shape[-1]
   padded = jnp.pad(x, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="edge")
   return jax.lax.conv_general_dilated(
-      padded, jnp.tile(kernel[:, :, None, None], (1, 1, 1, c)), (1, 1), "VALID",
-      rhs_dilation=(radius, radius), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=c)
+    padded,
+    jnp.tile(kernel[:, :, None, None], (1, 1, 1, c)),
+    (1, 1),
+    "VALID",
+    rhs_dilation=(radius, radius),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=c,
+  )
 
 
 def wavelet_decomposition(x: Array, levels: int = 5) -> tuple[Array, Array]:
   """(high frequencies, low frequency) with ``x == high + low`` (StableSR's wavelet colour fix)."""
   high = jnp.zeros_like(x)
   for i in range(levels):
-    low = _wavelet_blur(x, 2 ** i)
+    low = _wavelet_blur(x, 2**i)
     high = high + (x - low)
     x = low
   return high, x
@@ -155,11 +163,11 @@ class Restorer:
     # keeps no reference to the bundle's float32 DiT (9.5 GiB for the paper's): drop the bundle to
     # free it.
     params = dict(bundle.params)
-    params["dit"] = dit_lib.inference_params(params["dit"],
-                                             autoencoder.compute_dtype(config.dit.dtype))
+    params["dit"] = dit_lib.inference_params(
+      params["dit"], autoencoder.compute_dtype(config.dit.dtype)
+    )
     self.bundle = dataclasses.replace(bundle, params=jax.device_put(params))
-    self._text_cache: collections.OrderedDict[str, tuple[Array, Array]] = (
-        collections.OrderedDict())
+    self._text_cache: collections.OrderedDict[str, tuple[Array, Array]] = collections.OrderedDict()
 
   @property
   def params(self) -> dict[str, Any]:
@@ -185,8 +193,13 @@ class Restorer:
     missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
     if missing:
       padded = missing + [""] * (len(prompts) - len(missing))
-      emb, mask = text.encode_prompts(padded, self.bundle.tokenizer, self.text_model,
-                                      self.bundle.text_params, self.config.text.max_length)
+      emb, mask = text.encode_prompts(
+        padded,
+        self.bundle.tokenizer,
+        self.text_model,
+        self.bundle.text_params,
+        self.config.text.max_length,
+      )
       for i, prompt in enumerate(missing):
         self._text_cache[prompt] = (emb[i], mask[i])
     for prompt in prompts:
@@ -229,13 +242,20 @@ class Restorer:
   def _sampler(self, steps: int):
     if steps not in self._samplers:
       self._samplers[steps] = diffusion.make_ddim_sampler(
-          dit_lib.as_denoise_fn(self.dit), diffusion.schedule_from_config(self.config.diffusion),
-          steps, self.config.diffusion.clip_x0 or None)
+        dit_lib.as_denoise_fn(self.dit),
+        diffusion.schedule_from_config(self.config.diffusion),
+        steps,
+        self.config.diffusion.clip_x0 or None,
+      )
     return self._samplers[steps]
 
-  def restore(self, images: Sequence[np.ndarray], out_size: tuple[int, int],
-              prompts: Sequence[str] | None = None, options: RestoreOptions = RestoreOptions()
-              ) -> np.ndarray:
+  def restore(
+    self,
+    images: Sequence[np.ndarray],
+    out_size: tuple[int, int],
+    prompts: Sequence[str] | None = None,
+    options: RestoreOptions = RestoreOptions(),
+  ) -> np.ndarray:
     """Restores same-size LQ images (HWC RGB) to ``out_size``; returns float32 [0, 1] NHWC."""
     cfg, diff = self.config, self.config.diffusion
     steps = options.steps or diff.sample_steps
@@ -244,10 +264,14 @@ class Restorer:
       raise ValueError(f"unknown colour fix {method!r}; valid: {', '.join(COLOR_FIXES)}")
     lq = [to_unit_float(np.asarray(im), f"image {i}") for i, im in enumerate(images)]
     if len({im.shape for im in lq}) != 1:
-      raise ValueError(f"a batch must hold images of one size, got {sorted({im.shape for im in lq})}")
+      raise ValueError(
+        f"a batch must hold images of one size, got {sorted({im.shape for im in lq})}"
+      )
     if min(lq[0].shape[:2]) < cfg.restore.min_lq_size:
-      raise ValueError(f"LQ image of {lq[0].shape[0]}x{lq[0].shape[1]} is too small (sides of at "
-                       f"least {cfg.restore.min_lq_size} px)")
+      raise ValueError(
+        f"LQ image of {lq[0].shape[0]}x{lq[0].shape[1]} is too small (sides of at "
+        f"least {cfg.restore.min_lq_size} px)"
+      )
     prompts = list(prompts) if prompts is not None else [""] * len(lq)
     if len(prompts) != len(lq):
       raise ValueError(f"{len(prompts)} prompts for {len(lq)} images")
@@ -266,15 +290,20 @@ class Restorer:
     negative = diff.negative_prompt if options.negative_prompt is None else options.negative_prompt
     neg_emb, neg_mask = self.encode_text([negative])
     z = self._sampler(steps)(
-        self.dit_params, lq_latent, text_emb, text_mask, neg_emb, neg_mask,
-        jax.random.key(options.seed),
-        cfg_scale=diff.cfg_scale if options.cfg_scale is None else options.cfg_scale,
-        eta=diff.eta if options.eta is None else options.eta,
-        strength=diff.strength if options.strength is None else options.strength)
+      self.dit_params,
+      lq_latent,
+      text_emb,
+      text_mask,
+      neg_emb,
+      neg_mask,
+      jax.random.key(options.seed),
+      cfg_scale=diff.cfg_scale if options.cfg_scale is None else options.cfg_scale,
+      eta=diff.eta if options.eta is None else options.eta,
+      strength=diff.strength if options.strength is None else options.strength,
+    )
 
     # 5. Decode with D_f* (LQ↑ supplies pixel detail), 6. crop, 7. colour fix.
     fusion = cfg.restore.fusion_weight if options.fusion_weight is None else options.fusion_weight
     restored = self.decode(params, z, lq_up_padded, jnp.float32(fusion))[:, :h, :w]
     restored = color_fix(restored, jnp.asarray(lq_up), method)
     return np.asarray(jnp.clip((restored + 1.0) / 2.0, 0.0, 1.0))
-

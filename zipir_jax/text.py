@@ -20,13 +20,15 @@ from zipir_jax.models import t5
 Array = jax.Array
 
 
-def tokenize(prompts: Sequence[str], tokenizer: Any, max_length: int) -> tuple[np.ndarray,
-                                                                               np.ndarray]:
+def tokenize(
+  prompts: Sequence[str], tokenizer: Any, max_length: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Token ids and mask, both int32 (B, max_length); long prompts are cut (EOS is kept)."""
   if isinstance(prompts, str):
     raise TypeError("prompts must be a sequence of strings, not a single string")
-  tokens = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
-                     return_tensors="np")
+  tokens = tokenizer(
+    list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="np"
+  )
   return tokens["input_ids"].astype(np.int32), tokens["attention_mask"].astype(np.int32)
 
 
@@ -35,8 +37,9 @@ def _encode(model: t5.T5Encoder, params: Any, input_ids: Array, mask: Array) -> 
   return model.apply({"params": params}, input_ids, mask)
 
 
-def encode_prompts(prompts: Sequence[str], tokenizer: Any, model: t5.T5Encoder, params: Any,
-                   max_length: int) -> tuple[Array, Array]:
+def encode_prompts(
+  prompts: Sequence[str], tokenizer: Any, model: t5.T5Encoder, params: Any, max_length: int
+) -> tuple[Array, Array]:
   """Encodes prompts to ``(embeddings (B, max_length, d_model), mask (B, max_length))``.
 
   Embeddings at padded positions are whatever the encoder computes there (as in HF); use the mask.
@@ -44,8 +47,10 @@ def encode_prompts(prompts: Sequence[str], tokenizer: Any, model: t5.T5Encoder, 
   input_ids, mask = tokenize(prompts, tokenizer, max_length)
   vocab_size = model.config.vocab_size
   if input_ids.size and int(input_ids.max()) >= vocab_size:
-    raise ValueError(f"tokenizer produced id {int(input_ids.max())} but the encoder's vocabulary "
-                     f"has {vocab_size} entries: tokenizer and weights do not belong together")
+    raise ValueError(
+      f"tokenizer produced id {int(input_ids.max())} but the encoder's vocabulary "
+      f"has {vocab_size} entries: tokenizer and weights do not belong together"
+    )
   return _encode(model, params, jnp.asarray(input_ids), jnp.asarray(mask)), jnp.asarray(mask)
 
 

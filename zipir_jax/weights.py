@@ -42,36 +42,36 @@ _LEGACY_PROTOCOL_VERSION = 1001
 
 # torch storage class name -> numpy dtype of its elements.
 _STORAGE_DTYPES: dict[str, np.dtype] = {
-    "DoubleStorage": np.dtype(np.float64),
-    "FloatStorage": np.dtype(np.float32),
-    "HalfStorage": np.dtype(np.float16),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype(np.int64),
-    "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16),
-    "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8),
-    "BoolStorage": np.dtype(np.bool_),
+  "DoubleStorage": np.dtype(np.float64),
+  "FloatStorage": np.dtype(np.float32),
+  "HalfStorage": np.dtype(np.float16),
+  "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+  "LongStorage": np.dtype(np.int64),
+  "IntStorage": np.dtype(np.int32),
+  "ShortStorage": np.dtype(np.int16),
+  "CharStorage": np.dtype(np.int8),
+  "ByteStorage": np.dtype(np.uint8),
+  "BoolStorage": np.dtype(np.bool_),
 }
 
 # torch dtype objects (``torch.float32`` pickles as the global ``torch float32``) -> numpy dtype.
 _TORCH_DTYPES: dict[str, np.dtype] = {
-    "float64": np.dtype(np.float64),
-    "double": np.dtype(np.float64),
-    "float32": np.dtype(np.float32),
-    "float": np.dtype(np.float32),
-    "float16": np.dtype(np.float16),
-    "half": np.dtype(np.float16),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "int64": np.dtype(np.int64),
-    "long": np.dtype(np.int64),
-    "int32": np.dtype(np.int32),
-    "int": np.dtype(np.int32),
-    "int16": np.dtype(np.int16),
-    "short": np.dtype(np.int16),
-    "int8": np.dtype(np.int8),
-    "uint8": np.dtype(np.uint8),
-    "bool": np.dtype(np.bool_),
+  "float64": np.dtype(np.float64),
+  "double": np.dtype(np.float64),
+  "float32": np.dtype(np.float32),
+  "float": np.dtype(np.float32),
+  "float16": np.dtype(np.float16),
+  "half": np.dtype(np.float16),
+  "bfloat16": np.dtype(ml_dtypes.bfloat16),
+  "int64": np.dtype(np.int64),
+  "long": np.dtype(np.int64),
+  "int32": np.dtype(np.int32),
+  "int": np.dtype(np.int32),
+  "int16": np.dtype(np.int16),
+  "short": np.dtype(np.int16),
+  "int8": np.dtype(np.int8),
+  "uint8": np.dtype(np.uint8),
+  "bool": np.dtype(np.bool_),
 }
 
 
@@ -86,6 +86,7 @@ class UnsafeCheckpointError(CheckpointError):
 @dataclasses.dataclass(frozen=True)
 class _StorageType:
   """Stand-in for a torch ``*Storage`` class: only its element dtype matters."""
+
   name: str
   dtype: np.dtype
 
@@ -93,6 +94,7 @@ class _StorageType:
 @dataclasses.dataclass(frozen=True)
 class _Storage:
   """A flat, read-only numpy buffer standing in for a torch storage."""
+
   array: np.ndarray
 
 
@@ -103,7 +105,8 @@ class _Storage:
 
 def _as_shape(value: Any, what: str) -> tuple[int, ...]:
   if not isinstance(value, (tuple, list)) or not all(
-      isinstance(v, int) and not isinstance(v, bool) for v in value):
+    isinstance(v, int) and not isinstance(v, bool) for v in value
+  ):
     raise CheckpointError(f"tensor {what} must be a tuple of ints, found {value!r}")
   return tuple(int(v) for v in value)
 
@@ -130,11 +133,13 @@ def _rebuild_array(storage: Any, storage_offset: Any, size: Any, stride: Any) ->
   last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
   if last >= buf.size:
     raise CheckpointError(
-        f"tensor (offset {storage_offset}, size {size}, stride {stride}) reaches element {last} "
-        f"of a storage with only {buf.size} elements")
+      f"tensor (offset {storage_offset}, size {size}, stride {stride}) reaches element {last} "
+      f"of a storage with only {buf.size} elements"
+    )
   item = buf.dtype.itemsize
   view = np.lib.stride_tricks.as_strided(
-      buf[storage_offset:], shape=size, strides=tuple(s * item for s in stride), writeable=False)
+    buf[storage_offset:], shape=size, strides=tuple(s * item for s in stride), writeable=False
+  )
   return np.array(view, order="C", copy=True)
 
 
@@ -147,8 +152,9 @@ def _tensor_globals(rebuild: Rebuild) -> dict[tuple[str, str], Callable[..., Any
   def rebuild_tensor(storage, storage_offset, size, stride):
     return rebuild(storage, storage_offset, size, stride)
 
-  def rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                        backward_hooks=None, metadata=None):
+  def rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+  ):
     del requires_grad, backward_hooks, metadata  # Training-time state; irrelevant for weights.
     return rebuild(storage, storage_offset, size, stride)
 
@@ -161,17 +167,17 @@ def _tensor_globals(rebuild: Rebuild) -> dict[tuple[str, str], Callable[..., Any
     return data
 
   return {
-      ("torch._utils", "_rebuild_tensor"): rebuild_tensor,
-      ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor_v2,
-      ("torch._utils", "_rebuild_parameter"): rebuild_parameter,
-      ("torch._utils", "_rebuild_parameter_with_state"): rebuild_parameter_with_state,
+    ("torch._utils", "_rebuild_tensor"): rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): rebuild_parameter_with_state,
   }
 
 
 _DATA_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    **{("torch", name): _StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()},
-    **{("torch", name): dtype for name, dtype in _TORCH_DTYPES.items()},
+  ("collections", "OrderedDict"): collections.OrderedDict,
+  **{("torch", name): _StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()},
+  **{("torch", name): dtype for name, dtype in _TORCH_DTYPES.items()},
 }
 
 LoadStorage = Callable[[_StorageType, str, int, Any], _Storage]
@@ -180,8 +186,9 @@ LoadStorage = Callable[[_StorageType, str, int, Any], _Storage]
 class _RestrictedUnpickler(pickle.Unpickler):
   """Unpickler that resolves only state-dict globals and maps storages to numpy buffers."""
 
-  def __init__(self, file: IO[bytes], load_storage: LoadStorage | None,
-               rebuild: Rebuild = _rebuild_array):
+  def __init__(
+    self, file: IO[bytes], load_storage: LoadStorage | None, rebuild: Rebuild = _rebuild_array
+  ):
     super().__init__(file, encoding="utf-8")
     self._load_storage = load_storage
     self._globals = {**_DATA_GLOBALS, **_tensor_globals(rebuild)}
@@ -191,18 +198,25 @@ class _RestrictedUnpickler(pickle.Unpickler):
       return self._globals[(module, name)]
     except KeyError:
       raise UnsafeCheckpointError(
-          f"refusing to load global '{module}.{name}': only tensors, parameters and "
-          "OrderedDicts of a state dict are allowed") from None
+        f"refusing to load global '{module}.{name}': only tensors, parameters and "
+        "OrderedDicts of a state dict are allowed"
+      ) from None
 
   def persistent_load(self, pid: Any) -> _Storage:
-    if (self._load_storage is None or not isinstance(pid, tuple) or len(pid) < 5 or
-        _text(pid[0]) != "storage"):
+    if (
+      self._load_storage is None
+      or not isinstance(pid, tuple)
+      or len(pid) < 5
+      or _text(pid[0]) != "storage"
+    ):
       raise CheckpointError(f"unexpected persistent id {pid!r}")
     storage_type, key, _location, numel = pid[1:5]
     view_metadata = pid[5] if len(pid) > 5 else None
     if not isinstance(storage_type, _StorageType):
-      raise CheckpointError(f"persistent id names storage type {storage_type!r}, expected one "
-                            f"of torch.{{{', '.join(_STORAGE_DTYPES)}}}")
+      raise CheckpointError(
+        f"persistent id names storage type {storage_type!r}, expected one "
+        f"of torch.{{{', '.join(_STORAGE_DTYPES)}}}"
+      )
     if not isinstance(numel, int) or numel < 0:
       raise CheckpointError(f"invalid storage size {numel!r}")
     return self._load_storage(storage_type, _text(key), numel, view_metadata)
@@ -216,8 +230,10 @@ def _buffer(raw: bytes, dtype: np.dtype, numel: int, byteorder: str, where: str)
   """Interprets ``raw`` as ``numel`` elements of ``dtype`` stored in ``byteorder``."""
   expected = numel * dtype.itemsize
   if len(raw) != expected:
-    raise CheckpointError(f"{where} holds {len(raw)} bytes, expected {expected} "
-                          f"({numel} x {dtype}); the file is truncated or corrupt")
+    raise CheckpointError(
+      f"{where} holds {len(raw)} bytes, expected {expected} "
+      f"({numel} x {dtype}); the file is truncated or corrupt"
+    )
   array = np.frombuffer(raw, dtype=dtype, count=numel)
   if byteorder != ("little" if np.little_endian else "big") and dtype.itemsize > 1:
     array = array.byteswap()
@@ -236,9 +252,10 @@ def _load_zip(path: str) -> Any:
     names = set(archive.namelist())
     pickles = sorted(n for n in names if n.endswith("/data.pkl") or n == "data.pkl")
     if len(pickles) != 1:
-      raise CheckpointError(f"expected exactly one '<name>/data.pkl' entry in the zip, "
-                            f"found {pickles}")
-    prefix = pickles[0][:-len("data.pkl")]
+      raise CheckpointError(
+        f"expected exactly one '<name>/data.pkl' entry in the zip, found {pickles}"
+      )
+    prefix = pickles[0][: -len("data.pkl")]
     byteorder = "little"
     if prefix + "byteorder" in names:
       byteorder = archive.read(prefix + "byteorder").decode("ascii").strip()
@@ -254,13 +271,16 @@ def _load_zip(path: str) -> Any:
           raise CheckpointError(f"storage entry '{name}' is missing from the zip")
         size = archive.getinfo(name).file_size
         if size != numel * storage_type.dtype.itemsize:  # Checked before reading: no zip bombs.
-          raise CheckpointError(f"storage entry '{name}' has {size} bytes, expected "
-                                f"{numel} x {storage_type.dtype}")
-        cache[key] = _buffer(archive.read(name), storage_type.dtype, numel, byteorder,
-                             f"storage entry '{name}'")
+          raise CheckpointError(
+            f"storage entry '{name}' has {size} bytes, expected {numel} x {storage_type.dtype}"
+          )
+        cache[key] = _buffer(
+          archive.read(name), storage_type.dtype, numel, byteorder, f"storage entry '{name}'"
+        )
       if cache[key].dtype != storage_type.dtype:
-        raise CheckpointError(f"storage '{key}' is used with two dtypes "
-                              f"({cache[key].dtype} and {storage_type.dtype})")
+        raise CheckpointError(
+          f"storage '{key}' is used with two dtypes ({cache[key].dtype} and {storage_type.dtype})"
+        )
       return _Storage(cache[key])
 
     data = archive.read(pickles[0])
@@ -284,14 +304,17 @@ def _load_legacy(path: str) -> Any:
       magic = _RestrictedUnpickler(f, None).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as e:
       raise CheckpointError(
-          f"neither a PyTorch zip checkpoint nor a legacy torch.save file ({e})") from e
+        f"neither a PyTorch zip checkpoint nor a legacy torch.save file ({e})"
+      ) from e
     if magic != _LEGACY_MAGIC_NUMBER:
-      raise CheckpointError("neither a PyTorch zip checkpoint nor a legacy torch.save file "
-                            "(bad magic number)")
+      raise CheckpointError(
+        "neither a PyTorch zip checkpoint nor a legacy torch.save file (bad magic number)"
+      )
     protocol = _RestrictedUnpickler(f, None).load()
     if protocol != _LEGACY_PROTOCOL_VERSION:
-      raise CheckpointError(f"unsupported legacy torch.save protocol {protocol!r} "
-                            f"(expected {_LEGACY_PROTOCOL_VERSION})")
+      raise CheckpointError(
+        f"unsupported legacy torch.save protocol {protocol!r} (expected {_LEGACY_PROTOCOL_VERSION})"
+      )
     sys_info = _RestrictedUnpickler(f, None).load()
     little = not isinstance(sys_info, Mapping) or bool(sys_info.get("little_endian", True))
     byteorder = "little" if little else "big"
@@ -310,8 +333,9 @@ def _load_legacy(path: str) -> Any:
     _RestrictedUnpickler(f, record_storage, rebuild=lambda *args: None).load()
     keys = _RestrictedUnpickler(f, None).load()
     if not isinstance(keys, list):
-      raise CheckpointError(f"expected the list of storage keys after the object, found "
-                            f"{type(keys).__name__}")
+      raise CheckpointError(
+        f"expected the list of storage keys after the object, found {type(keys).__name__}"
+      )
     buffers: dict[str, np.ndarray] = {}
     for key in map(_text, keys):
       if key not in storages:
@@ -323,8 +347,9 @@ def _load_legacy(path: str) -> Any:
       (stored,) = struct.unpack("<q" if little else ">q", header)
       if stored != numel:
         raise CheckpointError(f"storage '{key}' has {stored} elements on disk, expected {numel}")
-      buffers[key] = _buffer(f.read(numel * dtype.itemsize), dtype, numel, byteorder,
-                             f"storage '{key}'")
+      buffers[key] = _buffer(
+        f.read(numel * dtype.itemsize), dtype, numel, byteorder, f"storage '{key}'"
+      )
     missing = sorted(set(storages) - set(buffers))
     if missing:
       raise CheckpointError(f"no data for storages {missing}")
@@ -335,9 +360,11 @@ def _load_legacy(path: str) -> Any:
       if view is not None:
         _, offset, view_size = view
         if offset < 0 or view_size < 0 or offset + view_size > array.size:
-          raise CheckpointError(f"storage view ({offset}, {view_size}) is outside storage "
-                                f"'{key}' of {array.size} elements")
-        array = array[offset:offset + view_size]
+          raise CheckpointError(
+            f"storage view ({offset}, {view_size}) is outside storage "
+            f"'{key}' of {array.size} elements"
+          )
+        array = array[offset : offset + view_size]
       return _Storage(array)
 
     f.seek(object_start)
@@ -368,17 +395,31 @@ def load_torch_state_dict(path: PathLike, key: str | None = None) -> dict[str, n
     if zipfile.is_zipfile(path):
       obj = _load_zip(path)
     elif _starts_like_zip(path):
-      raise CheckpointError("starts like a zip archive but has no valid central directory; the "
-                            "file is probably truncated")
+      raise CheckpointError(
+        "starts like a zip archive but has no valid central directory; the "
+        "file is probably truncated"
+      )
     else:
       obj = _load_legacy(path)
   except CheckpointError as e:
     raise type(e)(f"{path}: {e}") from e
-  except (pickle.UnpicklingError, EOFError, struct.error, zipfile.BadZipFile, zlib.error,
-          UnicodeDecodeError, TypeError, IndexError, AttributeError, KeyError, ValueError) as e:
+  except (
+    pickle.UnpicklingError,
+    EOFError,
+    struct.error,
+    zipfile.BadZipFile,
+    zlib.error,
+    UnicodeDecodeError,
+    TypeError,
+    IndexError,
+    AttributeError,
+    KeyError,
+    ValueError,
+  ) as e:
     # Low-level symptoms of a truncated or corrupt file, re-raised with the file name.
-    raise CheckpointError(f"{path}: cannot read PyTorch checkpoint "
-                          f"({type(e).__name__}: {e})") from e
+    raise CheckpointError(
+      f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})"
+    ) from e
   return _select_state_dict(obj, key, path)
 
 
@@ -391,23 +432,26 @@ def _select_state_dict(obj: Any, key: str | None, path: str) -> dict[str, np.nda
   """Picks ``obj[key]`` when asked and checks that the result is a flat name -> array mapping."""
   if key is not None:
     if not isinstance(obj, Mapping):
-      raise KeyError(f"{path}: key={key!r} given but the checkpoint's top level is a "
-                     f"{type(obj).__name__}, not a dict.")
+      raise KeyError(
+        f"{path}: key={key!r} given but the checkpoint's top level is a "
+        f"{type(obj).__name__}, not a dict."
+      )
     if key not in obj:
       raise KeyError(f"{path}: key {key!r} not in checkpoint; top-level keys: {list(obj)}.")
     obj = obj[key]
   if isinstance(obj, np.ndarray):
     raise ValueError(f"{path}: the checkpoint holds a single tensor, not a state dict.")
   if not isinstance(obj, Mapping):
-    raise ValueError(f"{path}: expected a state dict (mapping of name -> tensor), found "
-                     f"{type(obj).__name__}.")
+    raise ValueError(
+      f"{path}: expected a state dict (mapping of name -> tensor), found {type(obj).__name__}."
+    )
   not_arrays = [k for k, v in obj.items() if not isinstance(v, np.ndarray)]
   if not_arrays:
     nested = [k for k in not_arrays if isinstance(obj[k], Mapping)]
     # Prefer sub-dicts made only of tensors: those are the likely state dicts.
     only_tensors = [k for k in nested if all(isinstance(v, np.ndarray) for v in obj[k].values())]
     nested = only_tensors or nested
-    hint = (f" It looks like a wrapper dict: pass key= one of {nested}." if nested else "")
+    hint = f" It looks like a wrapper dict: pass key= one of {nested}." if nested else ""
     raise ValueError(f"{path}: entries {not_arrays[:8]} are not tensors.{hint}")
   return {str(k): v for k, v in obj.items()}
 
@@ -434,8 +478,10 @@ def load_state_dict(path: PathLike, key: str | None = None) -> dict[str, np.ndar
     return load_safetensors(path)
   if suffix in TORCH_SUFFIXES:
     return load_torch_state_dict(path, key=key)
-  raise ValueError(f"{path}: unknown weight file suffix {suffix!r}; expected one of "
-                   f"{TORCH_SUFFIXES + SAFETENSORS_SUFFIXES}.")
+  raise ValueError(
+    f"{path}: unknown weight file suffix {suffix!r}; expected one of "
+    f"{TORCH_SUFFIXES + SAFETENSORS_SUFFIXES}."
+  )
 
 
 def lpips_heads_path(net: str = "vgg", version: str = "0.1") -> str:
@@ -446,18 +492,26 @@ def lpips_heads_path(net: str = "vgg", version: str = "0.1") -> str:
   spec = importlib.util.find_spec("lpips")
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError(
-        "The 'lpips' package (which ships the LPIPS linear heads) is not installed. Install it "
-        "without its torch dependency: pip install --no-deps lpips==0.1.4")
+      "The 'lpips' package (which ships the LPIPS linear heads) is not installed. Install it "
+      "without its torch dependency: pip install --no-deps lpips==0.1.4"
+    )
   package_dir = list(spec.submodule_search_locations)[0]
   path = os.path.join(package_dir, "weights", f"v{version}", f"{net}.pth")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: LPIPS heads for net={net!r} version={version!r} not found "
-                            "in the installed lpips package (expected lpips==0.1.4).")
+    raise FileNotFoundError(
+      f"{path}: LPIPS heads for net={net!r} version={version!r} not found "
+      "in the installed lpips package (expected lpips==0.1.4)."
+    )
   return path
 
 
-def tensor(state_dict: Mapping[str, Any], key: str, shape: Sequence[int], source: str,
-           dtype: Any = np.float32) -> np.ndarray:
+def tensor(
+  state_dict: Mapping[str, Any],
+  key: str,
+  shape: Sequence[int],
+  source: str,
+  dtype: Any = np.float32,
+) -> np.ndarray:
   """``state_dict[key]`` as ``dtype``, checked against ``shape``; errors name source, key, shapes.
 
   The one check every converter (LPIPS, Inception, RRDBNet, ...) applies to each weight it reads.

@@ -12,11 +12,19 @@ import numpy as np
 
 # (torchvision ``features`` index, in channels, out channels) of the 13 VGG16 convs.
 VGG16_CONVS = (
-    (0, 3, 64), (2, 64, 64),
-    (5, 64, 128), (7, 128, 128),
-    (10, 128, 256), (12, 256, 256), (14, 256, 256),
-    (17, 256, 512), (19, 512, 512), (21, 512, 512),
-    (24, 512, 512), (26, 512, 512), (28, 512, 512),
+  (0, 3, 64),
+  (2, 64, 64),
+  (5, 64, 128),
+  (7, 128, 128),
+  (10, 128, 256),
+  (12, 256, 256),
+  (14, 256, 256),
+  (17, 256, 512),
+  (19, 512, 512),
+  (21, 512, 512),
+  (24, 512, 512),
+  (26, 512, 512),
+  (28, 512, 512),
 )
 
 GOLDEN_SEED = 20180111  # LPIPS arXiv date; any fixed value works.
@@ -33,7 +41,8 @@ def vgg16_state_dict(seed: int = GOLDEN_SEED) -> dict[str, np.ndarray]:
   for idx, cin, cout in VGG16_CONVS:
     std = np.sqrt(2.0 / (cin * 9))
     state[f"features.{idx}.weight"] = (rng.standard_normal((cout, cin, 3, 3)) * std).astype(
-        np.float32)
+      np.float32
+    )
     state[f"features.{idx}.bias"] = (rng.standard_normal(cout) * 0.05).astype(np.float32)
   return state
 

@@ -38,8 +38,9 @@ RESIZED_STRIDE = 7
 
 def build_fid_inception(torch, torchvision, fid_inception):
   """pytorch_fid.inception.fid_inception_v3 without the download: seeded weights instead."""
-  model = torchvision.models.inception_v3(num_classes=reference.NUM_CLASSES, aux_logits=False,
-                                          init_weights=False, weights=None)
+  model = torchvision.models.inception_v3(
+    num_classes=reference.NUM_CLASSES, aux_logits=False, init_weights=False, weights=None
+  )
   model.Mixed_5b = fid_inception.FIDInceptionA(192, pool_features=32)
   model.Mixed_5c = fid_inception.FIDInceptionA(256, pool_features=64)
   model.Mixed_5d = fid_inception.FIDInceptionA(288, pool_features=64)
@@ -55,8 +56,10 @@ def build_fid_inception(torch, torchvision, fid_inception):
   result = model.load_state_dict(state, strict=False)
   missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
   if missing or result.unexpected_keys:
-    raise RuntimeError(f"seeded weights do not match the FID Inception: missing {missing}, "
-                       f"unexpected {result.unexpected_keys}")
+    raise RuntimeError(
+      f"seeded weights do not match the FID Inception: missing {missing}, "
+      f"unexpected {result.unexpected_keys}"
+    )
   return model
 
 
@@ -73,12 +76,12 @@ def main() -> None:
   model64 = fid_inception.InceptionV3([3]).double().eval()
 
   out: dict[str, np.ndarray] = {
-      "torch_version": np.array(torch.__version__),
-      "torchvision_version": np.array(torchvision.__version__),
-      "pytorch_fid_version": np.array(pytorch_fid.__version__),
-      "numpy_version": np.array(np.__version__),
-      "seed": np.array(reference.GOLDEN_SEED),
-      "cases": np.array(list(reference.CASES)),
+    "torch_version": np.array(torch.__version__),
+    "torchvision_version": np.array(torchvision.__version__),
+    "pytorch_fid_version": np.array(pytorch_fid.__version__),
+    "numpy_version": np.array(np.__version__),
+    "seed": np.array(reference.GOLDEN_SEED),
+    "cases": np.array(list(reference.CASES)),
   }
   with torch.no_grad():
     for name in reference.CASES:
@@ -90,16 +93,21 @@ def main() -> None:
       out[f"{name}/digest"] = np.array(reference.images_digest(x))
       out[f"{name}/features"] = features.numpy()
       out[f"{name}/resized"] = resized.permute(0, 2, 3, 1).numpy()[
-          :, ::RESIZED_STRIDE, ::RESIZED_STRIDE]
+        :, ::RESIZED_STRIDE, ::RESIZED_STRIDE
+      ]
       err = float((features.double() - features64).abs().max())
-      print(f"{name}: input {x.shape}, features mean {float(features.mean()):.4f} "
-            f"std {float(features.std()):.4f} max {float(features.max()):.4f}; "
-            f"float32 vs float64 reference max diff {err:.2e}")
+      print(
+        f"{name}: input {x.shape}, features mean {float(features.mean()):.4f} "
+        f"std {float(features.std()):.4f} max {float(features.max()):.4f}; "
+        f"float32 vs float64 reference max diff {err:.2e}"
+      )
 
   path = os.path.join(HERE, "inception_golden.npz")
   np.savez_compressed(path, **out)
-  print(f"wrote {path} ({os.path.getsize(path) / 1e3:.0f} kB) with torch {torch.__version__}, "
-        f"torchvision {torchvision.__version__}, pytorch-fid {pytorch_fid.__version__}")
+  print(
+    f"wrote {path} ({os.path.getsize(path) / 1e3:.0f} kB) with torch {torch.__version__}, "
+    f"torchvision {torchvision.__version__}, pytorch-fid {pytorch_fid.__version__}"
+  )
 
 
 if __name__ == "__main__":

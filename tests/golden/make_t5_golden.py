@@ -40,12 +40,30 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "t5_golden.npz")
 
 CASES = {
-    "v11": dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=3,
-                feed_forward_proj="gated-gelu", relative_attention_num_buckets=16,
-                relative_attention_max_distance=20, layer_norm_epsilon=1e-6),
-    "v10": dict(vocab_size=128, d_model=32, d_kv=16, d_ff=48, num_layers=2, num_heads=2,
-                feed_forward_proj="relu", relative_attention_num_buckets=32,
-                relative_attention_max_distance=32, layer_norm_epsilon=1e-6),
+  "v11": dict(
+    vocab_size=384,
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=3,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=16,
+    relative_attention_max_distance=20,
+    layer_norm_epsilon=1e-6,
+  ),
+  "v10": dict(
+    vocab_size=128,
+    d_model=32,
+    d_kv=16,
+    d_ff=48,
+    num_layers=2,
+    num_heads=2,
+    feed_forward_proj="relu",
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=32,
+    layer_norm_epsilon=1e-6,
+  ),
 }
 SEQ_LEN = 40
 VALID_LENGTHS = (40, 17, 5)  # Row 0 spans 40 > max_distance; rows 1, 2 are padded.
@@ -86,13 +104,14 @@ def _inputs(vocab_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def main() -> None:
   torch.set_num_threads(1)
   out: dict[str, np.ndarray] = {
-      "torch_version": np.array(torch.__version__),
-      "transformers_version": np.array(transformers.__version__),
-      "seq_len": np.array(SEQ_LEN),
+    "torch_version": np.array(torch.__version__),
+    "transformers_version": np.array(transformers.__version__),
+    "seq_len": np.array(SEQ_LEN),
   }
   tokenizer = ByT5Tokenizer()
-  tok = tokenizer(list(PROMPTS), padding="max_length", max_length=SEQ_LEN, truncation=True,
-                  return_tensors="np")
+  tok = tokenizer(
+    list(PROMPTS), padding="max_length", max_length=SEQ_LEN, truncation=True, return_tensors="np"
+  )
   out["byt5/prompts"] = np.array(PROMPTS)
   out["byt5/input_ids"] = tok["input_ids"].astype(np.int32)
   out["byt5/attention_mask"] = tok["attention_mask"].astype(np.int32)
@@ -101,12 +120,14 @@ def main() -> None:
     model = _tiny_model(name, kwargs, seed)
     ids, mask = _inputs(kwargs["vocab_size"], seed + 100)
     with torch.no_grad():
-      hidden = model(input_ids=torch.from_numpy(ids),
-                     attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+      hidden = model(
+        input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+      ).last_hidden_state.numpy()
       # Self-checks of the reference: sdpa agrees, and padding does not touch valid tokens.
       model.config._attn_implementation = "sdpa"
-      sdpa = model(input_ids=torch.from_numpy(ids),
-                   attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+      sdpa = model(
+        input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+      ).last_hidden_state.numpy()
       model.config._attn_implementation = "eager"
       valid = mask.astype(bool)
       np.testing.assert_allclose(sdpa[valid], hidden[valid], atol=1e-5)
@@ -123,15 +144,18 @@ def main() -> None:
     out[f"{name}/last_hidden_state"] = hidden.astype(np.float32)
     if kwargs["vocab_size"] >= 384:
       with torch.no_grad():
-        byt5 = model(input_ids=torch.from_numpy(out["byt5/input_ids"]).long(),
-                     attention_mask=torch.from_numpy(out["byt5/attention_mask"]).long())
+        byt5 = model(
+          input_ids=torch.from_numpy(out["byt5/input_ids"]).long(),
+          attention_mask=torch.from_numpy(out["byt5/attention_mask"]).long(),
+        )
       out[f"{name}/byt5_last_hidden_state"] = byt5.last_hidden_state.numpy().astype(np.float32)
 
   relative = torch.arange(-1000, 1001)
   out["buckets/relative_position"] = relative.numpy().astype(np.int32)
   for num_buckets, max_distance in BUCKET_SETTINGS:
     buckets = T5Attention._relative_position_bucket(
-        relative, bidirectional=True, num_buckets=num_buckets, max_distance=max_distance)
+      relative, bidirectional=True, num_buckets=num_buckets, max_distance=max_distance
+    )
     out[f"buckets/{num_buckets}_{max_distance}"] = buckets.numpy().astype(np.int16)
 
   np.savez_compressed(OUT, **out)

@@ -23,6 +23,7 @@ POLICIES = ("downscale", "crop")
 @dataclasses.dataclass(frozen=True)
 class Bucket:
   """A crop size; ``batch_size`` is per process."""
+
   height: int
   width: int
   batch_size: int
@@ -39,23 +40,28 @@ class Bucket:
 def parse_buckets(buckets: Sequence[Sequence[int]], process_count: int = 1) -> tuple[Bucket, ...]:
   """(height, width, global batch) triples → per-process :class:`Bucket`s, validated."""
   if not buckets:
-    raise config_lib.ConfigError("config.data.buckets is empty; expected (height, width, batch "
-                                 "size) triples")
+    raise config_lib.ConfigError(
+      "config.data.buckets is empty; expected (height, width, batch size) triples"
+    )
   parsed = []
   for entry in buckets:
     if len(entry) != 3:
-      raise config_lib.ConfigError(f"config.data.buckets: entry {tuple(entry)} is not (height, "
-                                   "width, batch)")
+      raise config_lib.ConfigError(
+        f"config.data.buckets: entry {tuple(entry)} is not (height, width, batch)"
+      )
     h, w, b = (int(v) for v in entry)
     if h < 1 or w < 1 or b < 1:
       raise config_lib.ConfigError(f"config.data.buckets: entry {(h, w, b)} must be positive")
     if b % process_count:
-      raise config_lib.ConfigError(f"config.data.buckets: batch size {b} of bucket {h}x{w} is not "
-                                   f"divisible by the process count {process_count}")
+      raise config_lib.ConfigError(
+        f"config.data.buckets: batch size {b} of bucket {h}x{w} is not "
+        f"divisible by the process count {process_count}"
+      )
     parsed.append(Bucket(h, w, b // process_count))
   if len({(b.height, b.width) for b in parsed}) != len(parsed):
-    raise config_lib.ConfigError("config.data.buckets: duplicate sizes in "
-                                 f"{tuple(map(tuple, buckets))}")
+    raise config_lib.ConfigError(
+      f"config.data.buckets: duplicate sizes in {tuple(map(tuple, buckets))}"
+    )
   return tuple(parsed)
 
 
@@ -64,8 +70,10 @@ def bucket_weights(weights: Sequence[float], num_buckets: int) -> tuple[float, .
   if not weights:
     return (1.0,) * num_buckets
   if len(weights) != num_buckets or any(w <= 0 for w in weights):
-    raise config_lib.ConfigError(f"config.data.bucket_weights: expected {num_buckets} positive "
-                                 f"weights (one per bucket) or (), got {tuple(weights)}")
+    raise config_lib.ConfigError(
+      f"config.data.bucket_weights: expected {num_buckets} positive "
+      f"weights (one per bucket) or (), got {tuple(weights)}"
+    )
   return tuple(float(w) for w in weights)
 
 
@@ -73,12 +81,14 @@ def covers_any(buckets: Sequence[Bucket], image_hw: tuple[int, int]) -> bool:
   return any(b.fits(image_hw) for b in buckets)
 
 
-def sample_resize_scale(rng: np.random.Generator, image_hw: tuple[int, int], bucket: Bucket,
-                        policy: str) -> float:
+def sample_resize_scale(
+  rng: np.random.Generator, image_hw: tuple[int, int], bucket: Bucket, policy: str
+) -> float:
   """Factor the image is shrunk by before cropping: log-uniform in [just-covers, 1], or 1."""
   if policy not in POLICIES:
-    raise config_lib.ConfigError(f"config.data.bucket_policy: unknown policy {policy!r}; expected "
-                                 f"{POLICIES}")
+    raise config_lib.ConfigError(
+      f"config.data.bucket_policy: unknown policy {policy!r}; expected {POLICIES}"
+    )
   if policy == "crop":
     return 1.0
   s_min = max(bucket.height / image_hw[0], bucket.width / image_hw[1])
@@ -89,12 +99,15 @@ def sample_resize_scale(rng: np.random.Generator, image_hw: tuple[int, int], buc
 
 def resized_size(image_hw: tuple[int, int], scale: float, bucket: Bucket) -> tuple[int, int]:
   """Image size after shrinking by ``scale``, never below the bucket."""
-  return (max(bucket.height, int(round(image_hw[0] * scale))),
-          max(bucket.width, int(round(image_hw[1] * scale))))
+  return (
+    max(bucket.height, int(round(image_hw[0] * scale))),
+    max(bucket.width, int(round(image_hw[1] * scale))),
+  )
 
 
-def random_crop_origin(rng: np.random.Generator, image_hw: tuple[int, int], bucket: Bucket
-                       ) -> tuple[int, int]:
+def random_crop_origin(
+  rng: np.random.Generator, image_hw: tuple[int, int], bucket: Bucket
+) -> tuple[int, int]:
   """Uniform (top, left) of a bucket-sized crop inside the image."""
   top = int(rng.integers(0, image_hw[0] - bucket.height + 1))
   left = int(rng.integers(0, image_hw[1] - bucket.width + 1))

@@ -69,8 +69,9 @@ def _orientation(im: Image.Image) -> int:
     return 1
 
 
-def decode_image(image: bytes | np.ndarray, *, alpha_background: int = 255,
-                 min_scale: float = 1.0) -> np.ndarray:
+def decode_image(
+  image: bytes | np.ndarray, *, alpha_background: int = 255, min_scale: float = 1.0
+) -> np.ndarray:
   """Decodes encoded bytes (or normalises a decoded array) to uint8 HxWx3 RGB.
 
   Complete JPEGs go through OpenCV (fast path); everything else, and any JPEG OpenCV rejects,
@@ -105,8 +106,11 @@ def decode_image(image: bytes | np.ndarray, *, alpha_background: int = 255,
 
 def _is_complete_jpeg(data: bytes) -> bool:
   """A JPEG that ends with its EOI marker (truncated ones go to PIL, which reports them)."""
-  return (len(data) > 4 and data[:2] == b"\xff\xd8"
-          and (data[-2:] == b"\xff\xd9" or data.rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9"))
+  return (
+    len(data) > 4
+    and data[:2] == b"\xff\xd8"
+    and (data[-2:] == b"\xff\xd9" or data.rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9")
+  )
 
 
 def _decode_jpeg_opencv(data: bytes, min_scale: float) -> np.ndarray | None:
@@ -116,8 +120,12 @@ def _decode_jpeg_opencv(data: bytes, min_scale: float) -> np.ndarray | None:
   reduction = 1
   while reduction < 8 and 2 * reduction * min_scale <= 1.0:
     reduction *= 2
-  flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-          8: cv2.IMREAD_REDUCED_COLOR_8}[reduction]
+  flag = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+  }[reduction]
   try:
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
   except cv2.error:

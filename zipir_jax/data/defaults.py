@@ -28,8 +28,14 @@ def get_degradation_config() -> ml_collections.ConfigDict:
   d.usm_radius = 50
   d.usm_threshold = 10
 
-  kernel_list = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso",
-                 "plateau_aniso")
+  kernel_list = (
+    "iso",
+    "aniso",
+    "generalized_iso",
+    "generalized_aniso",
+    "plateau_iso",
+    "plateau_aniso",
+  )
   kernel_prob = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
   # Blur kernel sizes are odd, uniform in [kernel_size_range] (Real-ESRGAN: 7..21).
   d.kernel_size_range = (7, 21)
@@ -85,10 +91,16 @@ def get_eval_presets() -> ml_collections.ConfigDict:
   Gaussian noise σ (8-bit levels), then JPEG at quality q, the order in which the paper lists them.
   0 disables a step.
   """
+
   # blur_radius_sigmas: Gaussian kernel size 2*ceil(r*σ)+1.
   def preset(scale, blur_sigma=0.0, noise_sigma=0.0, jpeg_quality=0):
-    return dict(scale=scale, blur_sigma=blur_sigma, noise_sigma=noise_sigma,
-                jpeg_quality=jpeg_quality, blur_radius_sigmas=3.0)
+    return dict(
+      scale=scale,
+      blur_sigma=blur_sigma,
+      noise_sigma=noise_sigma,
+      jpeg_quality=jpeg_quality,
+      blur_radius_sigmas=3.0,
+    )
 
   presets = ml_collections.ConfigDict()
   presets.sr16 = preset(16)
@@ -120,14 +132,14 @@ def get_data_config() -> ml_collections.ConfigDict:
   # multiples of 32 (the LP-VAE latent is H/32 x W/32). The sizes and the batch sizes of buckets
   # larger than 1024² are ours: they keep the latent tokens per batch at 128 x 1024² ≈ 131K.
   data.buckets = (
-      (512, 512, 128),
-      (1024, 1024, 128),
-      (768, 1344, 128),
-      (1344, 768, 128),
-      (2048, 2048, 32),
-      (1536, 2688, 32),
-      (2688, 1536, 32),
-      (4096, 4096, 8),
+    (512, 512, 128),
+    (1024, 1024, 128),
+    (768, 1344, 128),
+    (1344, 768, 128),
+    (2048, 2048, 32),
+    (1536, 2688, 32),
+    (2688, 1536, 32),
+    (4096, 4096, 8),
   )
   # Relative frequency of each bucket's *batches*; () -> all equal. The schedule is a fixed
   # deterministic interleaving (grain's mix), identical on every process so shapes agree.

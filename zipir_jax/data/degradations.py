@@ -26,13 +26,19 @@ from scipy import special
 # Real-ESRGAN's filter2D pads with torch 'reflect' (no edge repeat) = OpenCV BORDER_REFLECT_101.
 _BORDER = cv2.BORDER_REFLECT_101
 _CV2_INTERPOLATION = {
-    "area": cv2.INTER_AREA,
-    "bilinear": cv2.INTER_LINEAR,
-    "bicubic": cv2.INTER_CUBIC,
-    "nearest": cv2.INTER_NEAREST,
+  "area": cv2.INTER_AREA,
+  "bilinear": cv2.INTER_LINEAR,
+  "bicubic": cv2.INTER_CUBIC,
+  "nearest": cv2.INTER_NEAREST,
 }
-KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso",
-                "plateau_aniso")
+KERNEL_TYPES = (
+  "iso",
+  "aniso",
+  "generalized_iso",
+  "generalized_aniso",
+  "plateau_iso",
+  "plateau_aniso",
+)
 # ITU-R BT.601 luma, as torchvision's rgb_to_grayscale used by Real-ESRGAN's gray noise.
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
@@ -44,6 +50,7 @@ _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 @dataclasses.dataclass(frozen=True)
 class StageParams:
   """One degradation stage of Real-ESRGAN (blur, random resize, noise, JPEG)."""
+
   blur_prob: float
   kernel_list: tuple[str, ...]
   kernel_prob: tuple[float, ...]
@@ -63,6 +70,7 @@ class StageParams:
 @dataclasses.dataclass(frozen=True)
 class DegradationParams:
   """All numbers of the second-order model; built from ``config.data.degradation``."""
+
   scale_range: tuple[float, float]
   stage1: StageParams
   stage2: StageParams
@@ -82,40 +90,41 @@ class DegradationParams:
   @classmethod
   def from_config(cls, c: Mapping[str, Any]) -> DegradationParams:
     """Builds the parameters from a ``config.data.degradation`` ConfigDict (or dict)."""
+
     def stage(suffix: str, blur_prob: float) -> StageParams:
       return StageParams(
-          blur_prob=blur_prob,
-          kernel_list=tuple(c["kernel_list" + suffix]),
-          kernel_prob=tuple(float(p) for p in c["kernel_prob" + suffix]),
-          sinc_prob=float(c["sinc_prob" + suffix]),
-          blur_sigma=_pair(c["blur_sigma" + suffix]),
-          betag_range=_pair(c["betag_range" + suffix]),
-          betap_range=_pair(c["betap_range" + suffix]),
-          resize_prob=tuple(float(p) for p in c["resize_prob" + suffix]),
-          resize_range=_pair(c["resize_range" + suffix]),
-          gaussian_noise_prob=float(c["gaussian_noise_prob" + suffix]),
-          noise_range=_pair(c["noise_range" + suffix]),
-          poisson_scale_range=_pair(c["poisson_scale_range" + suffix]),
-          gray_noise_prob=float(c["gray_noise_prob" + suffix]),
-          jpeg_range=_pair(c["jpeg_range" + suffix]),
+        blur_prob=blur_prob,
+        kernel_list=tuple(c["kernel_list" + suffix]),
+        kernel_prob=tuple(float(p) for p in c["kernel_prob" + suffix]),
+        sinc_prob=float(c["sinc_prob" + suffix]),
+        blur_sigma=_pair(c["blur_sigma" + suffix]),
+        betag_range=_pair(c["betag_range" + suffix]),
+        betap_range=_pair(c["betap_range" + suffix]),
+        resize_prob=tuple(float(p) for p in c["resize_prob" + suffix]),
+        resize_range=_pair(c["resize_range" + suffix]),
+        gaussian_noise_prob=float(c["gaussian_noise_prob" + suffix]),
+        noise_range=_pair(c["noise_range" + suffix]),
+        poisson_scale_range=_pair(c["poisson_scale_range" + suffix]),
+        gray_noise_prob=float(c["gray_noise_prob" + suffix]),
+        jpeg_range=_pair(c["jpeg_range" + suffix]),
       )
 
     params = cls(
-        scale_range=_pair(c["scale_range"]),
-        stage1=stage("", 1.0),
-        stage2=stage("2", float(c["second_blur_prob"])),
-        kernel_size_range=(int(c["kernel_size_range"][0]), int(c["kernel_size_range"][1])),
-        resize_modes=tuple(c["resize_modes"]),
-        sinc_small_kernel_below=int(c["sinc_small_kernel_below"]),
-        sinc_omega_small=_pair(c["sinc_omega_small"]),
-        sinc_omega_large=_pair(c["sinc_omega_large"]),
-        final_sinc_prob=float(c["final_sinc_prob"]),
-        final_sinc_omega=_pair(c["final_sinc_omega"]),
-        usm_sharpen=bool(c["usm_sharpen"]),
-        usm_weight=float(c["usm_weight"]),
-        usm_radius=int(c["usm_radius"]),
-        usm_threshold=float(c["usm_threshold"]),
-        upsample_mode=str(c["upsample_mode"]),
+      scale_range=_pair(c["scale_range"]),
+      stage1=stage("", 1.0),
+      stage2=stage("2", float(c["second_blur_prob"])),
+      kernel_size_range=(int(c["kernel_size_range"][0]), int(c["kernel_size_range"][1])),
+      resize_modes=tuple(c["resize_modes"]),
+      sinc_small_kernel_below=int(c["sinc_small_kernel_below"]),
+      sinc_omega_small=_pair(c["sinc_omega_small"]),
+      sinc_omega_large=_pair(c["sinc_omega_large"]),
+      final_sinc_prob=float(c["final_sinc_prob"]),
+      final_sinc_omega=_pair(c["final_sinc_omega"]),
+      usm_sharpen=bool(c["usm_sharpen"]),
+      usm_weight=float(c["usm_weight"]),
+      usm_radius=int(c["usm_radius"]),
+      usm_threshold=float(c["usm_threshold"]),
+      upsample_mode=str(c["upsample_mode"]),
     )
     params.validate()
     return params
@@ -128,23 +137,28 @@ class DegradationParams:
       raise ValueError(f"{where}.scale_range must satisfy 1 <= lo <= hi, got {self.scale_range}")
     klo, khi = self.kernel_size_range
     if klo % 2 == 0 or khi % 2 == 0 or not 1 <= klo <= khi:
-      raise ValueError(f"{where}.kernel_size_range must be odd (lo, hi), got "
-                       f"{self.kernel_size_range}")
+      raise ValueError(
+        f"{where}.kernel_size_range must be odd (lo, hi), got {self.kernel_size_range}"
+      )
     for mode in self.resize_modes + (self.upsample_mode,):
       if mode not in _CV2_INTERPOLATION:
-        raise ValueError(f"{where}: unknown resize mode {mode!r}; expected one of "
-                         f"{sorted(_CV2_INTERPOLATION)}")
+        raise ValueError(
+          f"{where}: unknown resize mode {mode!r}; expected one of {sorted(_CV2_INTERPOLATION)}"
+        )
     for name, s in (("", self.stage1), ("2", self.stage2)):
       unknown = set(s.kernel_list) - set(KERNEL_TYPES)
       if unknown:
-        raise ValueError(f"{where}.kernel_list{name}: unknown kernel types {sorted(unknown)}; "
-                         f"expected a subset of {KERNEL_TYPES}")
+        raise ValueError(
+          f"{where}.kernel_list{name}: unknown kernel types {sorted(unknown)}; "
+          f"expected a subset of {KERNEL_TYPES}"
+        )
       if len(s.kernel_list) != len(s.kernel_prob):
-        raise ValueError(f"{where}.kernel_prob{name} has {len(s.kernel_prob)} entries for "
-                         f"{len(s.kernel_list)} kernel types")
+        raise ValueError(
+          f"{where}.kernel_prob{name} has {len(s.kernel_prob)} entries for "
+          f"{len(s.kernel_list)} kernel types"
+        )
       if len(s.resize_prob) != 3:
-        raise ValueError(f"{where}.resize_prob{name} must be (up, down, keep), got "
-                         f"{s.resize_prob}")
+        raise ValueError(f"{where}.resize_prob{name} must be (up, down, keep), got {s.resize_prob}")
 
 
 def _pair(v: Sequence[float]) -> tuple[float, float]:
@@ -179,24 +193,29 @@ def _normalised(kernel: np.ndarray) -> np.ndarray:
   return (kernel / np.sum(kernel)).astype(np.float32)
 
 
-def bivariate_gaussian_kernel(kernel_size: int, sigma_x: float, sigma_y: float,
-                              theta: float) -> np.ndarray:
+def bivariate_gaussian_kernel(
+  kernel_size: int, sigma_x: float, sigma_y: float, theta: float
+) -> np.ndarray:
   """exp(-½ xᵀΣ⁻¹x), normalised to sum 1."""
   return _normalised(np.exp(-0.5 * _mahalanobis_sq(kernel_size, sigma_x, sigma_y, theta)))
 
 
-def bivariate_generalized_gaussian_kernel(kernel_size: int, sigma_x: float, sigma_y: float,
-                                          theta: float, beta: float) -> np.ndarray:
+def bivariate_generalized_gaussian_kernel(
+  kernel_size: int, sigma_x: float, sigma_y: float, theta: float, beta: float
+) -> np.ndarray:
   """exp(-½ (xᵀΣ⁻¹x)^β): β<1 heavier tails, β>1 flatter top (Real-ESRGAN §3.1)."""
   return _normalised(
-      np.exp(-0.5 * np.power(_mahalanobis_sq(kernel_size, sigma_x, sigma_y, theta), beta)))
+    np.exp(-0.5 * np.power(_mahalanobis_sq(kernel_size, sigma_x, sigma_y, theta), beta))
+  )
 
 
-def bivariate_plateau_kernel(kernel_size: int, sigma_x: float, sigma_y: float, theta: float,
-                             beta: float) -> np.ndarray:
+def bivariate_plateau_kernel(
+  kernel_size: int, sigma_x: float, sigma_y: float, theta: float, beta: float
+) -> np.ndarray:
   """1 / (1 + (xᵀΣ⁻¹x)^β): a plateau-shaped kernel (Real-ESRGAN §3.1)."""
   return _normalised(
-      1.0 / (np.power(_mahalanobis_sq(kernel_size, sigma_x, sigma_y, theta), beta) + 1.0))
+    1.0 / (np.power(_mahalanobis_sq(kernel_size, sigma_x, sigma_y, theta), beta) + 1.0)
+  )
 
 
 def circular_lowpass_kernel(omega_c: float, kernel_size: int, pad_to: int = 0) -> np.ndarray:
@@ -208,7 +227,7 @@ def circular_lowpass_kernel(omega_c: float, kernel_size: int, pad_to: int = 0) -
     raise ValueError(f"circular_lowpass_kernel: kernel_size must be odd, got {kernel_size}")
   centre = (kernel_size - 1) / 2
   y, x = np.mgrid[0:kernel_size, 0:kernel_size].astype(np.float64)
-  r = np.sqrt((x - centre)**2 + (y - centre)**2)
+  r = np.sqrt((x - centre) ** 2 + (y - centre) ** 2)
   with np.errstate(divide="ignore", invalid="ignore"):
     kernel = omega_c * special.j1(omega_c * r) / (2 * np.pi * r)
   kernel[int(centre), int(centre)] = omega_c**2 / (4 * np.pi)
@@ -230,8 +249,9 @@ def _random_beta(rng: np.random.Generator, beta_range: tuple[float, float]) -> f
   return _uniform(rng, (max(1.0, beta_range[0]), beta_range[1]))
 
 
-def random_mixed_kernel(rng: np.random.Generator, kernel_size: int, stage: StageParams
-                        ) -> np.ndarray:
+def random_mixed_kernel(
+  rng: np.random.Generator, kernel_size: int, stage: StageParams
+) -> np.ndarray:
   """One kernel of a type drawn from ``stage.kernel_list`` (basicsr's random_mixed_kernels)."""
   probs = np.asarray(stage.kernel_prob, np.float64)
   kind = stage.kernel_list[rng.choice(len(stage.kernel_list), p=probs / probs.sum())]
@@ -256,8 +276,9 @@ def _random_kernel_size(rng: np.random.Generator, kernel_size_range: tuple[int, 
   return int(rng.choice(np.arange(lo, hi + 1, 2)))
 
 
-def random_blur_kernel(rng: np.random.Generator, stage: StageParams,
-                       params: DegradationParams) -> np.ndarray:
+def random_blur_kernel(
+  rng: np.random.Generator, stage: StageParams, params: DegradationParams
+) -> np.ndarray:
   """A stage's blur kernel: sinc with ``sinc_prob``, otherwise a mixed Gaussian-family kernel.
 
   Sizes are odd in [7, 21] by default. Real-ESRGAN zero-pads every kernel to 21x21 to batch them on
@@ -265,14 +286,16 @@ def random_blur_kernel(rng: np.random.Generator, stage: StageParams,
   """
   size = _random_kernel_size(rng, params.kernel_size_range)
   if rng.uniform() < stage.sinc_prob:
-    omega = (params.sinc_omega_small if size < params.sinc_small_kernel_below
-             else params.sinc_omega_large)
+    omega = (
+      params.sinc_omega_small if size < params.sinc_small_kernel_below else params.sinc_omega_large
+    )
     return circular_lowpass_kernel(_uniform(rng, omega) * math.pi, size)
   return random_mixed_kernel(rng, size, stage)
 
 
-def random_final_sinc_kernel(rng: np.random.Generator, params: DegradationParams
-                             ) -> np.ndarray | None:
+def random_final_sinc_kernel(
+  rng: np.random.Generator, params: DegradationParams
+) -> np.ndarray | None:
   """The final sinc filter with ``final_sinc_prob``; None means Real-ESRGAN's identity pulse."""
   if rng.uniform() < params.final_sinc_prob:
     size = _random_kernel_size(rng, params.kernel_size_range)
@@ -313,8 +336,9 @@ def _gray(img: np.ndarray) -> np.ndarray:
   return img @ _LUMA
 
 
-def add_gaussian_noise(img: np.ndarray, rng: np.random.Generator, sigma: float,
-                       gray: bool = False) -> np.ndarray:
+def add_gaussian_noise(
+  img: np.ndarray, rng: np.random.Generator, sigma: float, gray: bool = False
+) -> np.ndarray:
   """Adds N(0, (σ/255)²) noise (one field for all channels when ``gray``) and clips to [0, 1]."""
   if gray:
     noise = rng.standard_normal(img.shape[:2], dtype=np.float32)[..., None]
@@ -325,8 +349,9 @@ def add_gaussian_noise(img: np.ndarray, rng: np.random.Generator, sigma: float,
   return np.clip(out, 0.0, 1.0, out=out)
 
 
-def poisson_noise(img: np.ndarray, rng: np.random.Generator, scale: float,
-                  gray: bool = False) -> np.ndarray:
+def poisson_noise(
+  img: np.ndarray, rng: np.random.Generator, scale: float, gray: bool = False
+) -> np.ndarray:
   """Real-ESRGAN's Poisson (shot) noise field: (Poisson(x·v)/v − x)·scale.
 
   x is the image quantised to 8 bits, v = 2^ceil(log2(#distinct levels)) (basicsr
@@ -336,7 +361,7 @@ def poisson_noise(img: np.ndarray, rng: np.random.Generator, scale: float,
   x = _gray(img)[..., None] if gray else img
   levels = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
   distinct = int(np.count_nonzero(np.bincount(levels.ravel(), minlength=256)))
-  vals = 2**math.ceil(math.log2(max(distinct, 1)))
+  vals = 2 ** math.ceil(math.log2(max(distinct, 1)))
   counts = sample_poisson_of_levels(levels, vals, rng)
   x = levels.astype(np.float32) / np.float32(255.0)
   return (counts / np.float32(vals) - x) * np.float32(scale)
@@ -368,8 +393,7 @@ def _poisson_tables(vals: int) -> tuple[np.ndarray, np.ndarray]:
   return cdf, np.minimum(guide, kmax).astype(np.int16)
 
 
-def sample_poisson_of_levels(levels: np.ndarray, vals: int, rng: np.random.Generator
-                             ) -> np.ndarray:
+def sample_poisson_of_levels(levels: np.ndarray, vals: int, rng: np.random.Generator) -> np.ndarray:
   """Exact Poisson(levels/255·v) draws (float32) by table inversion of one uniform per draw.
 
   Same distribution as ``rng.poisson`` (up to float64 rounding of the CDF), ~3x faster: λ takes
@@ -397,8 +421,9 @@ def sample_poisson_of_levels(levels: np.ndarray, vals: int, rng: np.random.Gener
   return counts.astype(np.float32).reshape(levels.shape)
 
 
-def add_poisson_noise(img: np.ndarray, rng: np.random.Generator, scale: float,
-                      gray: bool = False) -> np.ndarray:
+def add_poisson_noise(
+  img: np.ndarray, rng: np.random.Generator, scale: float, gray: bool = False
+) -> np.ndarray:
   """Adds :func:`poisson_noise` and clips to [0, 1]."""
   return np.clip(img + poisson_noise(img, rng, scale, gray), 0.0, 1.0)
 
@@ -427,8 +452,9 @@ def jpeg_compress(img: np.ndarray, quality: float) -> np.ndarray:
   return to_float(jpeg_compress_uint8(to_uint8(img), int(round(quality))))
 
 
-def usm_sharpen(img: np.ndarray, weight: float = 0.5, radius: int = 50,
-                threshold: float = 10) -> np.ndarray:
+def usm_sharpen(
+  img: np.ndarray, weight: float = 0.5, radius: int = 50, threshold: float = 10
+) -> np.ndarray:
   """Unsharp masking with a soft edge mask (basicsr ``usm_sharp``), float in [0, 1]."""
   if radius % 2 == 0:
     radius += 1
@@ -449,6 +475,7 @@ def usm_sharpen(img: np.ndarray, weight: float = 0.5, radius: int = 50,
 @dataclasses.dataclass(frozen=True)
 class DegradedPair:
   """A training pair. All uint8 HWC RGB; ``lq_up`` has the shape of ``hq``."""
+
   hq: np.ndarray
   lq: np.ndarray
   lq_up: np.ndarray
@@ -466,8 +493,13 @@ def lq_size(hq_hw: tuple[int, int], scale: float) -> tuple[int, int]:
   return max(1, int(round(hq_hw[0] / scale))), max(1, int(round(hq_hw[1] / scale)))
 
 
-def _random_resize(img: np.ndarray, rng: np.random.Generator, stage: StageParams,
-                   params: DegradationParams, base_hw: tuple[float, float]) -> np.ndarray:
+def _random_resize(
+  img: np.ndarray,
+  rng: np.random.Generator,
+  stage: StageParams,
+  params: DegradationParams,
+  base_hw: tuple[float, float],
+) -> np.ndarray:
   """Random up/down/keep resize of ``base_hw`` with a random interpolation (Real-ESRGAN)."""
   kind = rng.choice(3, p=np.asarray(stage.resize_prob) / sum(stage.resize_prob))
   if kind == 0:
@@ -491,8 +523,9 @@ def _random_noise(img: np.ndarray, rng: np.random.Generator, stage: StageParams)
   return add_poisson_noise(img, rng, scale, gray)
 
 
-def degrade(hq: np.ndarray, rng: np.random.Generator, params: DegradationParams,
-            scale: float | None = None) -> DegradedPair:
+def degrade(
+  hq: np.ndarray, rng: np.random.Generator, params: DegradationParams, scale: float | None = None
+) -> DegradedPair:
   """Real-ESRGAN second-order degradation of a uint8 HWC RGB crop.
 
   Stage 1 (at HQ size): blur → random resize → Gaussian/Poisson noise → JPEG. Stage 2: blur with

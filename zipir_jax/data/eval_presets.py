@@ -30,6 +30,7 @@ from zipir_jax.data import degradations
 @dataclasses.dataclass(frozen=True)
 class EvalPreset:
   """One fixed degradation; 0 disables blur, noise or JPEG."""
+
   scale: int
   blur_sigma: float = 0.0
   noise_sigma: float = 0.0  # in 8-bit levels.
@@ -37,16 +38,18 @@ class EvalPreset:
   blur_radius_sigmas: float = 3.0  # kernel size 2*ceil(r*σ)+1.
 
 
-def get_preset(preset: str | Mapping[str, Any] | EvalPreset,
-               presets: Mapping[str, Any] | None = None) -> EvalPreset:
+def get_preset(
+  preset: str | Mapping[str, Any] | EvalPreset, presets: Mapping[str, Any] | None = None
+) -> EvalPreset:
   """Resolves a preset name (looked up in ``presets``, default the paper's) or a mapping."""
   if isinstance(preset, EvalPreset):
     return preset
   if isinstance(preset, str):
     presets = defaults.get_eval_presets() if presets is None else presets
     if preset not in presets:
-      raise ValueError(f"eval_presets: unknown preset {preset!r}; known: "
-                       f"{', '.join(sorted(presets.keys()))}")
+      raise ValueError(
+        f"eval_presets: unknown preset {preset!r}; known: {', '.join(sorted(presets.keys()))}"
+      )
     preset = presets[preset]
   fields = {f.name for f in dataclasses.fields(EvalPreset)}
   values = {k: v for k, v in dict(preset).items() if k in fields}
@@ -60,8 +63,10 @@ def bicubic_downsample(img: np.ndarray, scale: int) -> np.ndarray:
   """Anti-aliased bicubic reduction of a uint8 RGB image by an integer factor (exact size H/s)."""
   h, w = img.shape[:2]
   if h % scale or w % scale:
-    raise ValueError(f"bicubic_downsample: image {h}x{w} is not divisible by scale {scale}; "
-                     f"crop it to a multiple of {scale} first (e.g. center_crop_to_multiple)")
+    raise ValueError(
+      f"bicubic_downsample: image {h}x{w} is not divisible by scale {scale}; "
+      f"crop it to a multiple of {scale} first (e.g. center_crop_to_multiple)"
+    )
   pil = Image.fromarray(np.ascontiguousarray(img))
   return np.asarray(pil.resize((w // scale, h // scale), Image.Resampling.BICUBIC))
 
@@ -79,11 +84,16 @@ def center_crop_to_multiple(img: np.ndarray, multiple: int) -> np.ndarray:
   if ch == 0 or cw == 0:
     raise ValueError(f"center_crop_to_multiple: image {h}x{w} is smaller than {multiple}")
   top, left = (h - ch) // 2, (w - cw) // 2
-  return img[top:top + ch, left:left + cw]
+  return img[top : top + ch, left : left + cw]
 
 
-def make_eval_pair(hq: np.ndarray, preset: str | Mapping[str, Any] | EvalPreset, seed: int, *,
-                   presets: Mapping[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def make_eval_pair(
+  hq: np.ndarray,
+  preset: str | Mapping[str, Any] | EvalPreset,
+  seed: int,
+  *,
+  presets: Mapping[str, Any] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Degrades a uint8 HxWx3 RGB image with a fixed preset; returns uint8 (lq, lq_up).
 
   Bit-identical for the same (image, preset, seed); noise is the only random step, so ``sr16`` and

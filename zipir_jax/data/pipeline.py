@@ -69,6 +69,7 @@ def derive_seed(seed: int, *path: int) -> int:
 @dataclasses.dataclass
 class TrainingExampleMaker(grain.transforms.RandomMap):
   """Record → training example for one bucket, or None (skipped or not covering the bucket)."""
+
   bucket: buckets_lib.Bucket
   all_buckets: tuple[buckets_lib.Bucket, ...]
   policy: str
@@ -90,33 +91,45 @@ class TrainingExampleMaker(grain.transforms.RandomMap):
       return None
     if not buckets_lib.covers_any(self.all_buckets, size):
       smallest = min(self.all_buckets, key=lambda b: b.height * b.width)
-      self.skip_log.record(name, "too_small",
-                           f"{size[0]}x{size[1]} is smaller than every bucket "
-                           f"(e.g. {smallest.name}); images are never up-sampled")
+      self.skip_log.record(
+        name,
+        "too_small",
+        f"{size[0]}x{size[1]} is smaller than every bucket "
+        f"(e.g. {smallest.name}); images are never up-sampled",
+      )
       return None
     if not self.bucket.fits(size):
       return None  # Another bucket's stream will use it.
     scale = buckets_lib.sample_resize_scale(rng, size, self.bucket, self.policy)
     try:
-      image = decode.decode_image(record["image"], alpha_background=self.alpha_background,
-                                  min_scale=scale)
+      image = decode.decode_image(
+        record["image"], alpha_background=self.alpha_background, min_scale=scale
+      )
     except decode.BadImageError as e:
       self.skip_log.record(name, e.kind, str(e))
       return None
     crop = self._crop(image, size, scale, rng)
     if crop is None:
-      self.skip_log.record(name, "corrupt", f"header says {size[0]}x{size[1]} but decodes to "
-                           f"{image.shape[0]}x{image.shape[1]}")
+      self.skip_log.record(
+        name,
+        "corrupt",
+        f"header says {size[0]}x{size[1]} but decodes to {image.shape[0]}x{image.shape[1]}",
+      )
       return None
     pair = degradations.degrade(crop, rng, self.degradation)
-    example = {"hq": pair.hq, "lq_up": pair.lq_up, "caption": record["caption"],
-               "scale": np.float32(pair.scale)}
+    example = {
+      "hq": pair.hq,
+      "lq_up": pair.lq_up,
+      "caption": record["caption"],
+      "scale": np.float32(pair.scale),
+    }
     if self.emit_lq:
       example["lq"] = pair.lq
     return example
 
-  def _crop(self, image: np.ndarray, header_hw: tuple[int, int], scale: float,
-            rng: np.random.Generator) -> np.ndarray | None:
+  def _crop(
+    self, image: np.ndarray, header_hw: tuple[int, int], scale: float, rng: np.random.Generator
+  ) -> np.ndarray | None:
     """A random bucket crop of the image shrunk by ``scale`` (area), then a random flip.
 
     The crop window is drawn in the coordinates of the shrunk image but only that window is
@@ -168,15 +181,22 @@ def _init_worker(cv2_threads: int, worker_index: int = 0, worker_count: int = 1)
 @dataclasses.dataclass(frozen=True)
 class ProbeReport:
   """What the start-up probe saw: records examined, per-bucket cover counts, skip reasons."""
+
   records: int
   usable: int
   bucket_covers: tuple[int, ...]
   skipped: dict[str, int]
 
 
-def probe_source(source: Any, buckets: tuple[buckets_lib.Bucket, ...], *, max_records: int,
-                 seed: int, alpha_background: int = 255,
-                 skip_log: decode.SkipLog | None = None) -> ProbeReport:
+def probe_source(
+  source: Any,
+  buckets: tuple[buckets_lib.Bucket, ...],
+  *,
+  max_records: int,
+  seed: int,
+  alpha_background: int = 255,
+  skip_log: decode.SkipLog | None = None,
+) -> ProbeReport:
   """Reads image headers of up to ``max_records`` records (shuffled) and fails early.
 
   Raises ValueError when the source has no usable image at all (every record is scanned before
@@ -221,19 +241,25 @@ def probe_source(source: Any, buckets: tuple[buckets_lib.Bucket, ...], *, max_re
     covers += fits
   if not verified:
     reasons = ", ".join(f"{v} {k}" for k, v in sorted(skipped.items()))
-    raise ValueError(f"{source!r}: no usable image in {n} records ({reasons}); buckets are "
-                     f"{', '.join(b.name for b in buckets)} and images are never up-sampled")
+    raise ValueError(
+      f"{source!r}: no usable image in {n} records ({reasons}); buckets are "
+      f"{', '.join(b.name for b in buckets)} and images are never up-sampled"
+    )
   empty = [b.name for b, c in zip(buckets, covers) if c == 0]
   if empty:
-    scope = ("any" if examined == n else
-             f"any of the {examined} probed (config.data.size_probe_records)")
-    raise ValueError(f"{source!r}: no image in {scope} records covers bucket(s) "
-                     f"{', '.join(empty)}; remove them from config.data.buckets (images are never "
-                     "up-sampled into a larger bucket)")
+    scope = (
+      "any" if examined == n else f"any of the {examined} probed (config.data.size_probe_records)"
+    )
+    raise ValueError(
+      f"{source!r}: no image in {scope} records covers bucket(s) "
+      f"{', '.join(empty)}; remove them from config.data.buckets (images are never "
+      "up-sampled into a larger bucket)"
+    )
   for b, c in zip(buckets, covers):
     logging.info("bucket %s: %d of %d probed usable images cover it", b.name, c, usable)
-  return ProbeReport(records=examined, usable=usable, bucket_covers=tuple(int(c) for c in covers),
-                     skipped=skipped)
+  return ProbeReport(
+    records=examined, usable=usable, bucket_covers=tuple(int(c) for c in covers), skipped=skipped
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,43 +272,67 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def create_train_dataset(config_data: Mapping[str, Any], *, seed: int, process_index: int = 0,
-                         process_count: int = 1, source: Any = None) -> grain.IterDataset:
+def create_train_dataset(
+  config_data: Mapping[str, Any],
+  *,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  source: Any = None,
+) -> grain.IterDataset:
   """The training ``grain.IterDataset`` described in the module docstring.
 
   ``source`` overrides ``config.data.source`` (any object with ``__len__``/``__getitem__``
   returning :mod:`sources` records).
   """
   if not 0 <= process_index < process_count:
-    raise ValueError(f"create_train_dataset: process_index {process_index} not in "
-                     f"[0, {process_count})")
+    raise ValueError(
+      f"create_train_dataset: process_index {process_index} not in [0, {process_count})"
+    )
   if config_data["output"] not in ("float", "uint8"):
-    raise ValueError(f"config.data.output: expected 'float' or 'uint8', got "
-                     f"{config_data['output']!r}")
+    raise ValueError(
+      f"config.data.output: expected 'float' or 'uint8', got {config_data['output']!r}"
+    )
   source = sources.create_source(config_data) if source is None else source
   bucket_list = buckets_lib.parse_buckets(config_data["buckets"], process_count)
   weights = buckets_lib.bucket_weights(config_data["bucket_weights"], len(bucket_list))
   if config_data["bucket_policy"] not in buckets_lib.POLICIES:
-    raise ValueError(f"config.data.bucket_policy: unknown policy "
-                     f"{config_data['bucket_policy']!r}; expected {buckets_lib.POLICIES}")
+    raise ValueError(
+      f"config.data.bucket_policy: unknown policy "
+      f"{config_data['bucket_policy']!r}; expected {buckets_lib.POLICIES}"
+    )
   degradation = degradations.DegradationParams.from_config(config_data["degradation"])
   if config_data["emit_lq"] and degradation.scale_range[0] != degradation.scale_range[1]:
-    raise ValueError("config.data.emit_lq needs a fixed scale (degradation.scale_range lo == hi): "
-                     f"LQ sizes would differ within a batch, got {degradation.scale_range}")
+    raise ValueError(
+      "config.data.emit_lq needs a fixed scale (degradation.scale_range lo == hi): "
+      f"LQ sizes would differ within a batch, got {degradation.scale_range}"
+    )
   skip_log = decode.SkipLog(config_data["skip_log_dir"])
-  probe_source(source, bucket_list, max_records=int(config_data["size_probe_records"]),
-               seed=derive_seed(seed, 0xB0B), alpha_background=int(config_data["alpha_background"]),
-               skip_log=skip_log)
+  probe_source(
+    source,
+    bucket_list,
+    max_records=int(config_data["size_probe_records"]),
+    seed=derive_seed(seed, 0xB0B),
+    alpha_background=int(config_data["alpha_background"]),
+    skip_log=skip_log,
+  )
 
-  read_options = grain.ReadOptions(num_threads=int(config_data["read_threads"]),
-                                   prefetch_buffer_size=int(config_data["read_buffer_size"]))
+  read_options = grain.ReadOptions(
+    num_threads=int(config_data["read_threads"]),
+    prefetch_buffer_size=int(config_data["read_buffer_size"]),
+  )
   streams = []
   for k, bucket in enumerate(bucket_list):
     maker = TrainingExampleMaker(
-        bucket=bucket, all_buckets=bucket_list, policy=config_data["bucket_policy"],
-        random_flip=bool(config_data["random_flip"]), degradation=degradation,
-        alpha_background=int(config_data["alpha_background"]),
-        emit_lq=bool(config_data["emit_lq"]), skip_log=skip_log)
+      bucket=bucket,
+      all_buckets=bucket_list,
+      policy=config_data["bucket_policy"],
+      random_flip=bool(config_data["random_flip"]),
+      degradation=degradation,
+      alpha_background=int(config_data["alpha_background"]),
+      emit_lq=bool(config_data["emit_lq"]),
+      skip_log=skip_log,
+    )
     ds = grain.MapDataset.source(source)
     if config_data["shuffle"]:
       ds = ds.shuffle(seed=derive_seed(seed, k, 0))
@@ -297,26 +347,42 @@ def create_train_dataset(config_data: Mapping[str, Any], *, seed: int, process_i
   # Buckets that few images cover legitimately filter most records; the probe already logged
   # each bucket's cover rate, so grain's generic "filtered > 90%" warning is only noise.
   ds = grain.experimental.WithOptionsIterDataset(
-      ds, grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None))
+    ds, grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None)
+  )
   num_workers = int(config_data["num_workers"])
   if num_workers > 0:
     _ensure_absl_flags_parsed()
     ds = ds.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=num_workers,
-                                     per_worker_buffer_size=int(config_data["worker_buffer_size"])),
-        worker_init_fn=functools.partial(_init_worker, int(config_data["cv2_threads"])))
+      grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=int(config_data["worker_buffer_size"])
+      ),
+      worker_init_fn=functools.partial(_init_worker, int(config_data["cv2_threads"])),
+    )
   return ds
 
 
-def create_train_iterator(config_data: Mapping[str, Any], *, seed: int, process_index: int = 0,
-                          process_count: int = 1, source: Any = None) -> grain.DatasetIterator:
+def create_train_iterator(
+  config_data: Mapping[str, Any],
+  *,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  source: Any = None,
+) -> grain.DatasetIterator:
   """Checkpointable iterator of training batches (``get_state``/``set_state``, Orbax-compatible).
 
   On a multi-host run pass ``jax.process_index()`` / ``jax.process_count()``; each process then
   yields its share (batch // process_count) of every global batch, with the same bucket schedule.
   """
-  return iter(create_train_dataset(config_data, seed=seed, process_index=process_index,
-                                   process_count=process_count, source=source))
+  return iter(
+    create_train_dataset(
+      config_data,
+      seed=seed,
+      process_index=process_index,
+      process_count=process_count,
+      source=source,
+    )
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,6 +392,7 @@ def create_train_iterator(config_data: Mapping[str, Any], *, seed: int, process_
 @dataclasses.dataclass
 class EvalExampleMaker(grain.transforms.MapWithIndex):
   """Record → fixed-preset evaluation example (shrink to cover ``size``, centre crop, degrade)."""
+
   size: tuple[int, int]
   preset: eval_presets.EvalPreset
   seed: int
@@ -353,14 +420,20 @@ class EvalExampleMaker(grain.transforms.MapWithIndex):
       image = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_AREA)
       h, w = rh, rw
     top, left = (h - th) // 2, (w - tw) // 2
-    hq = np.ascontiguousarray(image[top:top + th, left:left + tw])
+    hq = np.ascontiguousarray(image[top : top + th, left : left + tw])
     lq, lq_up = eval_presets.make_eval_pair(hq, self.preset, derive_seed(self.seed, index))
     return {"hq": hq, "lq": lq, "lq_up": lq_up, "caption": record["caption"], "index": index}
 
 
-def create_eval_dataset(config_data: Mapping[str, Any], preset: str | None = None, *, seed: int = 0,
-                        process_index: int = 0, process_count: int = 1,
-                        source: Any = None) -> grain.IterDataset:
+def create_eval_dataset(
+  config_data: Mapping[str, Any],
+  preset: str | None = None,
+  *,
+  seed: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  source: Any = None,
+) -> grain.IterDataset:
   """One pass over the source, degraded by a fixed preset: deterministic for (seed, preset).
 
   Image ``i`` gets noise seed ``derive_seed(seed, i)`` whatever the sharding. Skipped images are
@@ -371,11 +444,17 @@ def create_eval_dataset(config_data: Mapping[str, Any], preset: str | None = Non
   resolved = eval_presets.get_preset(preset_name, config_data["eval_presets"])
   size = (int(config_data["eval_size"][0]), int(config_data["eval_size"][1]))
   if size[0] % resolved.scale or size[1] % resolved.scale:
-    raise ValueError(f"config.data.eval_size {size} is not divisible by preset {preset_name!r}'s "
-                     f"scale {resolved.scale}")
-  maker = EvalExampleMaker(size=size, preset=resolved, seed=seed,
-                           alpha_background=int(config_data["alpha_background"]),
-                           skip_log=decode.SkipLog(config_data["skip_log_dir"]))
+    raise ValueError(
+      f"config.data.eval_size {size} is not divisible by preset {preset_name!r}'s "
+      f"scale {resolved.scale}"
+    )
+  maker = EvalExampleMaker(
+    size=size,
+    preset=resolved,
+    seed=seed,
+    alpha_background=int(config_data["alpha_background"]),
+    skip_log=decode.SkipLog(config_data["skip_log_dir"]),
+  )
   ds = grain.MapDataset.source(source).map_with_index(maker)[process_index::process_count]
   ds = ds.to_iter_dataset().batch(int(config_data["eval_batch_size"]))
   if config_data["output"] == "float":

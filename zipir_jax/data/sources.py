@@ -70,8 +70,10 @@ class ImageFolderSource:
     self.root = root
     self._paths = scan_image_folder(root, extensions)
     if not self._paths:
-      raise ValueError(f"ImageFolderSource: no files with extensions {tuple(extensions)} under "
-                       f"{root!r} (config.data.path)")
+      raise ValueError(
+        f"ImageFolderSource: no files with extensions {tuple(extensions)} under "
+        f"{root!r} (config.data.path)"
+      )
 
   def __len__(self) -> int:
     return len(self._paths)
@@ -121,9 +123,16 @@ class TfdsSource:
   the pipeline skips it instead of crashing.
   """
 
-  def __init__(self, name: str, split: str = "train", data_dir: str = "", image_key: str = "image",
-               caption_key: str = ""):
+  def __init__(
+    self,
+    name: str,
+    split: str = "train",
+    data_dir: str = "",
+    image_key: str = "image",
+    caption_key: str = "",
+  ):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # heavy, optional.
+
     if not name:
       raise ValueError("TfdsSource: config.data.tfds_name is empty")
     self.name, self.split = name, split
@@ -139,8 +148,9 @@ class TfdsSource:
       example = self._source[index]
       image = _feature(example, self.image_key)
     except KeyError as e:
-      raise KeyError(f"TfdsSource {self.name}: no feature {self.image_key!r} "
-                     f"(config.data.image_key)") from e
+      raise KeyError(
+        f"TfdsSource {self.name}: no feature {self.image_key!r} (config.data.image_key)"
+      ) from e
     except Exception as e:  # pylint: disable=broad-except  # TFDS decode failure of one record.
       return make_record(None, name=name, error=f"TFDS cannot read the record ({e})")
     caption = ""
@@ -148,8 +158,9 @@ class TfdsSource:
       try:
         caption = _to_text(_feature(example, self.caption_key))
       except KeyError as e:
-        raise KeyError(f"TfdsSource {self.name}: no feature {self.caption_key!r} "
-                       f"(config.data.caption_key)") from e
+        raise KeyError(
+          f"TfdsSource {self.name}: no feature {self.caption_key!r} (config.data.caption_key)"
+        ) from e
     if isinstance(image, (bytes, np.bytes_)):
       image = bytes(image)
     return make_record(image, caption=caption, name=name)
@@ -174,15 +185,17 @@ def decode_record(payload: bytes, default_name: str = "") -> Record:
     return make_record(None, name=default_name, error="record shorter than its header")
   magic, meta_len = _HEADER.unpack_from(payload)
   if magic != RECORD_MAGIC or _HEADER.size + meta_len > len(payload):
-    return make_record(None, name=default_name,
-                       error="not a zipir_jax.data.prepare record (bad magic or length)")
+    return make_record(
+      None, name=default_name, error="not a zipir_jax.data.prepare record (bad magic or length)"
+    )
   try:
-    meta = json.loads(payload[_HEADER.size:_HEADER.size + meta_len].decode("utf-8"))
+    meta = json.loads(payload[_HEADER.size : _HEADER.size + meta_len].decode("utf-8"))
   except ValueError as e:
     return make_record(None, name=default_name, error=f"bad record metadata ({e})")
-  image = payload[_HEADER.size + meta_len:]
-  return make_record(image, caption=str(meta.get("caption", "")),
-                     name=str(meta.get("name") or default_name))
+  image = payload[_HEADER.size + meta_len :]
+  return make_record(
+    image, caption=str(meta.get("caption", "")), name=str(meta.get("name") or default_name)
+  )
 
 
 def array_record_paths(path: str) -> list[str]:
@@ -192,8 +205,10 @@ def array_record_paths(path: str) -> list[str]:
   else:
     paths = sorted(glob.glob(path))
   if not paths:
-    raise FileNotFoundError(f"ArrayRecordSource: no .array_record files at {path!r} "
-                            "(config.data.path; write them with python -m zipir_jax.data.prepare)")
+    raise FileNotFoundError(
+      f"ArrayRecordSource: no .array_record files at {path!r} "
+      "(config.data.path; write them with python -m zipir_jax.data.prepare)"
+    )
   return paths
 
 
@@ -202,6 +217,7 @@ class ArrayRecordSource:
 
   def __init__(self, path: str):
     import grain  # pylint: disable=g-import-not-at-top
+
     self.path = path
     self._paths = array_record_paths(path)
     self._source = grain.sources.ArrayRecordDataSource(self._paths)
@@ -224,12 +240,17 @@ def create_source(config_data: Mapping[str, Any]):
       raise ValueError("config.data.path is empty: set it to the image folder")
     return ImageFolderSource(config_data["path"], tuple(config_data["extensions"]))
   if kind == "tfds":
-    return TfdsSource(config_data["tfds_name"], config_data["tfds_split"],
-                      config_data["tfds_data_dir"], config_data["image_key"],
-                      config_data["caption_key"])
+    return TfdsSource(
+      config_data["tfds_name"],
+      config_data["tfds_split"],
+      config_data["tfds_data_dir"],
+      config_data["image_key"],
+      config_data["caption_key"],
+    )
   if kind == "array_record":
     if not config_data["path"]:
       raise ValueError("config.data.path is empty: set it to the ArrayRecord directory or glob")
     return ArrayRecordSource(config_data["path"])
-  raise ValueError(f"config.data.source: unknown source {kind!r}; expected 'folder', 'tfds' or "
-                   "'array_record'")
+  raise ValueError(
+    f"config.data.source: unknown source {kind!r}; expected 'folder', 'tfds' or 'array_record'"
+  )

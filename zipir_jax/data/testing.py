@@ -18,16 +18,29 @@ from PIL import Image
 def natural_image(height: int, width: int, index: int = 0) -> np.ndarray:
   """A uint8 HxWx3 RGB photo-like image: one of scikit-image's bundled photos, resized."""
   import skimage.data  # pylint: disable=g-import-not-at-top  # only needed here.
-  photos = (skimage.data.astronaut, skimage.data.coffee, skimage.data.chelsea,
-            skimage.data.rocket, skimage.data.hubble_deep_field)
+
+  photos = (
+    skimage.data.astronaut,
+    skimage.data.coffee,
+    skimage.data.chelsea,
+    skimage.data.rocket,
+    skimage.data.hubble_deep_field,
+  )
   photo = photos[index % len(photos)]()[..., :3]
-  interpolation = cv2.INTER_AREA if height * width < photo.shape[0] * photo.shape[1] else (
-      cv2.INTER_CUBIC)
+  interpolation = (
+    cv2.INTER_AREA if height * width < photo.shape[0] * photo.shape[1] else (cv2.INTER_CUBIC)
+  )
   return cv2.resize(photo, (width, height), interpolation=interpolation)
 
 
-def write_image_folder(root: str, sizes: Sequence[tuple[int, int]], *, fmt: str = "jpg",
-                       quality: int = 92, captions: bool = True) -> list[str]:
+def write_image_folder(
+  root: str,
+  sizes: Sequence[tuple[int, int]],
+  *,
+  fmt: str = "jpg",
+  quality: int = 92,
+  captions: bool = True,
+) -> list[str]:
   """Writes one natural image per (height, width) (+ ``.txt`` caption "image i"); returns paths."""
   os.makedirs(root, exist_ok=True)
   paths = []
@@ -71,9 +84,12 @@ def write_bad_files(root: str, size: tuple[int, int] = (96, 128)) -> dict[str, s
     put(name, buffer.getvalue(), outcome)
 
   good_jpeg = _jpeg_bytes(rgb)
-  put("corrupt.jpg", np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes(),
-      "not_an_image")
-  put("truncated.jpg", good_jpeg[:len(good_jpeg) // 2], "truncated")
+  put(
+    "corrupt.jpg",
+    np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes(),
+    "not_an_image",
+  )
+  put("truncated.jpg", good_jpeg[: len(good_jpeg) // 2], "truncated")
   put("zero_bytes.png", b"", "empty")
   put("garbage_after_header.png", _png_header_then_garbage(rgb), "corrupt")
   put_pil("cmyk.jpg", Image.fromarray(rgb).convert("CMYK"), quality=92)
@@ -94,8 +110,12 @@ def write_bad_files(root: str, size: tuple[int, int] = (96, 128)) -> dict[str, s
   # Stored transposed (w x h) with EXIF orientation 6 (rotate 90° CW to display): displays h x w.
   exif = Image.Exif()
   exif[0x0112] = 6
-  put_pil("exif_rotated.jpg", Image.fromarray(np.ascontiguousarray(np.rot90(rgb, 1))),
-          exif=exif.tobytes(), quality=92)
+  put_pil(
+    "exif_rotated.jpg",
+    Image.fromarray(np.ascontiguousarray(np.rot90(rgb, 1))),
+    exif=exif.tobytes(),
+    quality=92,
+  )
   put_pil("photo.webp", Image.fromarray(rgb), quality=90)
   put_pil("photo.bmp", Image.fromarray(rgb))
   put_pil("photo.tiff", Image.fromarray(rgb))
@@ -114,5 +134,5 @@ def _png_header_then_garbage(rgb: np.ndarray) -> bytes:
   Image.fromarray(rgb).save(buffer, format="PNG")
   data = bytearray(buffer.getvalue())
   start = data.find(b"IDAT") + 4
-  data[start:start + 64] = bytes(range(64))
+  data[start : start + 64] = bytes(range(64))
   return bytes(data)

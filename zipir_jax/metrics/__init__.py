@@ -44,8 +44,23 @@ from zipir_jax.metrics.image import ssim
 from zipir_jax.metrics.image import to_unit_range
 
 __all__ = [
-    "collect_features", "crop_patches", "feature_statistics", "fid_from_features",
-    "frechet_distance", "iter_batches", "iter_patches", "kid", "load_statistics",
-    "mmd2_unbiased", "paired_patches", "patch_positions", "polynomial_kernel", "random_patches",
-    "save_statistics", "psnr", "rgb_to_y", "ssim", "to_unit_range",
+  "collect_features",
+  "crop_patches",
+  "feature_statistics",
+  "fid_from_features",
+  "frechet_distance",
+  "iter_batches",
+  "iter_patches",
+  "kid",
+  "load_statistics",
+  "mmd2_unbiased",
+  "paired_patches",
+  "patch_positions",
+  "polynomial_kernel",
+  "random_patches",
+  "save_statistics",
+  "psnr",
+  "rgb_to_y",
+  "ssim",
+  "to_unit_range",
 ]

@@ -41,8 +41,9 @@ FeatureFn = Callable[[np.ndarray], np.ndarray]
 def _as_features(features: np.ndarray, name: str, min_rows: int = 2) -> np.ndarray:
   features = np.asarray(features, dtype=np.float64)
   if features.ndim != 2 or features.shape[0] < min_rows:
-    raise ValueError(f"{name} must be a (N, D) array of features with N >= {min_rows}, got shape "
-                     f"{features.shape}.")
+    raise ValueError(
+      f"{name} must be a (N, D) array of features with N >= {min_rows}, got shape {features.shape}."
+    )
   if not np.all(np.isfinite(features)):
     raise ValueError(f"{name} contains non-finite values.")
   return features
@@ -75,8 +76,9 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
   return (eigvecs * np.sqrt(_resolvable(eigvals))) @ eigvecs.T
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
-                     sigma2: np.ndarray) -> float:
+def frechet_distance(
+  mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
   """Fréchet distance ``|mu1 - mu2|² + tr(S1 + S2 - 2 (S1 S2)^½)`` between two Gaussians.
 
   ``tr (S1 S2)^½`` is computed as the sum of square roots of the eigenvalues of the symmetric PSD
@@ -93,8 +95,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
   sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
   d = mu1.shape[0]
   if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-    raise ValueError(f"frechet_distance expects means (D,) and covariances (D, D) of one D, got "
-                     f"{mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}.")
+    raise ValueError(
+      f"frechet_distance expects means (D,) and covariances (D, D) of one D, got "
+      f"{mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}."
+    )
   # Covariances from float32 sums can be asymmetric at the last bit; eigh needs symmetry.
   sigma1, sigma2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2
   root1 = _psd_sqrt(sigma1)
@@ -134,8 +138,10 @@ def load_statistics(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarra
   with np.load(path) as data:
     missing = [k for k in ("mu", "sigma") if k not in data]
     if missing:
-      raise KeyError(f"{os.fspath(path)}: missing {missing}; expected a pytorch-fid statistics "
-                     f"file with 'mu' (D,) and 'sigma' (D, D), found {sorted(data.keys())}.")
+      raise KeyError(
+        f"{os.fspath(path)}: missing {missing}; expected a pytorch-fid statistics "
+        f"file with 'mu' (D,) and 'sigma' (D, D), found {sorted(data.keys())}."
+      )
     return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
 
 
@@ -144,15 +150,18 @@ def load_statistics(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarra
 # ------------------------------------------------------------------------------------------------
 
 
-def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3,
-                      coef0: float = 1.0) -> np.ndarray:
+def polynomial_kernel(
+  x: np.ndarray, y: np.ndarray, degree: int = 3, coef0: float = 1.0
+) -> np.ndarray:
   """``(x·y / d + coef0) ** degree`` for all row pairs: the KID kernel (Bińkowski et al. 2018)."""
   return (x @ y.T / x.shape[1] + coef0) ** degree
 
 
-def mmd2_unbiased(x: np.ndarray, y: np.ndarray,
-                  kernel: Callable[[np.ndarray, np.ndarray], np.ndarray] = polynomial_kernel
-                  ) -> float:
+def mmd2_unbiased(
+  x: np.ndarray,
+  y: np.ndarray,
+  kernel: Callable[[np.ndarray, np.ndarray], np.ndarray] = polynomial_kernel,
+) -> float:
   """Unbiased MMD² estimate between samples ``x`` (m, d) and ``y`` (n, d).
 
   ``sum_{i≠j} k(xi, xj) / m(m-1) + sum_{i≠j} k(yi, yj) / n(n-1) - 2 sum_{i,j} k(xi, yj) / mn``:
@@ -170,8 +179,14 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray,
   return float(within_x + within_y - 2.0 * k_xy.mean())
 
 
-def kid(features1: np.ndarray, features2: np.ndarray, *, num_subsets: int = KID_NUM_SUBSETS,
-        subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> tuple[float, float]:
+def kid(
+  features1: np.ndarray,
+  features2: np.ndarray,
+  *,
+  num_subsets: int = KID_NUM_SUBSETS,
+  subset_size: int = KID_SUBSET_SIZE,
+  seed: int = 0,
+) -> tuple[float, float]:
   """Kernel Inception Distance: mean and std of :func:`mmd2_unbiased` over random subsets.
 
   Each of ``num_subsets`` rounds draws ``subset_size`` rows without replacement from each set
@@ -183,8 +198,10 @@ def kid(features1: np.ndarray, features2: np.ndarray, *, num_subsets: int = KID_
   features2 = _as_features(features2, "features2")
   smallest = min(features1.shape[0], features2.shape[0])
   if subset_size < 2 or subset_size > smallest:
-    raise ValueError(f"kid: subset_size={subset_size} must be in [2, {smallest}] (the smaller "
-                     f"set has {smallest} features); pass subset_size={smallest} for small sets.")
+    raise ValueError(
+      f"kid: subset_size={subset_size} must be in [2, {smallest}] (the smaller "
+      f"set has {smallest} features); pass subset_size={smallest} for small sets."
+    )
   rng = np.random.default_rng(seed)
   values = np.empty(num_subsets)
   for i in range(num_subsets):
@@ -199,8 +216,15 @@ def kid(features1: np.ndarray, features2: np.ndarray, *, num_subsets: int = KID_
 # ------------------------------------------------------------------------------------------------
 
 
-def patch_positions(height: int, width: int, *, index: int, num_crops: int = DEFAULT_NUM_CROPS,
-                    size: int = PATCH_SIZE, seed: int = 0) -> np.ndarray:
+def patch_positions(
+  height: int,
+  width: int,
+  *,
+  index: int,
+  num_crops: int = DEFAULT_NUM_CROPS,
+  size: int = PATCH_SIZE,
+  seed: int = 0,
+) -> np.ndarray:
   """Top-left corners (num_crops, 2) of random ``size`` crops of image number ``index``.
 
   Uniform over all valid positions, drawn from ``default_rng([seed, index])``: a pure function of
@@ -208,8 +232,9 @@ def patch_positions(height: int, width: int, *, index: int, num_crops: int = DEF
   same crops without sharing any state.
   """
   if height < size or width < size:
-    raise ValueError(f"patch_positions: image {index} is {height}x{width}, smaller than the "
-                     f"{size}x{size} crop.")
+    raise ValueError(
+      f"patch_positions: image {index} is {height}x{width}, smaller than the {size}x{size} crop."
+    )
   rng = np.random.default_rng([seed, index])
   tops = rng.integers(0, height - size + 1, num_crops)
   lefts = rng.integers(0, width - size + 1, num_crops)
@@ -221,31 +246,52 @@ def crop_patches(image: np.ndarray, positions: np.ndarray, size: int = PATCH_SIZ
   image = np.asarray(image)
   if image.ndim != 3:
     raise ValueError(f"crop_patches expects one HWC image, got shape {image.shape}.")
-  return np.stack([image[t:t + size, l:l + size] for t, l in positions])
+  return np.stack([image[t : t + size, l : l + size] for t, l in positions])
 
 
-def random_patches(image: np.ndarray, *, index: int, num_crops: int = DEFAULT_NUM_CROPS,
-                   size: int = PATCH_SIZE, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def random_patches(
+  image: np.ndarray,
+  *,
+  index: int,
+  num_crops: int = DEFAULT_NUM_CROPS,
+  size: int = PATCH_SIZE,
+  seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
   """Random full-resolution crops of one HWC image: (crops, positions); see patch_positions."""
-  positions = patch_positions(image.shape[0], image.shape[1], index=index, num_crops=num_crops,
-                              size=size, seed=seed)
+  positions = patch_positions(
+    image.shape[0], image.shape[1], index=index, num_crops=num_crops, size=size, seed=seed
+  )
   return crop_patches(image, positions, size), positions
 
 
-def paired_patches(restored: np.ndarray, reference: np.ndarray, *, index: int,
-                   num_crops: int = DEFAULT_NUM_CROPS, size: int = PATCH_SIZE,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def paired_patches(
+  restored: np.ndarray,
+  reference: np.ndarray,
+  *,
+  index: int,
+  num_crops: int = DEFAULT_NUM_CROPS,
+  size: int = PATCH_SIZE,
+  seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The same random crops of a restored image and its reference: (restored, reference, pos)."""
   if np.shape(restored) != np.shape(reference):
-    raise ValueError(f"paired_patches: image {index} has restored shape {np.shape(restored)} but "
-                     f"reference shape {np.shape(reference)}; crops would not correspond.")
-  crops, positions = random_patches(restored, index=index, num_crops=num_crops, size=size,
-                                    seed=seed)
+    raise ValueError(
+      f"paired_patches: image {index} has restored shape {np.shape(restored)} but "
+      f"reference shape {np.shape(reference)}; crops would not correspond."
+    )
+  crops, positions = random_patches(
+    restored, index=index, num_crops=num_crops, size=size, seed=seed
+  )
   return crops, crop_patches(reference, positions, size), positions
 
 
-def iter_patches(images: Iterable[np.ndarray], *, num_crops: int = DEFAULT_NUM_CROPS,
-                 size: int = PATCH_SIZE, seed: int = 0) -> Iterator[np.ndarray]:
+def iter_patches(
+  images: Iterable[np.ndarray],
+  *,
+  num_crops: int = DEFAULT_NUM_CROPS,
+  size: int = PATCH_SIZE,
+  seed: int = 0,
+) -> Iterator[np.ndarray]:
   """Yields the (num_crops, size, size, C) crops of each HWC image in turn (index = position).
 
   Feed it to :func:`collect_features` for patch FID; images are read one at a time, so a loader

@@ -37,12 +37,15 @@ _Y_OFFSET = 16.0 / 255.0
 
 def _check_pair(a: jax.Array, b: jax.Array, name: str) -> None:
   if a.shape != b.shape or a.ndim != 4:
-    raise ValueError(f"{name} expects two NHWC batches (B, H, W, C) of equal shape, got "
-                     f"{a.shape} and {b.shape}.")
+    raise ValueError(
+      f"{name} expects two NHWC batches (B, H, W, C) of equal shape, got {a.shape} and {b.shape}."
+    )
   for x in (a, b):
     if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(f"{name} expects float images in [0, 1], got dtype {x.dtype}; divide uint8 "
-                      "images by 255 first.")
+      raise TypeError(
+        f"{name} expects float images in [0, 1], got dtype {x.dtype}; divide uint8 "
+        "images by 255 first."
+      )
 
 
 def to_unit_range(images: jax.Array) -> jax.Array:
@@ -57,8 +60,12 @@ def rgb_to_y(images: jax.Array) -> jax.Array:
   """
   if images.shape[-1] != 3:
     raise ValueError(f"rgb_to_y expects RGB images (..., 3), got shape {images.shape}.")
-  y = jnp.tensordot(images, jnp.asarray(_Y_WEIGHTS, images.dtype), axes=([-1], [0]),
-                    precision=jax.lax.Precision.HIGHEST)
+  y = jnp.tensordot(
+    images,
+    jnp.asarray(_Y_WEIGHTS, images.dtype),
+    axes=([-1], [0]),
+    precision=jax.lax.Precision.HIGHEST,
+  )
   return (y + _Y_OFFSET)[..., None]
 
 
@@ -84,7 +91,16 @@ def ssim(a: jax.Array, b: jax.Array, data_range: float = 1.0) -> jax.Array:
   """
   _check_pair(a, b, "ssim")
   if min(a.shape[1:3]) < SSIM_FILTER_SIZE:
-    raise ValueError(f"ssim needs images of at least {SSIM_FILTER_SIZE}x{SSIM_FILTER_SIZE} (the "
-                     f"Gaussian window), got {a.shape[1]}x{a.shape[2]}.")
-  return pix.ssim(a, b, max_val=data_range, filter_size=SSIM_FILTER_SIZE,
-                  filter_sigma=SSIM_FILTER_SIGMA, k1=SSIM_K1, k2=SSIM_K2)
+    raise ValueError(
+      f"ssim needs images of at least {SSIM_FILTER_SIZE}x{SSIM_FILTER_SIZE} (the "
+      f"Gaussian window), got {a.shape[1]}x{a.shape[2]}."
+    )
+  return pix.ssim(
+    a,
+    b,
+    max_val=data_range,
+    filter_size=SSIM_FILTER_SIZE,
+    filter_sigma=SSIM_FILTER_SIGMA,
+    k1=SSIM_K1,
+    k2=SSIM_K2,
+  )

@@ -36,8 +36,7 @@ def encoder_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return ("coarse_encoder", "fine_encoder") if config.vae.kind == "lpvae" else ("encoder",)
 
 
-def build_autoencoder(config: ml_collections.ConfigDict, dtype: str | None = None
-                      ) -> LPVAE | SDVAE:
+def build_autoencoder(config: ml_collections.ConfigDict, dtype: str | None = None) -> LPVAE | SDVAE:
   """The experiment's VAE: the LP-VAE (§3.1) or the f32c64 SD-VAE baseline (Table 4).
 
   ``dtype`` overrides ``config.vae.dtype`` (the frozen encoders run at ``vae.frozen_dtype``).
@@ -45,15 +44,28 @@ def build_autoencoder(config: ml_collections.ConfigDict, dtype: str | None = Non
   vae = config.vae
   dtype = compute_dtype(dtype or vae.dtype)
   if vae.kind == "lpvae":
-    return LPVAE(ch=vae.ch, coarse_ch_mult=tuple(vae.coarse_ch_mult),
-                 fine_ch_mult=tuple(vae.fine_ch_mult), num_res_blocks=vae.num_res_blocks,
-                 coarse_channels=vae.coarse_channels, fine_channels=vae.fine_channels,
-                 macro_mean=tuple(vae.macro_mean), macro_std=tuple(vae.macro_std),
-                 num_groups=vae.num_groups, dtype=dtype)
+    return LPVAE(
+      ch=vae.ch,
+      coarse_ch_mult=tuple(vae.coarse_ch_mult),
+      fine_ch_mult=tuple(vae.fine_ch_mult),
+      num_res_blocks=vae.num_res_blocks,
+      coarse_channels=vae.coarse_channels,
+      fine_channels=vae.fine_channels,
+      macro_mean=tuple(vae.macro_mean),
+      macro_std=tuple(vae.macro_std),
+      num_groups=vae.num_groups,
+      dtype=dtype,
+    )
   if vae.kind == "sdvae":
-    return SDVAE(ch=vae.ch, ch_mult=tuple(vae.ch_mult), num_res_blocks=vae.num_res_blocks,
-                 z_channels=vae.z_channels, mid_attention=vae.mid_attention,
-                 num_groups=vae.num_groups, dtype=dtype)
+    return SDVAE(
+      ch=vae.ch,
+      ch_mult=tuple(vae.ch_mult),
+      num_res_blocks=vae.num_res_blocks,
+      z_channels=vae.z_channels,
+      mid_attention=vae.mid_attention,
+      num_groups=vae.num_groups,
+      dtype=dtype,
+    )
   raise config_lib.ConfigError(f"config.vae.kind={vae.kind!r}; valid kinds: {', '.join(VAE_KINDS)}")
 
 
@@ -62,17 +74,23 @@ def build_pixel_decoder(config: ml_collections.ConfigDict) -> PixelAwareDecoder:
   vae = config.vae
   lpvae = vae.kind == "lpvae"
   return PixelAwareDecoder(
-      ch=vae.ch, ch_mult=tuple(vae.fine_ch_mult if lpvae else vae.ch_mult),
-      num_res_blocks=vae.num_res_blocks,
-      encoder_out_channels=vae.fine_channels if lpvae else vae.z_channels,
-      fusion_levels=tuple(config.pixel_decoder.fusion_levels),
-      mid_attention=False if lpvae else vae.mid_attention, num_groups=vae.num_groups,
-      dtype=compute_dtype(vae.dtype))
+    ch=vae.ch,
+    ch_mult=tuple(vae.fine_ch_mult if lpvae else vae.ch_mult),
+    num_res_blocks=vae.num_res_blocks,
+    encoder_out_channels=vae.fine_channels if lpvae else vae.z_channels,
+    fusion_levels=tuple(config.pixel_decoder.fusion_levels),
+    mid_attention=False if lpvae else vae.mid_attention,
+    num_groups=vae.num_groups,
+    dtype=compute_dtype(vae.dtype),
+  )
 
 
 def build_discriminator(config: ml_collections.ConfigDict) -> PatchDiscriminator:
-  return PatchDiscriminator(ch=config.discriminator.ch, num_layers=config.discriminator.num_layers,
-                            dtype=compute_dtype(config.vae.dtype))
+  return PatchDiscriminator(
+    ch=config.discriminator.ch,
+    num_layers=config.discriminator.num_layers,
+    dtype=compute_dtype(config.vae.dtype),
+  )
 
 
 def init_autoencoder(module: LPVAE | SDVAE, rng: jax.Array, image_shape: Sequence[int]) -> dict:

@@ -53,11 +53,11 @@ Dtype = Any
 LQ_FUSIONS = ("sum", "concat")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = {
-    "none": None,  # no rematerialisation: fastest, most memory.
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+  "none": None,  # no rematerialisation: fastest, most memory.
+  "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
 TOKEN_AXES = ("batch", "length", "embed")
 TEXT_AXES = ("batch", "text_length", "embed")
@@ -67,34 +67,52 @@ HEAD_AXES = ("batch", "length", "heads", "kv")
 # ------------------------------------------------------------------ layers with named params
 
 
-def _dense(features: int, axes: tuple[str, str], *, zero_init: bool = False,
-           dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
+def _dense(
+  features: int,
+  axes: tuple[str, str],
+  *,
+  zero_init: bool = False,
+  dtype: Dtype = jnp.float32,
+  name: str | None = None,
+) -> nn.Dense:
   """Linear layer (Xavier-uniform as in DiT, or zeros for adaLN-Zero) with named parameters."""
   init = nn.initializers.zeros_init() if zero_init else nn.initializers.xavier_uniform()
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=nn.with_logical_partitioning(init, axes),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)),
-                  name=name)
+  return nn.Dense(
+    features,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=nn.with_logical_partitioning(init, axes),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)),
+    name=name,
+  )
 
 
 def _to_heads(features: tuple[int, int], in_axis: str, dtype: Dtype, name: str) -> nn.DenseGeneral:
   """Projection to (heads, head_dim): kernel ('embed' | 'text_embed', 'heads', 'kv')."""
   init = nn.initializers.xavier_uniform()  # DenseGeneral initialises the flat (in, out) kernel.
-  return nn.DenseGeneral(features, axis=-1, dtype=dtype, param_dtype=jnp.float32,
-                         kernel_init=nn.with_logical_partitioning(init, (in_axis, "heads", "kv")),
-                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                                ("heads", "kv")),
-                         name=name)
+  return nn.DenseGeneral(
+    features,
+    axis=-1,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=nn.with_logical_partitioning(init, (in_axis, "heads", "kv")),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv")),
+    name=name,
+  )
 
 
 def _from_heads(features: int, zero_init: bool, dtype: Dtype, name: str) -> nn.DenseGeneral:
   """Projection from (heads, head_dim) back to the hidden size: kernel ('heads', 'kv', 'embed')."""
   init = nn.initializers.zeros_init() if zero_init else nn.initializers.xavier_uniform()
-  return nn.DenseGeneral(features, axis=(-2, -1), dtype=dtype, param_dtype=jnp.float32,
-                         kernel_init=nn.with_logical_partitioning(init, ("heads", "kv", "embed")),
-                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                                ("embed",)),
-                         name=name)
+  return nn.DenseGeneral(
+    features,
+    axis=(-2, -1),
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=nn.with_logical_partitioning(init, ("heads", "kv", "embed")),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+    name=name,
+  )
 
 
 def layer_norm(x: Array, eps: float = 1e-6) -> Array:
@@ -112,12 +130,17 @@ def modulate(x: Array, shift: Array, scale: Array) -> Array:
 
 class RMSNorm(nn.Module):
   """RMS normalisation over the head dimension with a learned scale (QK-norm)."""
+
   eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("kv",)),
-                       (x.shape[-1],), jnp.float32)
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones_init(), ("kv",)),
+      (x.shape[-1],),
+      jnp.float32,
+    )
     y = x.astype(jnp.float32)
     y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
     return (y * scale).astype(x.dtype)
@@ -140,8 +163,9 @@ def rope_2d(positions: Array, head_dim: int, theta: float = 10000.0) -> tuple[Ar
   the embedding is resolution-agnostic and q·k depends only on the (row, col) difference.
   """
   if head_dim % 4:
-    raise ValueError(f"2D RoPE needs a head dimension divisible by 4; got {head_dim} "
-                     "(hidden_size / num_heads)")
+    raise ValueError(
+      f"2D RoPE needs a head dimension divisible by 4; got {head_dim} (hidden_size / num_heads)"
+    )
   quarter = head_dim // 4
   freqs = theta ** (-jnp.arange(quarter, dtype=jnp.float32) / quarter)
   pos = positions.astype(jnp.float32)
@@ -165,8 +189,9 @@ def resolve_attention_impl(name: str) -> str | None:
   return name
 
 
-def attention(q: Array, k: Array, v: Array, key_mask: Array | None = None,
-              implementation: str = "auto") -> Array:
+def attention(
+  q: Array, k: Array, v: Array, key_mask: Array | None = None, implementation: str = "auto"
+) -> Array:
   """Multi-head attention on (B, N, heads, head_dim) through ``jax.nn.dot_product_attention``.
 
   ``key_mask`` (B, S) marks valid keys. cuDNN takes it as per-example key lengths, so there it
@@ -177,8 +202,13 @@ def attention(q: Array, k: Array, v: Array, key_mask: Array | None = None,
   if impl == "cudnn":
     dtype = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
     lengths = None if key_mask is None else key_mask.sum(-1).astype(jnp.int32)
-    out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
-                                       key_value_seq_lengths=lengths, implementation="cudnn")
+    out = jax.nn.dot_product_attention(
+      q.astype(dtype),
+      k.astype(dtype),
+      v.astype(dtype),
+      key_value_seq_lengths=lengths,
+      implementation="cudnn",
+    )
   else:
     mask = None if key_mask is None else key_mask[:, None, None, :]
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
@@ -199,6 +229,7 @@ def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array
 
 class TimestepEmbedder(nn.Module):
   """t -> sinusoidal (256) -> Linear -> SiLU -> Linear: the conditioning vector of adaLN (DiT)."""
+
   hidden_size: int
   frequency_size: int = 256
 
@@ -211,6 +242,7 @@ class TimestepEmbedder(nn.Module):
 
 class PatchEmbedder(nn.Module):
   """Linear patchify: (B, h, w, C) -> (B, h/p · w/p, hidden), a p x p stride-p conv as a matmul."""
+
   hidden_size: int
   patch_size: int = 1
   dtype: Dtype = jnp.float32
@@ -218,7 +250,8 @@ class PatchEmbedder(nn.Module):
   @nn.compact
   def __call__(self, z: Array) -> Array:
     return _dense(self.hidden_size, ("patch", "embed"), dtype=self.dtype, name="proj")(
-        patchify(z.astype(self.dtype), self.patch_size))
+      patchify(z.astype(self.dtype), self.patch_size)
+    )
 
 
 def patchify(z: Array, p: int) -> Array:
@@ -241,6 +274,7 @@ def unpatchify(tokens: Array, p: int, height: int, width: int) -> Array:
 
 class Attention(nn.Module):
   """Self- or cross-attention with optional QK-RMSNorm and RoPE; returns (B, N, hidden)."""
+
   hidden_size: int
   num_heads: int
   qk_norm: bool = True
@@ -249,8 +283,14 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, context: Array, context_axis: str = "embed",
-               key_mask: Array | None = None, rope: tuple[Array, Array] | None = None) -> Array:
+  def __call__(
+    self,
+    x: Array,
+    context: Array,
+    context_axis: str = "embed",
+    key_mask: Array | None = None,
+    rope: tuple[Array, Array] | None = None,
+  ) -> Array:
     heads = (self.num_heads, self.hidden_size // self.num_heads)
     q = _to_heads(heads, "embed", self.dtype, "query")(x)
     k = _to_heads(heads, context_axis, self.dtype, "key")(context)
@@ -271,6 +311,7 @@ class DiTBlock(nn.Module):
   vectors); otherwise (PixArt-α, 6 vectors) it reads an affine LayerNorm of x and its output
   projection starts at zero, so the block is the identity at initialisation either way.
   """
+
   hidden_size: int
   num_heads: int
   mlp_ratio: float = 4.0
@@ -280,17 +321,27 @@ class DiTBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, c: Array, text: Array, text_mask: Array, has_text: Array,
-               rope_cos: Array, rope_sin: Array) -> tuple[Array, None]:
+  def __call__(
+    self,
+    x: Array,
+    c: Array,
+    text: Array,
+    text_mask: Array,
+    has_text: Array,
+    rope_cos: Array,
+    rope_sin: Array,
+  ) -> tuple[Array, None]:
     d = self.hidden_size
     n_mod = 9 if self.cross_attn_modulation else 6
     # Modulation is computed for B rows only, so float32 costs nothing.
-    mod = _dense(n_mod * d, ("embed", "modulation"), zero_init=True,
-                 name="adaLN_modulation")(nn.silu(c.astype(jnp.float32)))
+    mod = _dense(n_mod * d, ("embed", "modulation"), zero_init=True, name="adaLN_modulation")(
+      nn.silu(c.astype(jnp.float32))
+    )
     mod = jnp.split(mod, n_mod, axis=-1)
     shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
-    attn = lambda name, zero: Attention(d, self.num_heads, self.qk_norm, zero, self.attention_impl,
-                                        self.dtype, name=name)
+    attn = lambda name, zero: Attention(
+      d, self.num_heads, self.qk_norm, zero, self.attention_impl, self.dtype, name=name
+    )
 
     h = modulate(layer_norm(x), shift_sa, scale_sa).astype(self.dtype)
     h = attn("self_attn", False)(h, h, rope=(rope_cos, rope_sin))
@@ -303,12 +354,14 @@ class DiTBlock(nn.Module):
       h = attn("cross_attn", False)(h, text, key_mask=text_mask)
       h = gate_ca[:, None, :] * h
     else:
-      h = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32,
-                       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(),
-                                                               ("norm",)),
-                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                              ("norm",)),
-                       name="cross_attn_norm")(x).astype(self.dtype)
+      h = nn.LayerNorm(
+        epsilon=1e-6,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+        name="cross_attn_norm",
+      )(x).astype(self.dtype)
       h = attn("cross_attn", True)(h, text, key_mask=text_mask)
     # An example whose caption mask is all False gets no text contribution (not a uniform average).
     x = x + jnp.where(has_text[:, None, None], h, 0).astype(x.dtype)
@@ -324,14 +377,19 @@ class DiTBlock(nn.Module):
 
 class FinalLayer(nn.Module):
   """adaLN (shift, scale) + zero-initialised linear to p·p·C: ε is exactly zero at init (DiT)."""
+
   hidden_size: int
   out_features: int
 
   @nn.compact
   def __call__(self, x: Array, c: Array) -> Array:
     shift, scale = jnp.split(
-        _dense(2 * self.hidden_size, ("embed", "modulation"), zero_init=True,
-               name="adaLN_modulation")(nn.silu(c.astype(jnp.float32))), 2, axis=-1)
+      _dense(
+        2 * self.hidden_size, ("embed", "modulation"), zero_init=True, name="adaLN_modulation"
+      )(nn.silu(c.astype(jnp.float32))),
+      2,
+      axis=-1,
+    )
     h = modulate(layer_norm(x), shift, scale)
     return _dense(self.out_features, ("embed", "patch"), zero_init=True, name="linear")(h)
 
@@ -347,6 +405,7 @@ class ZipDiT(nn.Module):
   text_mask (B, L) bool, right-padded (cuDNN reads it as lengths); eps is float32 (B, h, w, C).
   h and w must be multiples of ``patch_size``; any size works otherwise.
   """
+
   depth: int = 24
   hidden_size: int = 2048
   num_heads: int = 16
@@ -367,32 +426,43 @@ class ZipDiT(nn.Module):
     if self.lq_fusion not in LQ_FUSIONS:
       raise config_lib.ConfigError(f"lq_fusion={self.lq_fusion!r}; valid: {', '.join(LQ_FUSIONS)}")
     if self.remat_policy not in REMAT_POLICIES:
-      raise config_lib.ConfigError(f"remat_policy={self.remat_policy!r}; valid: "
-                                   f"{', '.join(REMAT_POLICIES)}")
+      raise config_lib.ConfigError(
+        f"remat_policy={self.remat_policy!r}; valid: {', '.join(REMAT_POLICIES)}"
+      )
     if self.hidden_size % self.num_heads:
-      raise config_lib.ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
-                       f"{self.num_heads}")
+      raise config_lib.ConfigError(
+        f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+      )
     if z_t.ndim != 4:
-      raise ValueError(f"ZipDiT: z_t must be NHWC (batch, h, w, channels); got shape "
-                       f"{tuple(z_t.shape)}")
+      raise ValueError(
+        f"ZipDiT: z_t must be NHWC (batch, h, w, channels); got shape {tuple(z_t.shape)}"
+      )
     if lq_latent.shape != z_t.shape:
-      raise ValueError(f"ZipDiT: lq_latent shape {tuple(lq_latent.shape)} must equal z_t shape "
-                       f"{tuple(z_t.shape)}")
+      raise ValueError(
+        f"ZipDiT: lq_latent shape {tuple(lq_latent.shape)} must equal z_t shape {tuple(z_t.shape)}"
+      )
     b, h, w, _ = z_t.shape
     p = self.patch_size
     if h % p or w % p:
-      raise ValueError(f"ZipDiT: latent of shape {tuple(z_t.shape)}: height {h} and width {w} must "
-                       f"be multiples of patch_size {p}; pad the latent first")
+      raise ValueError(
+        f"ZipDiT: latent of shape {tuple(z_t.shape)}: height {h} and width {w} must "
+        f"be multiples of patch_size {p}; pad the latent first"
+      )
     if text_emb.ndim != 3 or text_emb.shape[0] != b or text_emb.shape[-1] != self.text_dim:
-      raise ValueError(f"ZipDiT: text_emb must be (batch={b}, length, text_dim={self.text_dim}); "
-                       f"got shape {tuple(text_emb.shape)}")
+      raise ValueError(
+        f"ZipDiT: text_emb must be (batch={b}, length, text_dim={self.text_dim}); "
+        f"got shape {tuple(text_emb.shape)}"
+      )
     if text_mask.shape != text_emb.shape[:2]:
-      raise ValueError(f"ZipDiT: text_mask shape {tuple(text_mask.shape)} must be "
-                       f"{tuple(text_emb.shape[:2])} (batch, length)")
+      raise ValueError(
+        f"ZipDiT: text_mask shape {tuple(text_mask.shape)} must be "
+        f"{tuple(text_emb.shape[:2])} (batch, length)"
+      )
 
   @nn.compact
-  def __call__(self, z_t: Array, t: Array, lq_latent: Array, text_emb: Array,
-               text_mask: Array) -> Array:
+  def __call__(
+    self, z_t: Array, t: Array, lq_latent: Array, text_emb: Array, text_mask: Array
+  ) -> Array:
     self._check_inputs(z_t, lq_latent, text_emb, text_mask)
     b, h, w, c = z_t.shape
     p, d = self.patch_size, self.hidden_size
@@ -416,17 +486,25 @@ class ZipDiT(nn.Module):
     context_axis = "text_embed"
     if self.text_projection:  # PixArt-α's caption projection: T5 width -> hidden, once.
       text = _dense(d, ("text_embed", "mlp"), dtype=self.dtype, name="text_projection_1")(text)
-      text = _dense(d, ("mlp", "embed"), dtype=self.dtype,
-                    name="text_projection_2")(nn.gelu(text, approximate=True))
+      text = _dense(d, ("mlp", "embed"), dtype=self.dtype, name="text_projection_2")(
+        nn.gelu(text, approximate=True)
+      )
       context_axis = "embed"
-    text = nn.with_logical_constraint(text, TEXT_AXES if self.text_projection else
-                                      ("batch", "text_length", "text_embed"))
+    text = nn.with_logical_constraint(
+      text, TEXT_AXES if self.text_projection else ("batch", "text_length", "text_embed")
+    )
     text_mask = text_mask.astype(bool)
     has_text = text_mask.any(axis=-1)
 
-    block_args = dict(hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                      qk_norm=self.qk_norm, cross_attn_modulation=self.cross_attn_modulation,
-                      attention_impl=self.attention_impl, dtype=self.dtype)
+    block_args = dict(
+      hidden_size=d,
+      num_heads=self.num_heads,
+      mlp_ratio=self.mlp_ratio,
+      qk_norm=self.qk_norm,
+      cross_attn_modulation=self.cross_attn_modulation,
+      attention_impl=self.attention_impl,
+      dtype=self.dtype,
+    )
     block = DiTBlock
     policy = REMAT_POLICIES[self.remat_policy]
     if self.remat_policy != "none":
@@ -434,9 +512,14 @@ class ZipDiT(nn.Module):
     inputs = (c_emb, text, text_mask, has_text, rope_cos, rope_sin)
     x = x.astype(self.dtype)
     if self.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast,) * len(inputs), length=self.depth,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+      stack = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast,) * len(inputs),
+        length=self.depth,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       x, _ = stack(**block_args, name="blocks")(x, *inputs)
     else:
       for i in range(self.depth):
@@ -455,13 +538,23 @@ def build_dit(config: ml_collections.ConfigDict) -> ZipDiT:
   from zipir_jax.models.autoencoder import compute_dtype  # one dtype parser for every model.
 
   dit = config.dit
-  return ZipDiT(depth=dit.depth, hidden_size=dit.hidden_size, num_heads=dit.num_heads,
-                mlp_ratio=dit.mlp_ratio, patch_size=dit.patch_size, lq_fusion=dit.lq_fusion,
-                text_dim=dit.text_dim, text_projection=dit.text_projection,
-                cross_attn_modulation=dit.cross_attn_modulation, qk_norm=dit.qk_norm,
-                rope_theta=dit.rope_theta, attention_impl=dit.attention_impl,
-                scan_layers=dit.scan_layers, remat_policy=dit.remat_policy,
-                dtype=compute_dtype(dit.dtype))
+  return ZipDiT(
+    depth=dit.depth,
+    hidden_size=dit.hidden_size,
+    num_heads=dit.num_heads,
+    mlp_ratio=dit.mlp_ratio,
+    patch_size=dit.patch_size,
+    lq_fusion=dit.lq_fusion,
+    text_dim=dit.text_dim,
+    text_projection=dit.text_projection,
+    cross_attn_modulation=dit.cross_attn_modulation,
+    qk_norm=dit.qk_norm,
+    rope_theta=dit.rope_theta,
+    attention_impl=dit.attention_impl,
+    scan_layers=dit.scan_layers,
+    remat_policy=dit.remat_policy,
+    dtype=compute_dtype(dit.dtype),
+  )
 
 
 def latent_channels(config: ml_collections.ConfigDict) -> int:
@@ -472,14 +565,25 @@ def latent_channels(config: ml_collections.ConfigDict) -> int:
   return vae.z_channels
 
 
-def dummy_inputs(model: ZipDiT, channels: int, batch: int = 1, height: int | None = None,
-                 width: int | None = None, text_length: int = 8) -> tuple[Array, ...]:
+def dummy_inputs(
+  model: ZipDiT,
+  channels: int,
+  batch: int = 1,
+  height: int | None = None,
+  width: int | None = None,
+  text_length: int = 8,
+) -> tuple[Array, ...]:
   """Zeros of the right shapes for ``init`` (parameters do not depend on the latent size)."""
   height = height or model.patch_size
   width = width or model.patch_size
   z = jnp.zeros((batch, height, width, channels), jnp.float32)
-  return (z, jnp.zeros((batch,), jnp.int32), z, jnp.zeros((batch, text_length, model.text_dim)),
-          jnp.ones((batch, text_length), bool))
+  return (
+    z,
+    jnp.zeros((batch,), jnp.int32),
+    z,
+    jnp.zeros((batch, text_length, model.text_dim)),
+    jnp.ones((batch, text_length), bool),
+  )
 
 
 def init_dit(model: ZipDiT, rng: Array, channels: int = 64) -> dict:
@@ -495,15 +599,19 @@ def inference_params(params: Any, dtype: Any) -> Any:
   biases and embeddings stay float32, as the modules compute them. Kernels are cast on the device
   one at a time, so host (loaded) parameters never need a whole float32 copy there.
   """
+
   def cast(path, x):
     return jnp.asarray(x).astype(dtype) if path[-1].key == "kernel" else x
+
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def as_denoise_fn(model: ZipDiT) -> Callable[..., Array]:
   """``denoise_fn(params, z_t, t, lq_latent, text_emb, text_mask) -> eps`` for the samplers."""
+
   def denoise_fn(params, z_t, t, lq_latent, text_emb, text_mask):
     return model.apply({"params": params}, z_t, t, lq_latent, text_emb, text_mask)
+
   return denoise_fn
 
 
@@ -521,17 +629,19 @@ def param_breakdown(config: ml_collections.ConfigDict) -> dict[str, int]:
   params = jax.eval_shape(lambda: init_dit(model, jax.random.key(0), latent_channels(config)))
   blocks = params["blocks"]
   counts = {
-      "x_embedder (z_t patches)": _count(params["x_embedder"]),
-      "lq_embedder (LQ patches)": _count(params["lq_embedder"]),
-      "t_embedder (timestep MLP)": _count(params["t_embedder"]),
-      "text_projection (T5 -> hidden)": _count(
-          {k: v for k, v in params.items() if k.startswith("text_projection")}),
-      "blocks: self-attention": _count(blocks["self_attn"]),
-      "blocks: cross-attention": _count(
-          {k: v for k, v in blocks.items() if k.startswith("cross_attn")}),
-      "blocks: MLP": _count({k: blocks[k] for k in ("fc1", "fc2")}),
-      "blocks: adaLN modulation": _count(blocks["adaLN_modulation"]),
-      "final_layer": _count(params["final_layer"]),
+    "x_embedder (z_t patches)": _count(params["x_embedder"]),
+    "lq_embedder (LQ patches)": _count(params["lq_embedder"]),
+    "t_embedder (timestep MLP)": _count(params["t_embedder"]),
+    "text_projection (T5 -> hidden)": _count(
+      {k: v for k, v in params.items() if k.startswith("text_projection")}
+    ),
+    "blocks: self-attention": _count(blocks["self_attn"]),
+    "blocks: cross-attention": _count(
+      {k: v for k, v in blocks.items() if k.startswith("cross_attn")}
+    ),
+    "blocks: MLP": _count({k: blocks[k] for k in ("fc1", "fc2")}),
+    "blocks: adaLN modulation": _count(blocks["adaLN_modulation"]),
+    "final_layer": _count(params["final_layer"]),
   }
   counts["total"] = _count(params)
   if sum(counts.values()) != 2 * counts["total"]:
@@ -550,7 +660,7 @@ def unstack_layers(params: dict, depth: int) -> dict:
 def stack_layers(params: dict, depth: int) -> dict:
   """Inverse of :func:`unstack_layers`."""
   out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
-  out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs),
-                               *[params[f"blocks_{i}"] for i in range(depth)])
+  out["blocks"] = jax.tree.map(
+    lambda *xs: jnp.stack(xs), *[params[f"blocks_{i}"] for i in range(depth)]
+  )
   return out
-

@@ -48,6 +48,7 @@ Padding = tuple[int, int]
 
 class BasicConv(nn.Module):
   """torchvision ``BasicConv2d`` (conv, BatchNorm, ReLU) with BN folded into the conv's bias."""
+
   features: int
   kernel_size: tuple[int, int]
   strides: int = 1
@@ -57,16 +58,23 @@ class BasicConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     ph, pw = self.padding
-    x = nn.Conv(self.features, self.kernel_size, strides=self.strides,
-                padding=((ph, ph), (pw, pw)), use_bias=True, dtype=jnp.float32,
-                param_dtype=jnp.float32, precision=self.precision, name="conv")(x)
+    x = nn.Conv(
+      self.features,
+      self.kernel_size,
+      strides=self.strides,
+      padding=((ph, ph), (pw, pw)),
+      use_bias=True,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      precision=self.precision,
+      name="conv",
+    )(x)
     return nn.relu(x)
 
 
 def _avg_pool_3x3_same(x: jax.Array) -> jax.Array:
   # FID quirk: TensorFlow's average pool ignores the padding (torch count_include_pad=False).
-  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
-                     count_include_pad=False)
+  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
 
 
 def _max_pool_3x3_same(x: jax.Array) -> jax.Array:
@@ -79,13 +87,15 @@ def _max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
 
 class InceptionA(nn.Module):
   """``FIDInceptionA`` (Mixed_5b..5d): 1x1, 5x5, double 3x3 and pool branches."""
+
   pool_features: int
   precision: Any = _PRECISION
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = lambda f, k, name, pad=(0, 0): BasicConv(f, k, padding=pad, precision=self.precision,
-                                                    name=name)
+    conv = lambda f, k, name, pad=(0, 0): BasicConv(
+      f, k, padding=pad, precision=self.precision, name=name
+    )
     b1 = conv(64, (1, 1), "branch1x1")(x)
     b5 = conv(48, (1, 1), "branch5x5_1")(x)
     b5 = conv(64, (5, 5), "branch5x5_2", (2, 2))(b5)
@@ -98,28 +108,30 @@ class InceptionA(nn.Module):
 
 class InceptionB(nn.Module):
   """torchvision ``InceptionB`` (Mixed_6a): grid reduction 35 -> 17."""
+
   precision: Any = _PRECISION
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b3 = BasicConv(384, (3, 3), strides=2, precision=self.precision, name="branch3x3")(x)
     bd = BasicConv(64, (1, 1), precision=self.precision, name="branch3x3dbl_1")(x)
-    bd = BasicConv(96, (3, 3), padding=(1, 1), precision=self.precision,
-                   name="branch3x3dbl_2")(bd)
+    bd = BasicConv(96, (3, 3), padding=(1, 1), precision=self.precision, name="branch3x3dbl_2")(bd)
     bd = BasicConv(96, (3, 3), strides=2, precision=self.precision, name="branch3x3dbl_3")(bd)
     return jnp.concatenate([b3, bd, _max_pool_3x3_stride2(x)], axis=-1)
 
 
 class InceptionC(nn.Module):
   """``FIDInceptionC`` (Mixed_6b..6e): factorised 7x7 branches and a pool branch."""
+
   channels_7x7: int
   precision: Any = _PRECISION
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c7 = self.channels_7x7
-    conv = lambda f, k, name, pad=(0, 0): BasicConv(f, k, padding=pad, precision=self.precision,
-                                                    name=name)
+    conv = lambda f, k, name, pad=(0, 0): BasicConv(
+      f, k, padding=pad, precision=self.precision, name=name
+    )
     b1 = conv(192, (1, 1), "branch1x1")(x)
     b7 = conv(c7, (1, 1), "branch7x7_1")(x)
     b7 = conv(c7, (1, 7), "branch7x7_2", (0, 3))(b7)
@@ -135,12 +147,14 @@ class InceptionC(nn.Module):
 
 class InceptionD(nn.Module):
   """torchvision ``InceptionD`` (Mixed_7a): grid reduction 17 -> 8."""
+
   precision: Any = _PRECISION
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     conv = lambda f, k, name, pad=(0, 0), s=1: BasicConv(
-        f, k, strides=s, padding=pad, precision=self.precision, name=name)
+      f, k, strides=s, padding=pad, precision=self.precision, name=name
+    )
     b3 = conv(192, (1, 1), "branch3x3_1")(x)
     b3 = conv(320, (3, 3), "branch3x3_2", s=2)(b3)
     b7 = conv(192, (1, 1), "branch7x7x3_1")(x)
@@ -152,21 +166,33 @@ class InceptionD(nn.Module):
 
 class InceptionE(nn.Module):
   """``FIDInceptionE_1`` (pool='avg', Mixed_7b) and ``FIDInceptionE_2`` (pool='max', Mixed_7c)."""
+
   pool: str
   precision: Any = _PRECISION
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = lambda f, k, name, pad=(0, 0): BasicConv(f, k, padding=pad, precision=self.precision,
-                                                    name=name)
+    conv = lambda f, k, name, pad=(0, 0): BasicConv(
+      f, k, padding=pad, precision=self.precision, name=name
+    )
     b1 = conv(320, (1, 1), "branch1x1")(x)
     b3 = conv(384, (1, 1), "branch3x3_1")(x)
-    b3 = jnp.concatenate([conv(384, (1, 3), "branch3x3_2a", (0, 1))(b3),
-                          conv(384, (3, 1), "branch3x3_2b", (1, 0))(b3)], axis=-1)
+    b3 = jnp.concatenate(
+      [
+        conv(384, (1, 3), "branch3x3_2a", (0, 1))(b3),
+        conv(384, (3, 1), "branch3x3_2b", (1, 0))(b3),
+      ],
+      axis=-1,
+    )
     bd = conv(448, (1, 1), "branch3x3dbl_1")(x)
     bd = conv(384, (3, 3), "branch3x3dbl_2", (1, 1))(bd)
-    bd = jnp.concatenate([conv(384, (1, 3), "branch3x3dbl_3a", (0, 1))(bd),
-                          conv(384, (3, 1), "branch3x3dbl_3b", (1, 0))(bd)], axis=-1)
+    bd = jnp.concatenate(
+      [
+        conv(384, (1, 3), "branch3x3dbl_3a", (0, 1))(bd),
+        conv(384, (3, 1), "branch3x3dbl_3b", (1, 0))(bd),
+      ],
+      axis=-1,
+    )
     if self.pool == "avg":
       pooled = _avg_pool_3x3_same(x)
     elif self.pool == "max":  # FID quirk of the last block (a bug in the TF graph, kept for FID).
@@ -192,13 +218,15 @@ def resize_for_inception(images: jax.Array) -> jax.Array:
 
 class FIDInceptionV3(nn.Module):
   """pytorch-fid ``InceptionV3([3])``: [0, 1] NHWC RGB images -> (B, 2048) pool3 features."""
+
   precision: Any = _PRECISION
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"FIDInceptionV3 expects NHWC RGB images (B, H, W, 3), got shape "
-                       f"{images.shape}.")
+      raise ValueError(
+        f"FIDInceptionV3 expects NHWC RGB images (B, H, W, 3), got shape {images.shape}."
+      )
     if images.dtype == jnp.uint8:
       x = images.astype(jnp.float32) / 255.0
     else:
@@ -257,8 +285,14 @@ def _tensor(state_dict: Mapping[str, Any], key: str, shape: Sequence[int]) -> np
   return weights_lib.tensor(state_dict, key, shape, "FID Inception", np.float64)
 
 
-def fold_batch_norm(weight: np.ndarray, gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray,
-                    var: np.ndarray, eps: float = BN_EPS) -> tuple[np.ndarray, np.ndarray]:
+def fold_batch_norm(
+  weight: np.ndarray,
+  gamma: np.ndarray,
+  beta: np.ndarray,
+  mean: np.ndarray,
+  var: np.ndarray,
+  eps: float = BN_EPS,
+) -> tuple[np.ndarray, np.ndarray]:
   """Conv (OIHW, no bias) then eval-mode BN -> HWIO kernel and bias of one conv (float32).
 
   ``BN(conv(x)) = conv(x) * s + (beta - mean * s)`` with ``s = gamma / sqrt(var + eps)``; folded in
@@ -271,15 +305,22 @@ def fold_batch_norm(weight: np.ndarray, gamma: np.ndarray, beta: np.ndarray, mea
 
 def _check_no_unexpected_keys(state_dict: Mapping[str, Any], expected: set[str]) -> None:
   ignored = ("num_batches_tracked",)
-  unexpected = sorted(k for k in state_dict
-                      if k not in expected and not k.endswith(ignored) and not k.startswith("fc."))
+  unexpected = sorted(
+    k
+    for k in state_dict
+    if k not in expected and not k.endswith(ignored) and not k.startswith("fc.")
+  )
   if any(k.startswith("AuxLogits.") for k in unexpected):
-    raise ValueError("FID Inception: the state dict has 'AuxLogits.*' keys: it looks like "
-                     f"torchvision's ImageNet inception_v3, not {WEIGHTS_FILENAME}.")
+    raise ValueError(
+      "FID Inception: the state dict has 'AuxLogits.*' keys: it looks like "
+      f"torchvision's ImageNet inception_v3, not {WEIGHTS_FILENAME}."
+    )
   if unexpected:
-    raise ValueError(f"FID Inception: unexpected keys {unexpected[:8]}"
-                     f"{' ...' if len(unexpected) > 8 else ''} (a wrapper prefix such as "
-                     "'module.' or pytorch-fid's 'blocks.*' layout is not supported).")
+    raise ValueError(
+      f"FID Inception: unexpected keys {unexpected[:8]}"
+      f"{' ...' if len(unexpected) > 8 else ''} (a wrapper prefix such as "
+      "'module.' or pytorch-fid's 'blocks.*' layout is not supported)."
+    )
 
 
 def convert(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -299,13 +340,16 @@ def convert(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     kh, kw, cin, cout = node["conv"]["kernel"].shape
     prefix = ".".join(path)
     weight = _tensor(state_dict, f"{prefix}.conv.weight", (cout, cin, kh, kw))
-    bn = {leaf: _tensor(state_dict, f"{prefix}.bn.{leaf}", (cout,))
-          for leaf in ("weight", "bias", "running_mean", "running_var")}
+    bn = {
+      leaf: _tensor(state_dict, f"{prefix}.bn.{leaf}", (cout,))
+      for leaf in ("weight", "bias", "running_mean", "running_var")
+    }
     expected.update([f"{prefix}.conv.weight"] + [f"{prefix}.bn.{leaf}" for leaf in bn])
     if np.any(bn["running_var"] < 0):
       raise ValueError(f"FID Inception: key '{prefix}.bn.running_var' has negative entries.")
-    kernel, bias = fold_batch_norm(weight, bn["weight"], bn["bias"], bn["running_mean"],
-                                   bn["running_var"])
+    kernel, bias = fold_batch_norm(
+      weight, bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"]
+    )
     target = params
     for name in path:
       target = target.setdefault(name, {})
@@ -333,8 +377,9 @@ def load(path: weights_lib.PathLike) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
-def make_feature_fn(variables: Mapping[str, Any], batch_size: int | None = None,
-                    precision: Any = _PRECISION) -> Callable[[Any], np.ndarray]:
+def make_feature_fn(
+  variables: Mapping[str, Any], batch_size: int | None = None, precision: Any = _PRECISION
+) -> Callable[[Any], np.ndarray]:
   """Returns ``images -> (B, 2048) float32 numpy features`` for NHWC RGB batches (uint8 or [0, 1]).
 
   Two jitted programs: the cheap resize to 299x299, compiled once per input size, and the

@@ -23,7 +23,12 @@ from zipir_jax import weights as weights_lib
 
 # Output channels of the convs in each VGG16 block; the last conv of a block is an LPIPS tap.
 VGG16_BLOCKS: tuple[tuple[int, ...], ...] = (
-    (64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+  (64, 64),
+  (128, 128),
+  (256, 256, 256),
+  (512, 512, 512),
+  (512, 512, 512),
+)
 TAP_NAMES = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 TAP_CHANNELS = tuple(block[-1] for block in VGG16_BLOCKS)
 # Indices of the convs inside torchvision's ``vgg16().features`` Sequential.
@@ -32,8 +37,8 @@ TORCHVISION_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 _LPIPS_SLICE_STARTS = (0, 4, 9, 16, 23)
 
 # lpips.ScalingLayer: maps [-1, 1] images to (approximately) ImageNet-normalised inputs.
-_SHIFT = np.array([-.030, -.088, -.188], np.float32)
-_SCALE = np.array([.458, .448, .450], np.float32)
+_SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
+_SCALE = np.array([0.458, 0.448, 0.450], np.float32)
 _NORM_EPS = 1e-10
 # Smallest side for which relu5_3 (after four 2x2 pools) is non-empty.
 MIN_SIZE = 16
@@ -56,8 +61,15 @@ class VGG16Features(nn.Module):
       if b > 0:
         x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
       for i, channels in enumerate(block):
-        x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), dtype=jnp.float32,
-                    param_dtype=jnp.float32, precision=_PRECISION, name=f"conv{b + 1}_{i + 1}")(x)
+        x = nn.Conv(
+          channels,
+          (3, 3),
+          padding=((1, 1), (1, 1)),
+          dtype=jnp.float32,
+          param_dtype=jnp.float32,
+          precision=_PRECISION,
+          name=f"conv{b + 1}_{i + 1}",
+        )(x)
         x = nn.relu(x)
       taps.append(x)
     return tuple(taps)
@@ -79,15 +91,19 @@ class LPIPS(nn.Module):
   """LPIPS-VGG v0.1 distance between two batches of NHWC images in [-1, 1]; returns shape (B,)."""
 
   @nn.compact
-  def __call__(self, x0: jax.Array, x1: jax.Array, *,
-               per_tap: bool = False) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
+  def __call__(
+    self, x0: jax.Array, x1: jax.Array, *, per_tap: bool = False
+  ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
     """Returns the distance (B,), and with ``per_tap`` also the five per-tap terms (each (B,))."""
     if x0.shape != x1.shape or x0.ndim != 4 or x0.shape[-1] != 3:
-      raise ValueError(f"LPIPS expects two NHWC RGB batches of equal shape, got {x0.shape} and "
-                       f"{x1.shape}.")
+      raise ValueError(
+        f"LPIPS expects two NHWC RGB batches of equal shape, got {x0.shape} and {x1.shape}."
+      )
     if min(x0.shape[1:3]) < MIN_SIZE:
-      raise ValueError(f"LPIPS-VGG needs images of at least {MIN_SIZE}x{MIN_SIZE} (four 2x2 "
-                       f"pools), got {x0.shape[1]}x{x0.shape[2]}.")
+      raise ValueError(
+        f"LPIPS-VGG needs images of at least {MIN_SIZE}x{MIN_SIZE} (four 2x2 "
+        f"pools), got {x0.shape[1]}x{x0.shape[2]}."
+      )
     batch = x0.shape[0]
     x = jnp.concatenate([x0, x1], axis=0).astype(jnp.float32)
     x = (x - _SHIFT) / _SCALE
@@ -96,8 +112,14 @@ class LPIPS(nn.Module):
     for k, f in enumerate(feats):
       f = normalize_channels(f)
       diff = jnp.square(f[:batch] - f[batch:])
-      head = nn.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
-                      precision=_PRECISION, name=f"lin{k}")
+      head = nn.Dense(
+        1,
+        use_bias=False,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        precision=_PRECISION,
+        name=f"lin{k}",
+      )
       terms.append(jnp.mean(head(diff), axis=(1, 2, 3)))
     total = sum(terms[1:], terms[0])
     return (total, tuple(terms)) if per_tap else total
@@ -129,8 +151,9 @@ def convert_vgg16(state_dict: Mapping[str, Any]) -> dict[str, dict[str, np.ndarr
   prefixes = _vgg_key_prefixes(state_dict)
   channels = [c for block in VGG16_BLOCKS for c in block]
   for name, prefix, out_channels in zip(conv_names(), prefixes, channels):
-    w = weights_lib.tensor(state_dict, f"{prefix}.weight", (out_channels, in_channels, 3, 3),
-                           "VGG16")
+    w = weights_lib.tensor(
+      state_dict, f"{prefix}.weight", (out_channels, in_channels, 3, 3), "VGG16"
+    )
     b = weights_lib.tensor(state_dict, f"{prefix}.bias", (out_channels,), "VGG16")
     params[name] = {"kernel": np.transpose(w, (2, 3, 1, 0)), "bias": b}
     in_channels = out_channels
@@ -141,23 +164,25 @@ def convert_heads(state_dict: Mapping[str, Any]) -> dict[str, dict[str, np.ndarr
   """lpips ``vgg.pth`` (``lin{k}.model.1.weight``, (1, C, 1, 1)) -> ``lin{k}`` Dense params."""
   params = {}
   for k, channels in enumerate(TAP_CHANNELS):
-    w = weights_lib.tensor(state_dict, f"lin{k}.model.1.weight", (1, channels, 1, 1),
-                           "LPIPS heads")
+    w = weights_lib.tensor(state_dict, f"lin{k}.model.1.weight", (1, channels, 1, 1), "LPIPS heads")
     params[f"lin{k}"] = {"kernel": w.reshape(1, channels).T}
   return params
 
 
-def convert(vgg16_state_dict: Mapping[str, Any],
-            heads_state_dict: Mapping[str, Any]) -> dict[str, Any]:
+def convert(
+  vgg16_state_dict: Mapping[str, Any], heads_state_dict: Mapping[str, Any]
+) -> dict[str, Any]:
   """Both state dicts -> the ``{'params': ...}`` variables of :class:`LPIPS`."""
   return {"params": {"vgg": convert_vgg16(vgg16_state_dict), **convert_heads(heads_state_dict)}}
 
 
-def load(vgg16_path: weights_lib.PathLike,
-         heads_path: weights_lib.PathLike | None = None) -> dict[str, Any]:
+def load(
+  vgg16_path: weights_lib.PathLike, heads_path: weights_lib.PathLike | None = None
+) -> dict[str, Any]:
   """Reads the VGG16 trunk and the LPIPS heads (default: those in the lpips package) from disk."""
   if heads_path is None:
     heads_path = weights_lib.lpips_heads_path()
-  variables = convert(weights_lib.load_state_dict(vgg16_path),
-                      weights_lib.load_state_dict(heads_path))
+  variables = convert(
+    weights_lib.load_state_dict(vgg16_path), weights_lib.load_state_dict(heads_path)
+  )
   return jax.tree_util.tree_map(jnp.asarray, variables)

@@ -28,13 +28,15 @@ MACRO_CHANNELS = 3
 def check_spatial_shape(shape: Sequence[int], multiple: int, what: str = "image") -> None:
   """Raises a ValueError unless ``shape`` is (B, H, W, C) with H and W multiples of ``multiple``."""
   if len(shape) != 4:
-    raise ValueError(f"{what} must be NHWC (batch, height, width, channels); got shape "
-                     f"{tuple(shape)}")
+    raise ValueError(
+      f"{what} must be NHWC (batch, height, width, channels); got shape {tuple(shape)}"
+    )
   _, h, w, _ = shape
   if h % multiple or w % multiple or h == 0 or w == 0:
     raise ValueError(
-        f"{what} of shape {tuple(shape)}: height and width must be positive multiples of "
-        f"{multiple} (got {h} x {w}); pad the image first (the restore path pads and crops back)")
+      f"{what} of shape {tuple(shape)}: height and width must be positive multiples of "
+      f"{multiple} (got {h} x {w}); pad the image first (the restore path pads and crops back)"
+    )
 
 
 def area_downsample(image: Array, factor: int) -> Array:
@@ -44,8 +46,9 @@ def area_downsample(image: Array, factor: int) -> Array:
   return image.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
 
 
-def macro_latent(image: Array, mean: Sequence[float], std: Sequence[float],
-                 factor: int = 32) -> Array:
+def macro_latent(
+  image: Array, mean: Sequence[float], std: Sequence[float], factor: int = 32
+) -> Array:
   """z_macro = (I↓32 - μ) / σ with the dataset's RGB statistics (§3.1)."""
   down = area_downsample(image.astype(jnp.float32), factor)
   return (down - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
@@ -58,6 +61,7 @@ class LPVAE(nn.Module):
   ``decode``, ``decode_coarse``; ``__call__`` is encode + decode; ``init_all`` creates every
   sub-network's parameters.
   """
+
   ch: int = 128
   coarse_ch_mult: Sequence[int] = (1, 2, 4, 4)
   fine_ch_mult: Sequence[int] = (1, 2, 4, 4, 4, 4)
@@ -85,28 +89,37 @@ class LPVAE(nn.Module):
 
   def setup(self):
     if self.coarse_input_factor < 1 or self.factor % 2 ** (len(self.coarse_ch_mult) - 1):
-      raise ValueError(f"E_c mult {tuple(self.coarse_ch_mult)} compresses more than E_f mult "
-                       f"{tuple(self.fine_ch_mult)}; the coarse latent must match H/{self.factor}")
-    common = dict(ch=self.ch, num_res_blocks=self.num_res_blocks, num_groups=self.num_groups,
-                  dtype=self.dtype)
-    self.coarse_encoder = Encoder(ch_mult=self.coarse_ch_mult, out_channels=self.coarse_channels,
-                                  **common)
-    self.fine_encoder = Encoder(ch_mult=self.fine_ch_mult, out_channels=self.fine_channels, **common)
+      raise ValueError(
+        f"E_c mult {tuple(self.coarse_ch_mult)} compresses more than E_f mult "
+        f"{tuple(self.fine_ch_mult)}; the coarse latent must match H/{self.factor}"
+      )
+    common = dict(
+      ch=self.ch, num_res_blocks=self.num_res_blocks, num_groups=self.num_groups, dtype=self.dtype
+    )
+    self.coarse_encoder = Encoder(
+      ch_mult=self.coarse_ch_mult, out_channels=self.coarse_channels, **common
+    )
+    self.fine_encoder = Encoder(
+      ch_mult=self.fine_ch_mult, out_channels=self.fine_channels, **common
+    )
     self.coarse_decoder = Decoder(ch_mult=self.coarse_ch_mult, **common)
     self.fine_decoder = Decoder(ch_mult=self.fine_ch_mult, **common)
 
-  def encode_coarse(self, image: Array, rng: Array | None = None
-                    ) -> tuple[Array, dict[str, DiagonalGaussian]]:
+  def encode_coarse(
+    self, image: Array, rng: Array | None = None
+  ) -> tuple[Array, dict[str, DiagonalGaussian]]:
     """I -> [z_macro | z_coarse] (12 channels); samples the posterior when ``rng`` is given."""
     check_spatial_shape(image.shape, self.factor)
     posterior = DiagonalGaussian.from_moments(
-        self.coarse_encoder(area_downsample(image, self.coarse_input_factor)))
+      self.coarse_encoder(area_downsample(image, self.coarse_input_factor))
+    )
     z_coarse = posterior.mode() if rng is None else posterior.sample(rng)
     z_macro = macro_latent(image, self.macro_mean, self.macro_std, self.factor)
     return jnp.concatenate([z_macro, z_coarse], axis=-1), {"coarse": posterior}
 
-  def encode(self, image: Array, rng: Array | None = None
-             ) -> tuple[Array, dict[str, DiagonalGaussian]]:
+  def encode(
+    self, image: Array, rng: Array | None = None
+  ) -> tuple[Array, dict[str, DiagonalGaussian]]:
     """I -> z = [z_macro | z_coarse | z_fine] (64 channels at H/32 x W/32)."""
     rng_coarse, rng_fine = (None, None) if rng is None else jax.random.split(rng)
     z12, posteriors = self.encode_coarse(image, rng_coarse)
@@ -121,13 +134,16 @@ class LPVAE(nn.Module):
   def decode(self, z: Array) -> Array:
     """D_f: the 64-channel latent -> I."""
     if z.shape[-1] != self.latent_channels:
-      raise ValueError(f"D_f expects a latent with {self.latent_channels} channels "
-                       f"[macro {MACRO_CHANNELS} | coarse {self.coarse_channels} | fine "
-                       f"{self.fine_channels}]; got shape {tuple(z.shape)}")
+      raise ValueError(
+        f"D_f expects a latent with {self.latent_channels} channels "
+        f"[macro {MACRO_CHANNELS} | coarse {self.coarse_channels} | fine "
+        f"{self.fine_channels}]; got shape {tuple(z.shape)}"
+      )
     return self.fine_decoder(z)
 
-  def __call__(self, image: Array, rng: Array | None = None
-               ) -> tuple[Array, Array, dict[str, DiagonalGaussian]]:
+  def __call__(
+    self, image: Array, rng: Array | None = None
+  ) -> tuple[Array, Array, dict[str, DiagonalGaussian]]:
     """Reconstruction through the full pyramid: returns (D_f(z), z, posteriors)."""
     z, posteriors = self.encode(image, rng)
     return self.decode(z), z, posteriors
@@ -135,4 +151,4 @@ class LPVAE(nn.Module):
   def init_all(self, image: Array) -> Array:
     """Touches every sub-network so ``init(..., method='init_all')`` creates all parameters."""
     z, _ = self.encode(image)
-    return self.decode(z), self.decode_coarse(z[..., :MACRO_CHANNELS + self.coarse_channels])
+    return self.decode(z), self.decode_coarse(z[..., : MACRO_CHANNELS + self.coarse_channels])

@@ -26,6 +26,7 @@ Array = jax.Array
 
 class PixelAwareDecoder(nn.Module):
   """D_f*(z, lq): ``extractor`` (E_f-shaped) + ``decoder`` (D_f plus fusion layers)."""
+
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 4, 4, 4, 4)
   num_res_blocks: int = 2
@@ -44,27 +45,44 @@ class PixelAwareDecoder(nn.Module):
     """Decodes ``z`` (B, H/f, W/f, C) using the LQ image ``lq`` (B, H, W, 3) in [-1, 1]."""
     check_spatial_shape(lq.shape, self.factor, "LQ image")
     if z.shape[1:3] != (lq.shape[1] // self.factor, lq.shape[2] // self.factor):
-      raise ValueError(f"latent {tuple(z.shape)} does not match LQ image {tuple(lq.shape)} "
-                       f"at compression {self.factor}")
+      raise ValueError(
+        f"latent {tuple(z.shape)} does not match LQ image {tuple(lq.shape)} "
+        f"at compression {self.factor}"
+      )
     bad = [i for i in self.fusion_levels if not 0 <= i < len(self.ch_mult)]
     if bad:
-      raise ValueError(f"fusion_levels {tuple(bad)} outside decoder levels 0..{len(self.ch_mult) - 1}")
+      raise ValueError(
+        f"fusion_levels {tuple(bad)} outside decoder levels 0..{len(self.ch_mult) - 1}"
+      )
     features = None
     if self.fusion_levels:  # none: the plain decoder (the SD-VAE ablation), no extractor
-      features = Encoder(self.ch, self.ch_mult, self.num_res_blocks, self.encoder_out_channels,
-                         num_groups=self.num_groups, mid_attention=self.mid_attention,
-                         dtype=self.dtype, name="extractor")(lq, features_only=True)
-    return Decoder(self.ch, self.ch_mult, self.num_res_blocks, num_groups=self.num_groups,
-                   mid_attention=self.mid_attention, fusion_levels=tuple(self.fusion_levels),
-                   dtype=self.dtype, name="decoder")(z, features, fusion_weight)
+      features = Encoder(
+        self.ch,
+        self.ch_mult,
+        self.num_res_blocks,
+        self.encoder_out_channels,
+        num_groups=self.num_groups,
+        mid_attention=self.mid_attention,
+        dtype=self.dtype,
+        name="extractor",
+      )(lq, features_only=True)
+    return Decoder(
+      self.ch,
+      self.ch_mult,
+      self.num_res_blocks,
+      num_groups=self.num_groups,
+      mid_attention=self.mid_attention,
+      fusion_levels=tuple(self.fusion_levels),
+      dtype=self.dtype,
+      name="decoder",
+    )(z, features, fusion_weight)
 
 
 def _flatten(tree: Mapping) -> dict[tuple[str, ...], Any]:
   return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
 
 
-def init_from_autoencoder(fresh: Mapping, encoder_params: Mapping, decoder_params: Mapping
-                          ) -> dict:
+def init_from_autoencoder(fresh: Mapping, encoder_params: Mapping, decoder_params: Mapping) -> dict:
   """D_f* parameters: extractor <- E_f, decoder <- D_f, fusion layers as freshly initialised.
 
   ``fresh`` are D_f*'s own initial parameters (``PixelAwareDecoder.init``'s ``params``). Every
@@ -84,10 +102,14 @@ def init_from_autoencoder(fresh: Mapping, encoder_params: Mapping, decoder_param
     else:
       continue
     if rest not in source:
-      raise KeyError(f"D_f* parameter {'/'.join(path)} has no counterpart {'/'.join(rest)} in {name}")
+      raise KeyError(
+        f"D_f* parameter {'/'.join(path)} has no counterpart {'/'.join(rest)} in {name}"
+      )
     if source[rest].shape != value.shape:
-      raise ValueError(f"D_f* parameter {'/'.join(path)} has shape {value.shape} but {name}'s "
-                       f"{'/'.join(rest)} has {source[rest].shape}")
+      raise ValueError(
+        f"D_f* parameter {'/'.join(path)} has shape {value.shape} but {name}'s "
+        f"{'/'.join(rest)} has {source[rest].shape}"
+      )
     flat[path] = source[rest]
   unused = sorted("/".join(p) for p in set(dec) - used_dec)
   if unused:

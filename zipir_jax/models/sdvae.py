@@ -23,6 +23,7 @@ Array = jax.Array
 
 class SDVAE(nn.Module):
   """Single-encoder KL autoencoder, f = 2^(len(ch_mult) - 1), ``z_channels`` latent channels."""
+
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 4, 4, 4, 4)
   num_res_blocks: int = 2
@@ -40,25 +41,34 @@ class SDVAE(nn.Module):
     return self.z_channels
 
   def setup(self):
-    common = dict(ch=self.ch, ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks,
-                  num_groups=self.num_groups, mid_attention=self.mid_attention, dtype=self.dtype)
+    common = dict(
+      ch=self.ch,
+      ch_mult=self.ch_mult,
+      num_res_blocks=self.num_res_blocks,
+      num_groups=self.num_groups,
+      mid_attention=self.mid_attention,
+      dtype=self.dtype,
+    )
     self.encoder = Encoder(out_channels=self.z_channels, **common)
     self.decoder = Decoder(**common)
 
-  def encode(self, image: Array, rng: Array | None = None
-             ) -> tuple[Array, dict[str, DiagonalGaussian]]:
+  def encode(
+    self, image: Array, rng: Array | None = None
+  ) -> tuple[Array, dict[str, DiagonalGaussian]]:
     check_spatial_shape(image.shape, self.factor)
     posterior = DiagonalGaussian.from_moments(self.encoder(image))
     return (posterior.mode() if rng is None else posterior.sample(rng)), {"latent": posterior}
 
   def decode(self, z: Array) -> Array:
     if z.shape[-1] != self.z_channels:
-      raise ValueError(f"decoder expects {self.z_channels} latent channels; got shape "
-                       f"{tuple(z.shape)}")
+      raise ValueError(
+        f"decoder expects {self.z_channels} latent channels; got shape {tuple(z.shape)}"
+      )
     return self.decoder(z)
 
-  def __call__(self, image: Array, rng: Array | None = None
-               ) -> tuple[Array, Array, dict[str, DiagonalGaussian]]:
+  def __call__(
+    self, image: Array, rng: Array | None = None
+  ) -> tuple[Array, Array, dict[str, DiagonalGaussian]]:
     z, posteriors = self.encode(image, rng)
     return self.decode(z), z, posteriors
 

@@ -24,7 +24,6 @@ from zipir_jax import config_lib
 from zipir_jax.models import autoencoder, dit
 
 
-
 def define_flags() -> None:
   """Command-line flags (defined only when run as a program, so imports never clash)."""
   config_flags.DEFINE_config_file("config", None, "Experiment config (default: all).")
@@ -48,24 +47,30 @@ def parse_size(size: str) -> tuple[int, int]:
   return parts[0], parts[1]
 
 
-def summarize(config: ml_collections.ConfigDict, height: int = 2048, width: int = 2048
-              ) -> dict[str, object]:
+def summarize(
+  config: ml_collections.ConfigDict, height: int = 2048, width: int = 2048
+) -> dict[str, object]:
   """Per-component parameter counts (VAE parts, discriminator, DiT breakdown) and latent shapes."""
   vae = autoencoder.build_autoencoder(config)
   image = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
   params = jax.eval_shape(
-      lambda x: autoencoder.init_autoencoder(vae, jax.random.key(0), x.shape), image)
+    lambda x: autoencoder.init_autoencoder(vae, jax.random.key(0), x.shape), image
+  )
   latent, posteriors = jax.eval_shape(
-      lambda p, x: vae.apply({"params": p}, x, method="encode"), params, image)
+    lambda p, x: vae.apply({"params": p}, x, method="encode"), params, image
+  )
 
   pixel_decoder = autoencoder.build_pixel_decoder(config)
   pd_params = jax.eval_shape(
-      lambda z, x: pixel_decoder.init(jax.random.key(0), jnp.zeros(z.shape), jnp.zeros(x.shape)),
-      latent, image)["params"]
+    lambda z, x: pixel_decoder.init(jax.random.key(0), jnp.zeros(z.shape), jnp.zeros(x.shape)),
+    latent,
+    image,
+  )["params"]
   fusion = {k: v for k, v in pd_params["decoder"].items() if k.endswith("_fusion")}
   disc = autoencoder.build_discriminator(config)
   disc_params = jax.eval_shape(
-      lambda x: disc.init(jax.random.key(0), jnp.zeros(x.shape), train=False), image)["params"]
+    lambda x: disc.init(jax.random.key(0), jnp.zeros(x.shape), train=False), image
+  )["params"]
 
   counts = {}
   if config.vae.kind == "lpvae":
@@ -73,9 +78,11 @@ def summarize(config: ml_collections.ConfigDict, height: int = 2048, width: int 
     counts["D_c  coarse decoder (training only)"] = count_params(params["coarse_decoder"])
     counts["E_f  fine encoder"] = count_params(params["fine_encoder"])
     counts["D_f  fine decoder"] = count_params(params["fine_decoder"])
-    shapes = {"z_macro": (1, latent.shape[1], latent.shape[2], 3),
-              "z_coarse": posteriors["coarse"].mean.shape,
-              "z_fine": posteriors["fine"].mean.shape}
+    shapes = {
+      "z_macro": (1, latent.shape[1], latent.shape[2], 3),
+      "z_coarse": posteriors["coarse"].mean.shape,
+      "z_fine": posteriors["fine"].mean.shape,
+    }
   else:
     counts["encoder"] = count_params(params["encoder"])
     counts["decoder"] = count_params(params["decoder"])
@@ -92,8 +99,10 @@ def summarize(config: ml_collections.ConfigDict, height: int = 2048, width: int 
 
 
 def format_summary(name: str, config: ml_collections.ConfigDict, summary: Mapping) -> str:
-  lines = [f"== {name}  (vae: {config.vae.kind}, stage: {config.stage})",
-           f"{'component':40s} {'parameters':>16s}"]
+  lines = [
+    f"== {name}  (vae: {config.vae.kind}, stage: {config.stage})",
+    f"{'component':40s} {'parameters':>16s}",
+  ]
   for key, value in summary["counts"].items():
     lines.append(f"{key:40s} {value:16,d}")
   lines.append(f"latents for input {tuple(summary['input'])}:")
@@ -109,8 +118,10 @@ def main(argv):
     items = [(flags.FLAGS["config"].config_filename, flags.FLAGS.config)]
   else:
     root = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
-    items = [(os.path.relpath(p), config_lib.load_config(p))
-             for p in sorted(glob.glob(os.path.join(root, "*.py")))]
+    items = [
+      (os.path.relpath(p), config_lib.load_config(p))
+      for p in sorted(glob.glob(os.path.join(root, "*.py")))
+    ]
   for name, config in items:
     print(format_summary(name, config, summarize(config, height, width)), end="\n\n")
 

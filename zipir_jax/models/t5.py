@@ -48,11 +48,11 @@ MLP_ACTIVATION_AXES = ("batch", "length", "activation_mlp")
 # Activations of HF's ACT2FN that T5 checkpoints use. "gelu" is the exact (erf) GELU,
 # "gelu_new" the tanh approximation.
 _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "relu": nn.relu,
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: nn.gelu(x, approximate=True),
-    "silu": nn.silu,
-    "swish": nn.silu,
+  "relu": nn.relu,
+  "gelu": lambda x: nn.gelu(x, approximate=False),
+  "gelu_new": lambda x: nn.gelu(x, approximate=True),
+  "silu": nn.silu,
+  "swish": nn.silu,
 }
 
 
@@ -63,6 +63,7 @@ class T5CheckpointError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class T5Config:
   """Encoder hyper-parameters, named as in HF's ``config.json``; dtypes are ours."""
+
   vocab_size: int
   d_model: int
   d_kv: int
@@ -93,8 +94,10 @@ class T5Config:
     """HF's ``dense_act_fn``: the part after ``gated-``, with "gated-gelu" meaning ``gelu_new``."""
     parts = self.feed_forward_proj.split("-")
     if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated") or parts[-1] not in _ACTIVATIONS:
-      raise ValueError(f"feed_forward_proj={self.feed_forward_proj!r}: expected '<act>' or "
-                       f"'gated-<act>' with <act> one of {sorted(_ACTIVATIONS)}")
+      raise ValueError(
+        f"feed_forward_proj={self.feed_forward_proj!r}: expected '<act>' or "
+        f"'gated-<act>' with <act> one of {sorted(_ACTIVATIONS)}"
+      )
     return "gelu_new" if self.feed_forward_proj == "gated-gelu" else parts[-1]
 
   @classmethod
@@ -103,8 +106,9 @@ class T5Config:
     model_type = hf.get("model_type", "t5")
     if model_type not in ("t5", "mt5"):
       # UMT5 gives every block its own relative-position bias; that is not this architecture.
-      raise ValueError(f"model_type={model_type!r}: expected 't5' or 'mt5' (T5, T5 v1.1, "
-                       "Flan-T5, mT5, ByT5)")
+      raise ValueError(
+        f"model_type={model_type!r}: expected 't5' or 'mt5' (T5, T5 v1.1, Flan-T5, mT5, ByT5)"
+      )
     fields = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype"}
     required = {"vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"}
     missing = sorted(required - set(hf))
@@ -130,9 +134,17 @@ class T5Config:
 
 def tiny_byt5_config(**overrides: Any) -> T5Config:
   """A tiny ByT5-shaped (gated-GELU, byte vocabulary) encoder for tests and the demo."""
-  fields = dict(vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-                relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                feed_forward_proj="gated-gelu")
+  fields = dict(
+    vocab_size=384,
+    d_model=64,
+    d_kv=16,
+    d_ff=128,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+  )
   return T5Config(**{**fields, **overrides})
 
 
@@ -141,8 +153,9 @@ def tiny_byt5_config(**overrides: Any) -> T5Config:
 # ------------------------------------------------------------------------------------------------
 
 
-def relative_position_buckets(relative_position: np.ndarray, num_buckets: int,
-                              max_distance: int) -> np.ndarray:
+def relative_position_buckets(
+  relative_position: np.ndarray, num_buckets: int, max_distance: int
+) -> np.ndarray:
   """Bidirectional T5 buckets of ``memory_position - query_position`` (HF/mesh-tf).
 
   Half the buckets for each sign; of those, half are exact offsets and half logarithmic bins up to
@@ -156,8 +169,9 @@ def relative_position_buckets(relative_position: np.ndarray, num_buckets: int,
   max_exact = num_buckets // 2
   with np.errstate(divide="ignore"):  # log(0) for distance 0; that branch is not selected.
     log_ratio = np.log(distance.astype(np.float32) / np.float32(max_exact))
-  scaled = (log_ratio / np.float32(math.log(max_distance / max_exact))
-            * np.float32(num_buckets - max_exact))
+  scaled = (
+    log_ratio / np.float32(math.log(max_distance / max_exact)) * np.float32(num_buckets - max_exact)
+  )
   if_large = max_exact + np.nan_to_num(scaled, neginf=0.0).astype(np.int64)
   if_large = np.minimum(if_large, num_buckets - 1)
   return (buckets + np.where(distance < max_exact, distance, if_large)).astype(np.int32)
@@ -165,8 +179,9 @@ def relative_position_buckets(relative_position: np.ndarray, num_buckets: int,
 
 def _bucket_table(query_length: int, key_length: int, config: T5Config) -> np.ndarray:
   relative = np.arange(key_length)[None, :] - np.arange(query_length)[:, None]
-  return relative_position_buckets(relative, config.relative_attention_num_buckets,
-                                   config.relative_attention_max_distance)
+  return relative_position_buckets(
+    relative, config.relative_attention_num_buckets, config.relative_attention_max_distance
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,6 +195,7 @@ def _normal(stddev: float, axes: tuple[str, ...]) -> nn.initializers.Initializer
 
 class T5LayerNorm(nn.Module):
   """RMS norm: ``x / rms(x) * scale`` with no mean subtraction and no bias, in float32."""
+
   epsilon: float = 1e-6
   param_dtype: Any = jnp.float32
 
@@ -194,6 +210,7 @@ class T5LayerNorm(nn.Module):
 
 class T5Attention(nn.Module):
   """Multi-head self-attention with additive position bias and mask, and no logit scaling."""
+
   config: T5Config
 
   @nn.compact
@@ -204,24 +221,37 @@ class T5Attention(nn.Module):
     inner = cfg.num_heads * cfg.d_kv
 
     def projection(name: str, stddev: float) -> nn.DenseGeneral:
-      return nn.DenseGeneral((cfg.num_heads, cfg.d_kv), axis=-1, use_bias=False, dtype=dtype,
-                             param_dtype=param_dtype, name=name,
-                             kernel_init=_normal(stddev, ("embed", "heads", "kv")))
+      return nn.DenseGeneral(
+        (cfg.num_heads, cfg.d_kv),
+        axis=-1,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+        kernel_init=_normal(stddev, ("embed", "heads", "kv")),
+      )
 
     # Mesh-tf initialisation: the 1/sqrt(d_kv) that T5 leaves out of the logits lives in q's std.
     q = projection("q", (cfg.d_model * cfg.d_kv) ** -0.5)(x)
-    k = projection("k", cfg.d_model ** -0.5)(x)
-    v = projection("v", cfg.d_model ** -0.5)(x)
+    k = projection("k", cfg.d_model**-0.5)(x)
+    v = projection("v", cfg.d_model**-0.5)(x)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-    return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype,
-                           param_dtype=param_dtype, name="o",
-                           kernel_init=_normal(inner ** -0.5, ("heads", "kv", "embed")))(out)
+    return nn.DenseGeneral(
+      cfg.d_model,
+      axis=(-2, -1),
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name="o",
+      kernel_init=_normal(inner**-0.5, ("heads", "kv", "embed")),
+    )(out)
 
 
 class T5FeedForward(nn.Module):
   """``wo(act(wi x))`` (v1.0) or ``wo(act(wi_0 x) * wi_1 x)`` (v1.1, gated)."""
+
   config: T5Config
 
   @nn.compact
@@ -230,13 +260,20 @@ class T5FeedForward(nn.Module):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
     def dense(features: int, name: str, axes: tuple[str, str], fan_in: int) -> nn.Dense:
-      return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
-                      kernel_init=_normal(fan_in ** -0.5, axes))
+      return nn.Dense(
+        features,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+        kernel_init=_normal(fan_in**-0.5, axes),
+      )
 
     act = _ACTIVATIONS[cfg.activation]
     if cfg.is_gated:
-      h = (act(dense(cfg.d_ff, "wi_0", ("embed", "mlp"), cfg.d_model)(x))
-           * dense(cfg.d_ff, "wi_1", ("embed", "mlp"), cfg.d_model)(x))
+      h = act(dense(cfg.d_ff, "wi_0", ("embed", "mlp"), cfg.d_model)(x)) * dense(
+        cfg.d_ff, "wi_1", ("embed", "mlp"), cfg.d_model
+      )(x)
     else:
       h = act(dense(cfg.d_ff, "wi", ("embed", "mlp"), cfg.d_model)(x))
     h = nn.with_logical_constraint(h, MLP_ACTIVATION_AXES)
@@ -245,6 +282,7 @@ class T5FeedForward(nn.Module):
 
 class T5Block(nn.Module):
   """Pre-norm self-attention then pre-norm feed-forward, each added to the float32 residual."""
+
   config: T5Config
 
   @nn.compact
@@ -265,6 +303,7 @@ class T5Encoder(nn.Module):
   Outputs at padded positions are computed (as in HF) but meaningless: consumers must mask them.
   The output dtype is ``config.dtype``.
   """
+
   config: T5Config
 
   @nn.compact
@@ -274,25 +313,34 @@ class T5Encoder(nn.Module):
       raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
     param_dtype = jnp.dtype(cfg.param_dtype)
     length = input_ids.shape[1]
-    embedding = self.param("token_embedding", _normal(1.0, ("vocab", "embed")),
-                           (cfg.vocab_size, cfg.d_model), param_dtype)
+    embedding = self.param(
+      "token_embedding",
+      _normal(1.0, ("vocab", "embed")),
+      (cfg.vocab_size, cfg.d_model),
+      param_dtype,
+    )
     x = jnp.take(embedding, input_ids, axis=0).astype(jnp.float32)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
 
     # HF keeps this table in block 0's attention and passes its bias on to the other blocks.
-    relative_bias = self.param("relative_attention_bias",
-                               _normal(cfg.d_model ** -0.5, ("relpos_buckets", "heads")),
-                               (cfg.relative_attention_num_buckets, cfg.num_heads), param_dtype)
+    relative_bias = self.param(
+      "relative_attention_bias",
+      _normal(cfg.d_model**-0.5, ("relpos_buckets", "heads")),
+      (cfg.relative_attention_num_buckets, cfg.num_heads),
+      param_dtype,
+    )
     buckets = _bucket_table(length, length, cfg)  # Static: L is known at trace time.
     bias = jnp.take(relative_bias.astype(jnp.float32), buckets, axis=0)  # (L, L, heads)
     bias = jnp.transpose(bias, (2, 0, 1))[None]  # (1, heads, L, L)
     if attention_mask is not None:
       if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape "
-                         f"{input_ids.shape}")
+        raise ValueError(
+          f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}"
+        )
       # HF adds the dtype's most negative value on padded keys; float32 here.
-      bias = bias + jnp.where(attention_mask[:, None, None, :].astype(bool), 0.0,
-                              jnp.finfo(jnp.float32).min)
+      bias = bias + jnp.where(
+        attention_mask[:, None, None, :].astype(bool), 0.0, jnp.finfo(jnp.float32).min
+      )
 
     for i in range(cfg.num_layers):
       x = T5Block(cfg, name=f"block_{i}")(x, bias)
@@ -319,7 +367,8 @@ def expected_hf_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
   shapes = {"shared.weight": (config.vocab_size, d), "encoder.final_layer_norm.weight": (d,)}
   for i in range(config.num_layers):
     block = f"encoder.block.{i}.layer"
-    shapes.update({
+    shapes.update(
+      {
         f"{block}.0.SelfAttention.q.weight": (inner, d),
         f"{block}.0.SelfAttention.k.weight": (inner, d),
         f"{block}.0.SelfAttention.v.weight": (inner, d),
@@ -327,11 +376,14 @@ def expected_hf_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
         f"{block}.0.layer_norm.weight": (d,),
         f"{block}.1.DenseReluDense.wo.weight": (d, f),
         f"{block}.1.layer_norm.weight": (d,),
-    })
-    for wi in (("wi_0", "wi_1") if config.is_gated else ("wi",)):
+      }
+    )
+    for wi in ("wi_0", "wi_1") if config.is_gated else ("wi",):
       shapes[f"{block}.1.DenseReluDense.{wi}.weight"] = (f, d)
   shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = (
-      config.relative_attention_num_buckets, config.num_heads)
+    config.relative_attention_num_buckets,
+    config.num_heads,
+  )
   return shapes
 
 
@@ -340,8 +392,9 @@ def is_encoder_key(key: str) -> bool:
   return key.startswith(_HF_PREFIX) or key == "shared.weight"
 
 
-def convert_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: T5Config,
-                          source: str = "state dict") -> dict[str, Any]:
+def convert_hf_state_dict(
+  state_dict: Mapping[str, np.ndarray], config: T5Config, source: str = "state dict"
+) -> dict[str, Any]:
   """Maps a HF T5 (encoder or encoder-decoder) state dict onto ``T5Encoder`` parameters.
 
   torch ``Linear`` weights are (out, in); Flax kernels are (in, out), with the attention's
@@ -356,9 +409,10 @@ def convert_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: T5Config
   unknown = sorted(k for k in state if is_encoder_key(k) and k not in shapes)
   if unknown:
     raise T5CheckpointError(
-        f"{source}: unexpected encoder keys {unknown[:8]}{' ...' if len(unknown) > 8 else ''} "
-        f"for a {config.num_layers}-layer T5 encoder with feed_forward_proj="
-        f"{config.feed_forward_proj!r}; is config.json from the same checkpoint?")
+      f"{source}: unexpected encoder keys {unknown[:8]}{' ...' if len(unknown) > 8 else ''} "
+      f"for a {config.num_layers}-layer T5 encoder with feed_forward_proj="
+      f"{config.feed_forward_proj!r}; is config.json from the same checkpoint?"
+    )
   param_dtype = np.dtype(jnp.dtype(config.param_dtype))
 
   def get(key: str) -> np.ndarray:
@@ -366,39 +420,47 @@ def convert_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: T5Config
       raise T5CheckpointError(f"{source}: missing key '{key}' (expected shape {shapes[key]})")
     value = np.asarray(state[key])
     if value.shape != shapes[key]:
-      raise T5CheckpointError(f"{source}: key '{key}' has shape {value.shape}, expected "
-                              f"{shapes[key]} from the config")
+      raise T5CheckpointError(
+        f"{source}: key '{key}' has shape {value.shape}, expected {shapes[key]} from the config"
+      )
     return value.astype(param_dtype)
 
   h, k = config.num_heads, config.d_kv
   params: dict[str, Any] = {
-      "token_embedding": get("shared.weight"),
-      "relative_attention_bias":
-          get("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
-      "final_layer_norm": {"scale": get("encoder.final_layer_norm.weight")},
+    "token_embedding": get("shared.weight"),
+    "relative_attention_bias": get(
+      "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    ),
+    "final_layer_norm": {"scale": get("encoder.final_layer_norm.weight")},
   }
   for i in range(config.num_layers):
     attn = f"encoder.block.{i}.layer.0.SelfAttention"
     ff = f"encoder.block.{i}.layer.1.DenseReluDense"
-    mlp = {name: {"kernel": get(f"{ff}.{name}.weight").T}
-           for name in (("wi_0", "wi_1") if config.is_gated else ("wi",))}
+    mlp = {
+      name: {"kernel": get(f"{ff}.{name}.weight").T}
+      for name in (("wi_0", "wi_1") if config.is_gated else ("wi",))
+    }
     mlp["wo"] = {"kernel": get(f"{ff}.wo.weight").T}
     params[f"block_{i}"] = {
-        "attention_norm": {"scale": get(f"encoder.block.{i}.layer.0.layer_norm.weight")},
-        "attention": {
-            **{n: {"kernel": get(f"{attn}.{n}.weight").T.reshape(config.d_model, h, k)}
-               for n in ("q", "k", "v")},
-            "o": {"kernel": get(f"{attn}.o.weight").T.reshape(h, k, config.d_model)},
+      "attention_norm": {"scale": get(f"encoder.block.{i}.layer.0.layer_norm.weight")},
+      "attention": {
+        **{
+          n: {"kernel": get(f"{attn}.{n}.weight").T.reshape(config.d_model, h, k)}
+          for n in ("q", "k", "v")
         },
-        "mlp_norm": {"scale": get(f"encoder.block.{i}.layer.1.layer_norm.weight")},
-        "mlp": mlp,
+        "o": {"kernel": get(f"{attn}.o.weight").T.reshape(h, k, config.d_model)},
+      },
+      "mlp_norm": {"scale": get(f"encoder.block.{i}.layer.1.layer_norm.weight")},
+      "mlp": mlp,
     }
   return params
 
 
 # Weight files of a HF folder, in order of preference: (single file, shard index).
-_WEIGHT_LAYOUTS = (("model.safetensors", "model.safetensors.index.json"),
-                   ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+_WEIGHT_LAYOUTS = (
+  ("model.safetensors", "model.safetensors.index.json"),
+  ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
 
 
 def _weight_files(folder: str) -> list[str]:
@@ -452,21 +514,28 @@ def load_tokenizer(folder: PathLike, vocab_size: int | None = None) -> Any:
   except (OSError, ValueError, ImportError) as e:
     hint = ""
     if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
-      hint = (" A folder with only spiece.model needs the sentencepiece and protobuf packages "
-              "once; tokenizer.save_pretrained(folder) then writes a tokenizer.json that does not.")
+      hint = (
+        " A folder with only spiece.model needs the sentencepiece and protobuf packages "
+        "once; tokenizer.save_pretrained(folder) then writes a tokenizer.json that does not."
+      )
     raise T5CheckpointError(f"{folder}: cannot load the tokenizer ({e}).{hint}") from e
   unk = getattr(tokenizer, "unk_token_id", None)
   if unk is not None and unk in tokenizer(_TOKENIZER_PROBE)["input_ids"]:
-    raise T5CheckpointError(f"{folder}: the tokenizer maps {_TOKENIZER_PROBE!r} to <unk> tokens; "
-                            "its vocabulary did not load")
+    raise T5CheckpointError(
+      f"{folder}: the tokenizer maps {_TOKENIZER_PROBE!r} to <unk> tokens; "
+      "its vocabulary did not load"
+    )
   if vocab_size is not None and len(tokenizer) > vocab_size:
-    raise T5CheckpointError(f"{folder}: the tokenizer has {len(tokenizer)} tokens but the "
-                            f"encoder's embedding table only {vocab_size} (vocab_size)")
+    raise T5CheckpointError(
+      f"{folder}: the tokenizer has {len(tokenizer)} tokens but the "
+      f"encoder's embedding table only {vocab_size} (vocab_size)"
+    )
   return tokenizer
 
 
-def load_t5_encoder(folder: PathLike, dtype: str = "float32",
-                    param_dtype: str = "float32") -> tuple[T5Config, dict[str, Any], Any]:
+def load_t5_encoder(
+  folder: PathLike, dtype: str = "float32", param_dtype: str = "float32"
+) -> tuple[T5Config, dict[str, Any], Any]:
   """Loads ``(config, params, tokenizer)`` from a local HF T5 / T5 v1.1 / Flan-T5 / ByT5 folder.
 
   The folder holds ``config.json``, the weights (``model.safetensors``, sharded safetensors with
@@ -476,8 +545,9 @@ def load_t5_encoder(folder: PathLike, dtype: str = "float32",
   folder = os.fspath(folder)
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"{folder}: T5 checkpoint folder not found")
-  config = T5Config.from_json(os.path.join(folder, "config.json"), dtype=dtype,
-                              param_dtype=param_dtype)
+  config = T5Config.from_json(
+    os.path.join(folder, "config.json"), dtype=dtype, param_dtype=param_dtype
+  )
   tokenizer = load_tokenizer(folder, config.vocab_size)  # Cheap checks before reading GBs.
   params = convert_hf_state_dict(read_hf_encoder_state_dict(folder), config, source=folder)
   return config, params, tokenizer
@@ -485,10 +555,17 @@ def load_t5_encoder(folder: PathLike, dtype: str = "float32",
 
 def hf_config_dict(config: T5Config) -> dict[str, Any]:
   """The ``config.json`` fields HF needs to rebuild ``config`` (to write test/demo folders)."""
-  fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-            if f.name not in ("dtype", "param_dtype")}
-  return {"model_type": "t5", "architectures": ["T5EncoderModel"], "is_encoder_decoder": False,
-          **fields}
+  fields = {
+    f.name: getattr(config, f.name)
+    for f in dataclasses.fields(config)
+    if f.name not in ("dtype", "param_dtype")
+  }
+  return {
+    "model_type": "t5",
+    "architectures": ["T5EncoderModel"],
+    "is_encoder_decoder": False,
+    **fields,
+  }
 
 
 def params_to_hf_state_dict(params: Mapping[str, Any], config: T5Config) -> dict[str, np.ndarray]:
@@ -496,10 +573,11 @@ def params_to_hf_state_dict(params: Mapping[str, Any], config: T5Config) -> dict
   p = jax.tree.map(np.asarray, dict(params))
   inner = config.num_heads * config.d_kv
   state = {
-      "shared.weight": p["token_embedding"],
-      "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
-          p["relative_attention_bias"],
-      "encoder.final_layer_norm.weight": p["final_layer_norm"]["scale"],
+    "shared.weight": p["token_embedding"],
+    "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": p[
+      "relative_attention_bias"
+    ],
+    "encoder.final_layer_norm.weight": p["final_layer_norm"]["scale"],
   }
   for i in range(config.num_layers):
     block = p[f"block_{i}"]
@@ -514,8 +592,9 @@ def params_to_hf_state_dict(params: Mapping[str, Any], config: T5Config) -> dict
   return {k: np.ascontiguousarray(v) for k, v in state.items()}
 
 
-def save_hf_encoder(folder: PathLike, config: T5Config, params: Mapping[str, Any],
-                    tokenizer: Any | None = None) -> None:
+def save_hf_encoder(
+  folder: PathLike, config: T5Config, params: Mapping[str, Any], tokenizer: Any | None = None
+) -> None:
   """Writes a HF-layout folder (config.json, model.safetensors, tokenizer) that
   ``load_t5_encoder`` and ``transformers.T5EncoderModel.from_pretrained`` both read."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
@@ -525,7 +604,8 @@ def save_hf_encoder(folder: PathLike, config: T5Config, params: Mapping[str, Any
   with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
     json.dump(hf_config_dict(config), f, indent=2)
   state = {k: v.astype(np.float32) for k, v in params_to_hf_state_dict(params, config).items()}
-  safetensors.numpy.save_file(state, os.path.join(folder, "model.safetensors"),
-                              metadata={"format": "pt"})
+  safetensors.numpy.save_file(
+    state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"}
+  )
   if tokenizer is not None:
     tokenizer.save_pretrained(folder)

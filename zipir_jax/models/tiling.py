@@ -31,12 +31,23 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("strides", "up", "skip", "rows", "pads", "swish"),
-                   donate_argnums=0)
-def _conv_strip_into(out: Array, xs: tuple[Array, ...], row: Array, kernel: Array,
-                     bias: Array | None, affine: tuple[Array, Array, Array] | None,
-                     strides: tuple[int, int], up: int, skip: int, rows: int,
-                     pads: tuple[tuple[int, int], tuple[int, int]], swish: bool) -> Array:
+@functools.partial(
+  jax.jit, static_argnames=("strides", "up", "skip", "rows", "pads", "swish"), donate_argnums=0
+)
+def _conv_strip_into(
+  out: Array,
+  xs: tuple[Array, ...],
+  row: Array,
+  kernel: Array,
+  bias: Array | None,
+  affine: tuple[Array, Array, Array] | None,
+  strides: tuple[int, int],
+  up: int,
+  skip: int,
+  rows: int,
+  pads: tuple[tuple[int, int], tuple[int, int]],
+  swish: bool,
+) -> Array:
   """Writes one strip of ``conv(pad(nearest_up(act(a·concat(xs) + b))))`` into ``out`` at output
   row ``row``, in place (``out`` is donated).
 
@@ -53,9 +64,10 @@ def _conv_strip_into(out: Array, xs: tuple[Array, ...], row: Array, kernel: Arra
     x = (jax.nn.swish(x) if swish else x).astype(kernel.dtype)
   if up > 1:
     x = jnp.repeat(jnp.repeat(x, up, axis=1), up, axis=2)
-  x = jnp.pad(x[:, skip:skip + rows], ((0, 0), *pads, (0, 0)))
-  y = jax.lax.conv_general_dilated(x, kernel, strides, "VALID",
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  x = jnp.pad(x[:, skip : skip + rows], ((0, 0), *pads, (0, 0)))
+  y = jax.lax.conv_general_dilated(
+    x, kernel, strides, "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   if bias is not None:
     y = y + bias
   return jax.lax.dynamic_update_slice(out, y.astype(out.dtype), (0, row, 0, 0))
@@ -77,8 +89,14 @@ def _explicit_padding(conv: nn.Conv, in_hw: tuple[int, int]) -> list[tuple[int, 
   return [tuple(p) for p in conv.padding]
 
 
-def tiled_conv(conv: nn.Conv, x: Array | Sequence[Array], strip_rows: int, up: int = 1,
-               affine: tuple[Array, Array, Array] | None = None, swish: bool = False) -> Array:
+def tiled_conv(
+  conv: nn.Conv,
+  x: Array | Sequence[Array],
+  strip_rows: int,
+  up: int = 1,
+  affine: tuple[Array, Array, Array] | None = None,
+  swish: bool = False,
+) -> Array:
   """``conv(x)`` in strips of at most ``strip_rows`` output rows with exact halos, written into one
   preallocated output: besides the input and the result only one strip is ever alive.
 
@@ -87,8 +105,11 @@ def tiled_conv(conv: nn.Conv, x: Array | Sequence[Array], strip_rows: int, up: i
   nearest ``up``-fold upsampling — both per strip, so the normalised or upsampled image is never
   materialised.
   """
-  if (conv.feature_group_count != 1 or _pair(conv.kernel_dilation) != (1, 1)
-      or _pair(conv.input_dilation) != (1, 1)):
+  if (
+    conv.feature_group_count != 1
+    or _pair(conv.kernel_dilation) != (1, 1)
+    or _pair(conv.input_dilation) != (1, 1)
+  ):
     raise NotImplementedError("tiled convolution supports plain (ungrouped, undilated) convs")
   xs = tuple(x) if isinstance(x, (list, tuple)) else (x,)
   params = conv.variables["params"]
@@ -108,17 +129,35 @@ def tiled_conv(conv: nn.Conv, x: Array | Sequence[Array], strip_rows: int, up: i
     lo, hi = r0 * sh - pt, (r1 - 1) * sh - pt + kh  # input rows of the strip, padding included
     a, z = max(lo, 0), min(hi, hu)
     xa, xz = a // up, -(-z // up)
-    out = _conv_strip_into(out, tuple(x[:, xa:xz] for x in xs), jnp.int32(r0), kernel, bias,
-                           affine, strides=strides, up=up, skip=a - xa * up, rows=z - a,
-                           pads=((a - lo, hi - z), (pl, pr)), swish=swish)
+    out = _conv_strip_into(
+      out,
+      tuple(x[:, xa:xz] for x in xs),
+      jnp.int32(r0),
+      kernel,
+      bias,
+      affine,
+      strides=strides,
+      up=up,
+      skip=a - xa * up,
+      rows=z - a,
+      pads=((a - lo, hi - z), (pl, pr)),
+      swish=swish,
+    )
   return out
 
 
 def bound_conv(params: dict, dtype, strides: int = 1, padding: str | Sequence = "SAME") -> nn.Conv:
   """A standalone ``nn.Conv`` bound to ``params`` (a block's sub-convolution, for tiled_conv)."""
   kernel = params["kernel"]
-  return nn.Conv(kernel.shape[-1], kernel.shape[:2], strides=strides, padding=padding,
-                 use_bias="bias" in params, dtype=dtype, parent=None).bind({"params": params})
+  return nn.Conv(
+    kernel.shape[-1],
+    kernel.shape[:2],
+    strides=strides,
+    padding=padding,
+    use_bias="bias" in params,
+    dtype=dtype,
+    parent=None,
+  ).bind({"params": params})
 
 
 @jax.jit
@@ -129,8 +168,9 @@ def _channel_moments(x: Array) -> tuple[Array, Array]:
   return mean, jnp.mean(jnp.square(x - mean[:, None, None]), axis=(1, 2))
 
 
-def group_norm_affine(parts: Sequence[Array], params: dict, num_groups: int, epsilon: float
-                      ) -> tuple[Array, Array, Array]:
+def group_norm_affine(
+  parts: Sequence[Array], params: dict, num_groups: int, epsilon: float
+) -> tuple[Array, Array, Array]:
   """GroupNorm of ``concat(parts)`` over the whole image as per-(batch, channel) ``(m, a, b)``.
 
   ``(x - m)·a + b`` (:func:`_normalize`) equals flax's ``nn.GroupNorm`` up to float32 rounding,
@@ -187,8 +227,12 @@ def tiled_convolutions(strip_rows: int = 256) -> Iterator[None]:
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if (context.method_name == "__call__" and args and getattr(args[0], "ndim", 0) == 4
-        and args[0].shape[1] > strip_rows):
+    if (
+      context.method_name == "__call__"
+      and args
+      and getattr(args[0], "ndim", 0) == 4
+      and args[0].shape[1] > strip_rows
+    ):
       if hasattr(module, "tiled_call"):  # a block that knows its strip-wise form (vae_blocks)
         return module.tiled_call(*args, strip_rows=strip_rows, **kwargs)
       if not kwargs and len(args) == 1:

@@ -35,14 +35,26 @@ def _kernel_init(zero: bool = False):
   return nn.with_logical_partitioning(init, ("kernel_h", "kernel_w", "conv_in", "conv_out"))
 
 
-def conv(features: int, kernel_size: int = 3, strides: int = 1, padding: str | Sequence = "SAME",
-         zero_init: bool = False, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
+def conv(
+  features: int,
+  kernel_size: int = 3,
+  strides: int = 1,
+  padding: str | Sequence = "SAME",
+  zero_init: bool = False,
+  dtype: Dtype = jnp.float32,
+  name: str | None = None,
+) -> nn.Conv:
   """A 2D convolution with logically named parameters (zero-initialised when ``zero_init``)."""
   return nn.Conv(
-      features, (kernel_size, kernel_size), strides=(strides, strides), padding=padding,
-      dtype=dtype, kernel_init=_kernel_init(zero_init),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-      name=name)
+    features,
+    (kernel_size, kernel_size),
+    strides=(strides, strides),
+    padding=padding,
+    dtype=dtype,
+    kernel_init=_kernel_init(zero_init),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+    name=name,
+  )
 
 
 NORM_EPS = 1e-6
@@ -51,14 +63,18 @@ NORM_EPS = 1e-6
 def group_norm(num_groups: int, name: str | None = None) -> nn.GroupNorm:
   """GroupNorm as in LDM (eps 1e-6), computed in float32 whatever the compute dtype."""
   return nn.GroupNorm(
-      num_groups=num_groups, epsilon=NORM_EPS, dtype=jnp.float32,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-      name=name)
+    num_groups=num_groups,
+    epsilon=NORM_EPS,
+    dtype=jnp.float32,
+    scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+    name=name,
+  )
 
 
 class ResnetBlock(nn.Module):
   """Norm-Swish-Conv twice plus a (1x1-projected when the width changes) shortcut."""
+
   features: int
   num_groups: int = 32
   dtype: Dtype = jnp.float32
@@ -80,14 +96,17 @@ class ResnetBlock(nn.Module):
     parts = list(x) if isinstance(x, (list, tuple)) else [x]
     p = self.variables["params"]
     affine = tiling.group_norm_affine(parts, p["norm1"], self.num_groups, NORM_EPS)
-    h = tiling.tiled_conv(tiling.bound_conv(p["conv1"], self.dtype), parts, strip_rows,
-                          affine=affine, swish=True)
+    h = tiling.tiled_conv(
+      tiling.bound_conv(p["conv1"], self.dtype), parts, strip_rows, affine=affine, swish=True
+    )
     affine = tiling.group_norm_affine([h], p["norm2"], self.num_groups, NORM_EPS)
-    h = tiling.tiled_conv(tiling.bound_conv(p["conv2"], self.dtype), h, strip_rows,
-                          affine=affine, swish=True)
+    h = tiling.tiled_conv(
+      tiling.bound_conv(p["conv2"], self.dtype), h, strip_rows, affine=affine, swish=True
+    )
     if "nin_shortcut" in p:
-      shortcut = tiling.tiled_conv(tiling.bound_conv(p["nin_shortcut"], self.dtype), parts,
-                                   strip_rows)
+      shortcut = tiling.tiled_conv(
+        tiling.bound_conv(p["nin_shortcut"], self.dtype), parts, strip_rows
+      )
     else:
       (shortcut,) = parts
     return tiling.add_into(h, shortcut)
@@ -95,6 +114,7 @@ class ResnetBlock(nn.Module):
 
 class AttnBlock(nn.Module):
   """LDM's single-head spatial self-attention (used only by the SD-VAE baseline's middle block)."""
+
   num_groups: int = 32
   dtype: Dtype = jnp.float32
 
@@ -102,14 +122,17 @@ class AttnBlock(nn.Module):
   def __call__(self, x: Array) -> Array:
     b, h, w, c = x.shape
     y = group_norm(self.num_groups, name="norm")(x)
-    q, k, v = (conv(c, kernel_size=1, dtype=self.dtype, name=n)(y).reshape(b, h * w, 1, c)
-               for n in ("q", "k", "v"))
+    q, k, v = (
+      conv(c, kernel_size=1, dtype=self.dtype, name=n)(y).reshape(b, h * w, 1, c)
+      for n in ("q", "k", "v")
+    )
     y = jax.nn.dot_product_attention(q, k, v).reshape(b, h, w, c)
     return x + conv(c, kernel_size=1, dtype=self.dtype, name="proj_out")(y)
 
 
 class Downsample(nn.Module):
   """Stride-2 3x3 conv with LDM's asymmetric (0, 1) padding, so H/2 exactly for even H."""
+
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -119,13 +142,15 @@ class Downsample(nn.Module):
 
   def tiled_call(self, x: Array, strip_rows: int) -> Array:
     """``__call__`` in strips, the (0, 1) padding inside them (no padded copy of the image)."""
-    conv_ = tiling.bound_conv(self.variables["params"]["conv"], self.dtype, strides=2,
-                              padding=((0, 1), (0, 1)))
+    conv_ = tiling.bound_conv(
+      self.variables["params"]["conv"], self.dtype, strides=2, padding=((0, 1), (0, 1))
+    )
     return tiling.tiled_conv(conv_, x, strip_rows)
 
 
 class Upsample(nn.Module):
   """Nearest-neighbour 2x followed by a 3x3 conv (LDM)."""
+
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -146,6 +171,7 @@ class Encoder(nn.Module):
   H/2^i with ``ch * ch_mult[i]`` channels) instead: that is the degradation-aware extractor of D_f*,
   whose parameters are then exactly the matching subset of E_f's.
   """
+
   ch: int
   ch_mult: Sequence[int]
   num_res_blocks: int
@@ -186,6 +212,7 @@ class PixelFusion(nn.Module):
   it is predicted from ``h`` itself, ``h * scale`` grows like ``h²`` per level — in training that
   overflowed float32 within a few dozen steps (``make demo``); bounded, each level can at most double h.
   """
+
   num_groups: int = 32
   dtype: Dtype = jnp.float32
 
@@ -200,13 +227,15 @@ class PixelFusion(nn.Module):
     # float32 full-resolution copy (32 GiB at 8192² x 128 channels: what ran out of memory).
     return _fusion(scale, h, shift, jnp.asarray(weight, h.dtype))
 
-  def tiled_call(self, h: Array, feature: Array, weight: float | Array = 1.0, *,
-                 strip_rows: int) -> Array:
+  def tiled_call(
+    self, h: Array, feature: Array, weight: float | Array = 1.0, *, strip_rows: int
+  ) -> Array:
     """``__call__`` on a huge image: [h; f] is concatenated strip by strip inside the block's
     convolutions (at 8192² it would be a 32 GiB array), the output overwrites ``scale``."""
     p = self.variables["params"]
     block = ResnetBlock(h.shape[-1], self.num_groups, self.dtype, parent=None).bind(
-        {"params": p["block"]})
+      {"params": p["block"]}
+    )
     e = block.tiled_call([h, feature.astype(h.dtype)], strip_rows)
     scale = tiling.tiled_conv(tiling.bound_conv(p["scale"], self.dtype), e, strip_rows)
     shift = tiling.tiled_conv(tiling.bound_conv(p["shift"], self.dtype), e, strip_rows)
@@ -228,6 +257,7 @@ class Decoder(nn.Module):
   listed level a :class:`PixelFusion` adds the extractor's feature of the same resolution. All other
   parameter names equal the plain decoder's, so D_f's parameters load into it unchanged.
   """
+
   ch: int
   ch_mult: Sequence[int]
   num_res_blocks: int
@@ -238,11 +268,14 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, z: Array, skips: Sequence[Array] | None = None,
-               fusion_weight: float | Array = 1.0) -> Array:
+  def __call__(
+    self, z: Array, skips: Sequence[Array] | None = None, fusion_weight: float | Array = 1.0
+  ) -> Array:
     if self.fusion_levels and skips is None:
-      raise ValueError("this decoder fuses extractor features at levels "
-                       f"{tuple(self.fusion_levels)}: pass skips=extractor(lq)")
+      raise ValueError(
+        "this decoder fuses extractor features at levels "
+        f"{tuple(self.fusion_levels)}: pass skips=extractor(lq)"
+      )
     h = conv(self.ch * self.ch_mult[-1], dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
     h = ResnetBlock(h.shape[-1], self.num_groups, self.dtype, name="mid_block_1")(h)
     if self.mid_attention:
@@ -250,11 +283,13 @@ class Decoder(nn.Module):
     h = ResnetBlock(h.shape[-1], self.num_groups, self.dtype, name="mid_block_2")(h)
     for i in reversed(range(len(self.ch_mult))):
       for j in range(self.num_res_blocks + 1):
-        h = ResnetBlock(self.ch * self.ch_mult[i], self.num_groups, self.dtype,
-                        name=f"up_{i}_block_{j}")(h)
+        h = ResnetBlock(
+          self.ch * self.ch_mult[i], self.num_groups, self.dtype, name=f"up_{i}_block_{j}"
+        )(h)
       if i in self.fusion_levels:
-        h = PixelFusion(self.num_groups, self.dtype, name=f"up_{i}_fusion")(h, skips[i],
-                                                                          fusion_weight)
+        h = PixelFusion(self.num_groups, self.dtype, name=f"up_{i}_fusion")(
+          h, skips[i], fusion_weight
+        )
       if i != 0:
         h = Upsample(self.dtype, name=f"up_{i}_upsample")(h)
     h = nn.swish(group_norm(self.num_groups, name="norm_out")(h))
@@ -264,6 +299,7 @@ class Decoder(nn.Module):
 @flax.struct.dataclass
 class DiagonalGaussian:
   """The VAE posterior q(z|x) = N(mean, exp(logvar)); log-variance clipped to [-30, 20] as in LDM."""
+
   mean: Array
   logvar: Array
 
@@ -281,4 +317,5 @@ class DiagonalGaussian:
   def kl(self) -> Array:
     """KL(q || N(0, I)) summed over latent positions and channels; shape (batch,)."""
     return 0.5 * jnp.sum(
-        jnp.square(self.mean) + jnp.exp(self.logvar) - 1.0 - self.logvar, axis=(1, 2, 3))
+      jnp.square(self.mean) + jnp.exp(self.logvar) - 1.0 - self.logvar, axis=(1, 2, 3)
+    )

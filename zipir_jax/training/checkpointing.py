@@ -54,10 +54,11 @@ def load_prerequisites(config, workdir: str, config_file: str = "configs/<model>
   earlier = config_lib.prerequisite_stage(config)
   if not os.path.isdir(os.path.join(path, "params")):
     raise MissingPrerequisiteError(
-        f"stage {config.stage!r} needs the {earlier!r} export at {path} (its params/ folder is "
-        f"missing). Produce it with:\n  python train.py --config={config_file}:{earlier} "
-        f"--workdir={os.path.abspath(workdir)}\nor point --config.train.init_from.{earlier}=DIR at "
-        f"an existing export.")
+      f"stage {config.stage!r} needs the {earlier!r} export at {path} (its params/ folder is "
+      f"missing). Produce it with:\n  python train.py --config={config_file}:{earlier} "
+      f"--workdir={os.path.abspath(workdir)}\nor point --config.train.init_from.{earlier}=DIR at "
+      f"an existing export."
+    )
   return restore_export(path)
 
 
@@ -81,30 +82,42 @@ def restore_export(path: str) -> dict:
 
 def create_manager(directory: str, train_config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=int(train_config.keep_checkpoints),
-      save_interval_steps=int(train_config.checkpoint_every),
-      enable_async_checkpointing=bool(train_config.async_checkpointing),
-      create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                               item_names=("state", "data"))
+    max_to_keep=int(train_config.keep_checkpoints),
+    save_interval_steps=int(train_config.checkpoint_every),
+    enable_async_checkpointing=bool(train_config.async_checkpointing),
+    create=True,
+  )
+  return ocp.CheckpointManager(
+    os.path.abspath(directory), options=options, item_names=("state", "data")
+  )
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any,
-         force: bool = False) -> bool:
-  return manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)),
-      force=force)
+def save(
+  manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any, force: bool = False
+) -> bool:
+  return manager.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)
+    ),
+    force=force,
+  )
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any,
-            step: int | None = None) -> tuple[Any, int] | None:
+def restore(
+  manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any, step: int | None = None
+) -> tuple[Any, int] | None:
   """Latest (or ``step``) checkpoint onto ``abstract_state``'s shardings (any mesh); None if none."""
   step = manager.latest_step() if step is None else step
   if step is None:
     return None
-  restored = manager.restore(step, args=ocp.args.Composite(
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(data_iter)))
+      data=grain.checkpoint.CheckpointRestore(data_iter),
+    ),
+  )
   return restored["state"], step
 
 

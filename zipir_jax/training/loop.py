@@ -38,6 +38,7 @@ def to_host(tree: Any) -> Any:
   if jax.process_count() == 1:
     return jax.device_get(tree)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
@@ -48,10 +49,12 @@ class NonFiniteError(RuntimeError):
 def text_encoder(config, rng: jax.Array):
   """(T5Encoder, params, tokenizer): config.text.encoder_path, else the tiny random ByT5-style one."""
   if config.text.encoder_path:
-    text_config, params, tokenizer = t5.load_t5_encoder(config.text.encoder_path,
-                                                        dtype=config.text.dtype)
+    text_config, params, tokenizer = t5.load_t5_encoder(
+      config.text.encoder_path, dtype=config.text.dtype
+    )
   else:
     import transformers  # pylint: disable=g-import-not-at-top
+
     text_config = t5.tiny_byt5_config(d_model=config.dit.text_dim, dtype=config.text.dtype)
     params, tokenizer = t5.init_t5_encoder(text_config, rng), transformers.ByT5Tokenizer()
   return text_config, params, tokenizer
@@ -70,11 +73,16 @@ def dit_text_encoder(config):
 def caption_encoder(config, text_config, text_params, tokenizer):
   """captions -> (embeddings, masks): config.text.embedding_cache's lookup, else T5 itself."""
   if config.text.embedding_cache:
-    return text_cache.load(config.text.embedding_cache, config, text_config, text_params,
-                           tokenizer).lookup
-  return functools.partial(text_lib.encode_prompts, tokenizer=tokenizer,
-                           model=t5.T5Encoder(text_config), params=text_params,
-                           max_length=int(config.text.max_length))
+    return text_cache.load(
+      config.text.embedding_cache, config, text_config, text_params, tokenizer
+    ).lookup
+  return functools.partial(
+    text_lib.encode_prompts,
+    tokenizer=tokenizer,
+    model=t5.T5Encoder(text_config),
+    params=text_params,
+    max_length=int(config.text.max_length),
+  )
 
 
 def _prerequisite_subset(config, prereqs: dict) -> dict:
@@ -95,10 +103,11 @@ def restoration_decoder(config, prereqs: dict) -> dict:
   key, stage = bundle_lib.PLAIN_DECODER[config.vae.kind]
   if key not in prereqs:
     raise checkpointing.MissingPrerequisiteError(
-        f"with config.pixel_decoder.fusion_levels=() the dit stage restores with the plain "
-        f"decoder {key}, which its prerequisite export does not hold ({', '.join(sorted(prereqs))})"
-        f"; point --config.train.init_from.{config_lib.prerequisite_stage(config)} at the {stage} "
-        f"export (WORKDIR/{stage}/export)")
+      f"with config.pixel_decoder.fusion_levels=() the dit stage restores with the plain "
+      f"decoder {key}, which its prerequisite export does not hold ({', '.join(sorted(prereqs))})"
+      f"; point --config.train.init_from.{config_lib.prerequisite_stage(config)} at the {stage} "
+      f"export (WORKDIR/{stage}/export)"
+    )
   return {"decoder": prereqs[key]}
 
 
@@ -110,19 +119,25 @@ def measure_latent_stats(models, params: dict, data_iter, mesh, num_batches: int
     batch = parallel.global_batch({"hq": next(data_iter)["hq"]}, mesh)
     with mesh:
       z = encode(params, batch["hq"]).astype(jnp.float32)
-    s = jnp.stack([jnp.sum(z, axis=(0, 1, 2)), jnp.sum(z * z, axis=(0, 1, 2)),
-                   jnp.full(z.shape[-1:], z.shape[0] * z.shape[1] * z.shape[2], jnp.float32)])
+    s = jnp.stack(
+      [
+        jnp.sum(z, axis=(0, 1, 2)),
+        jnp.sum(z * z, axis=(0, 1, 2)),
+        jnp.full(z.shape[-1:], z.shape[0] * z.shape[1] * z.shape[2], jnp.float32),
+      ]
+    )
     s = np.asarray(jax.device_get(s), np.float64)
     total = s if total is None else total + s
   mean = total[0] / total[2]
-  std = np.sqrt(np.maximum(total[1] / total[2] - mean ** 2, 1e-12))
+  std = np.sqrt(np.maximum(total[1] / total[2] - mean**2, 1e-12))
   return {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}
 
 
 def _host_batch(example: dict, stage: str, step: int, nan_steps, text) -> dict[str, np.ndarray]:
   """``text``: the dit stage's :func:`caption_encoder` (None for the other stages)."""
-  batch = {k: np.asarray(example[k], np.float32) for k in ("hq", "lq_up")
-           if k in steps.batch_keys(stage)}
+  batch = {
+    k: np.asarray(example[k], np.float32) for k in ("hq", "lq_up") if k in steps.batch_keys(stage)
+  }
   if step in nan_steps:  # fault-handling tests: a planted non-finite batch.
     batch["hq"] = np.full_like(batch["hq"], np.nan)
   if stage == "dit":
@@ -132,8 +147,9 @@ def _host_batch(example: dict, stage: str, step: int, nan_steps, text) -> dict[s
   return batch
 
 
-def export(config, workdir: str, stage_state, prereqs: dict, models, data_iter, mesh,
-           text=None) -> str:
+def export(
+  config, workdir: str, stage_state, prereqs: dict, models, data_iter, mesh, text=None
+) -> str:
   """Writes the stage's EMA export (dit: the restoration bundle); returns its folder."""
   stage = config.stage
   ema = to_host(stage_state.ema_params)
@@ -141,21 +157,29 @@ def export(config, workdir: str, stage_state, prereqs: dict, models, data_iter, 
   encoders = autoencoder.encoder_keys(config)
   if stage == "dit":
     model_config, text_params, tokenizer = text
-    params = {"vae": {k: frozen[k] for k in encoders},
-              "pixel_decoder": restoration_decoder(config, prereqs), "dit": ema["dit"],
-              "latent_stats": frozen["latent_stats"]}
+    params = {
+      "vae": {k: frozen[k] for k in encoders},
+      "pixel_decoder": restoration_decoder(config, prereqs),
+      "dit": ema["dit"],
+      "latent_stats": frozen["latent_stats"],
+    }
     path = os.path.join(checkpointing.stage_dir(workdir, stage), "bundle")
     if jax.process_index() == 0:
       if os.path.exists(path):
         shutil.rmtree(path)
-      bundle_lib.save_bundle(path, bundle_lib.Bundle(config, params, model_config, text_params,
-                                                     tokenizer))
+      bundle_lib.save_bundle(
+        path, bundle_lib.Bundle(config, params, model_config, text_params, tokenizer)
+      )
     return path
   params = {**frozen, **ema}  # frozen encoders are carried forward to the later stages
   if stage == bundle_lib.PLAIN_DECODER[config.vae.kind][1]:  # the last stage training an encoder
     params["latent_stats"] = measure_latent_stats(
-        models, {k: params[k] for k in encoders}, data_iter, mesh,
-        int(config.train.latent_stats_batches))
+      models,
+      {k: params[k] for k in encoders},
+      data_iter,
+      mesh,
+      int(config.train.latent_stats_batches),
+    )
   if stage == "pixel_decoder":
     params["latent_stats"] = prereqs["latent_stats"]
   path = checkpointing.export_dir(workdir, stage)
@@ -180,41 +204,54 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
     text_config, text_params, tokenizer = dit_text_encoder(config)
     text = caption_encoder(config, text_config, text_params, tokenizer)
     null_emb, null_mask = text([""])  # the CFG null condition, from the cache when there is one
-    init_inputs["null_text"] = {"emb": np.asarray(null_emb, np.float32),
-                                "mask": np.asarray(null_mask, np.int32)}
+    init_inputs["null_text"] = {
+      "emb": np.asarray(null_emb, np.float32),
+      "mask": np.asarray(null_mask, np.int32),
+    }
 
-  data_iter = pipeline.create_train_iterator(config.data, seed=config.seed,
-                                             process_index=jax.process_index(),
-                                             process_count=jax.process_count())
+  data_iter = pipeline.create_train_iterator(
+    config.data,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   manager = checkpointing.create_manager(os.path.join(sdir, "checkpoints"), config.train)
   abstract, shardings = state_lib.abstract_state(models, mesh, rng_state, init_inputs)
   # Resume by default: the checkpoint is read straight onto this run's mesh (which may differ from
   # the one that wrote it); only a fresh run initialises.
-  restored = checkpointing.restore(manager, state_lib.abstract_with_shardings(abstract, shardings),
-                                   data_iter)
+  restored = checkpointing.restore(
+    manager, state_lib.abstract_with_shardings(abstract, shardings), data_iter
+  )
   if restored is not None:
     state, start = restored
     logging.info("resumed %s from step %d (%s)", stage, start, manager.directory)
   else:
     state, _ = state_lib.create_train_state(models, mesh, rng_state, init_inputs, shardings)
-  logging.info("trainable parameters: %d; frozen: %d", state_lib.count_params(state.params),
-               state_lib.count_params(state.frozen))
+  logging.info(
+    "trainable parameters: %d; frozen: %d",
+    state_lib.count_params(state.params),
+    state_lib.count_params(state.frozen),
+  )
   start = int(jax.device_get(state.step))
 
   train_step = steps.jit_train_step(models, mesh, shardings)
   preview = jax.jit(lambda s, b, pd: steps.preview(models, s, b, pd))
   # The dit state holds no decoder: its preview decodes with the earlier export's (D_f*).
-  preview_decoder = jax.device_put(restoration_decoder(config, prereqs),
-                                   parallel.replicated(mesh)) if (
-      stage == "dit" and config.train.image_every) else None
+  preview_decoder = (
+    jax.device_put(restoration_decoder(config, prereqs), parallel.replicated(mesh))
+    if (stage == "dit" and config.train.image_every)
+    else None
+  )
   writer = reporting.create_writer(sdir, start_step=start)
   total = int(config.optim.num_steps)
   nan_steps = set(int(s) for s in config.train.nan_steps)
   preempted = []
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True)) \
-      if _main_thread() else None
-  logging.info("training %s: steps %d..%d (SIGTERM from here on: checkpoint and stop)", stage,
-               start + 1, total)
+  previous_handler = (
+    signal.signal(signal.SIGTERM, lambda *_: preempted.append(True)) if _main_thread() else None
+  )
+  logging.info(
+    "training %s: steps %d..%d (SIGTERM from here on: checkpoint and stop)", stage, start + 1, total
+  )
   throughput = None
   try:
     for step in range(start, total):
@@ -223,8 +260,9 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
       batch = parallel.global_batch(host, mesh)
       if throughput is None:
         peak = reporting.peak_flops_per_device(config.train)  # None on CPU: no MFU there
-        throughput = reporting.Throughput(total, step,
-                                          train_step.flops(state, batch) if peak else None, peak)
+        throughput = reporting.Throughput(
+          total, step, train_step.flops(state, batch) if peak else None, peak
+        )
       state, metrics = train_step(state, batch)
       throughput.update(int(batch["hq"].shape[0]))
       done = step + 1
@@ -233,9 +271,10 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
         manager.wait_until_finished()
         last = manager.latest_step()
         raise NonFiniteError(
-            f"stage {stage}: {nonfinite} non-finite updates in a row (steps {done - nonfinite}.."
-            f"{step}) — stopping. Last good checkpoint: "
-            f"{os.path.join(sdir, 'checkpoints', str(last)) if last is not None else 'none'}")
+          f"stage {stage}: {nonfinite} non-finite updates in a row (steps {done - nonfinite}.."
+          f"{step}) — stopping. Last good checkpoint: "
+          f"{os.path.join(sdir, 'checkpoints', str(last)) if last is not None else 'none'}"
+        )
       if done % int(config.train.log_every) == 0 or done == total:
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         scalars.update(throughput.report(done))
@@ -259,8 +298,16 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
     if manager.latest_step() != last:
       checkpointing.save(manager, last, state, data_iter, force=True)
     manager.wait_until_finished()
-    path = export(config, workdir, state, prereqs, models, data_iter, mesh,
-                  text and (text_config, text_params, tokenizer))
+    path = export(
+      config,
+      workdir,
+      state,
+      prereqs,
+      models,
+      data_iter,
+      mesh,
+      text and (text_config, text_params, tokenizer),
+    )
     logging.info("stage %s done at step %d; export: %s", stage, last, path)
     return state
   finally:
@@ -276,9 +323,11 @@ def _any_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def _main_thread() -> bool:
   import threading  # pylint: disable=g-import-not-at-top
+
   return threading.current_thread() is threading.main_thread()

@@ -21,8 +21,15 @@ import numpy as np
 from absl import logging
 
 # Dense bf16 peak per device (TFLOP/s) for the MFU estimate when config.train.peak_tflops is 0.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5p": 459.0,
-               "TPU v5 lite": 197.0, "TPU v6 lite": 918.0}
+PEAK_TFLOPS = {
+  "H100": 989.0,
+  "H200": 989.0,
+  "A100": 312.0,
+  "TPU v4": 275.0,
+  "TPU v5p": 459.0,
+  "TPU v5 lite": 197.0,
+  "TPU v6 lite": 918.0,
+}
 
 
 class PlainWriter:
@@ -47,6 +54,7 @@ class PlainWriter:
     if not self.active:
       return
     from PIL import Image  # pylint: disable=g-import-not-at-top
+
     folder = os.path.join(self.logdir, "images")
     os.makedirs(folder, exist_ok=True)
     for name, grid in images.items():
@@ -81,6 +89,7 @@ class TensorBoardWriter:
     # pylint: disable=g-import-not-at-top
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer import record_writer
+
     # pylint: enable=g-import-not-at-top
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
     self.active = jax.process_index() == 0
@@ -89,13 +98,20 @@ class TensorBoardWriter:
       return
     os.makedirs(logdir, exist_ok=True)
     # The name TensorFlow's writers use; TensorBoard reads every events.out.tfevents.* of a folder.
-    self.path = os.path.join(logdir, f"events.out.tfevents.{int(time.time()):010d}."
-                                     f"{socket.gethostname()}.{os.getpid()}.{next(_FILE_COUNTER)}")
+    self.path = os.path.join(
+      logdir,
+      f"events.out.tfevents.{int(time.time()):010d}."
+      f"{socket.gethostname()}.{os.getpid()}.{next(_FILE_COUNTER)}",
+    )
     file = open(self.path, "wb")  # pylint: disable=consider-using-with  # closed by close()
     self._records = record_writer.RecordWriter(file)
     self._write(event_pb2.Event(file_version="brain.Event:2"))  # version 2: SessionLog purges
-    self._write(event_pb2.Event(step=int(start_step) + 1, session_log=event_pb2.SessionLog(
-        status=event_pb2.SessionLog.START)))
+    self._write(
+      event_pb2.Event(
+        step=int(start_step) + 1,
+        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+      )
+    )
     self.flush()
 
   def _write(self, event) -> None:
@@ -107,7 +123,8 @@ class TensorBoardWriter:
       return
     value = self._summary_pb2.Summary.Value
     summary = self._summary_pb2.Summary(
-        value=[value(tag=k, simple_value=float(v)) for k, v in scalars.items()])
+      value=[value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+    )
     self._write(self._event_pb2.Event(step=int(step), summary=summary))
     self.flush()
 
@@ -116,6 +133,7 @@ class TensorBoardWriter:
     if not self.active:
       return
     from PIL import Image  # pylint: disable=g-import-not-at-top
+
     values = []
     for name, array in images.items():
       array = np.asarray(array)
@@ -123,13 +141,20 @@ class TensorBoardWriter:
       for i, image in enumerate(batch):
         png = io.BytesIO()
         Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(png, format="PNG")
-        values.append(self._summary_pb2.Summary.Value(
+        values.append(
+          self._summary_pb2.Summary.Value(
             tag=name if len(batch) == 1 else f"{name}/{i}",
             image=self._summary_pb2.Summary.Image(
-                height=image.shape[0], width=image.shape[1], colorspace=image.shape[-1],
-                encoded_image_string=png.getvalue())))
-    self._write(self._event_pb2.Event(step=int(step),
-                                      summary=self._summary_pb2.Summary(value=values)))
+              height=image.shape[0],
+              width=image.shape[1],
+              colorspace=image.shape[-1],
+              encoded_image_string=png.getvalue(),
+            ),
+          )
+        )
+    self._write(
+      self._event_pb2.Event(step=int(step), summary=self._summary_pb2.Summary(value=values))
+    )
     self.flush()
 
   def flush(self) -> None:
@@ -173,19 +198,32 @@ def create_writer(logdir: str, start_step: int = 0) -> MultiWriter:
     try:
       board = TensorBoardWriter(logdir, start_step)
     except ImportError as e2:
-      logging.warning("no TensorBoard events: clu.metric_writers (%s) and the tensorboard package "
-                      "(%s) are unavailable; writing metrics.jsonl and PNG grids only", e, e2)
+      logging.warning(
+        "no TensorBoard events: clu.metric_writers (%s) and the tensorboard package "
+        "(%s) are unavailable; writing metrics.jsonl and PNG grids only",
+        e,
+        e2,
+      )
       return MultiWriter(plain)
-    logging.info("clu.metric_writers unavailable (%s); TensorBoard events via the tensorboard "
-                 "package: %s", e, board.path)
+    logging.info(
+      "clu.metric_writers unavailable (%s); TensorBoard events via the tensorboard package: %s",
+      e,
+      board.path,
+    )
     return MultiWriter(board, plain)
-  return MultiWriter(metric_writers.create_default_writer(
-      logdir, just_logging=jax.process_index() > 0, asynchronous=True), plain)
+  return MultiWriter(
+    metric_writers.create_default_writer(
+      logdir, just_logging=jax.process_index() > 0, asynchronous=True
+    ),
+    plain,
+  )
 
 
 def image_grid(*rows: np.ndarray) -> np.ndarray:
   """Images in [-1, 1] (B, H, W, 3) side by side per example (HQ | LQ↑ | output) -> uint8 (1, H', W', 3)."""
-  panels = [np.clip((np.asarray(r, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8) for r in rows]
+  panels = [
+    np.clip((np.asarray(r, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8) for r in rows
+  ]
   per_example = np.concatenate(panels, axis=2)  # (B, H, k*W, 3)
   return np.concatenate(list(per_example), axis=0)[None]
 
@@ -203,8 +241,9 @@ def peak_flops_per_device(train_config) -> float | None:
 class Throughput:
   """steps/s, examples/s, MFU and ETA over the interval since the last report."""
 
-  def __init__(self, total_steps: int, start_step: int, flops_per_step: float | None,
-               peak_flops: float | None):
+  def __init__(
+    self, total_steps: int, start_step: int, flops_per_step: float | None, peak_flops: float | None
+  ):
     self.total, self.flops, self.peak = total_steps, flops_per_step, peak_flops
     self.t0, self.step0, self.examples = time.time(), start_step, 0
 

@@ -35,17 +35,17 @@ from zipir_jax.models import autoencoder, dit as dit_lib
 
 STAGES = {"lpvae": config_lib.LPVAE_STAGES, "sdvae": config_lib.SDVAE_STAGES}
 TRAINABLE = {
-    "vae_coarse": ("coarse_encoder", "coarse_decoder"),
-    "vae_fine": ("fine_encoder", "fine_decoder"),
-    "pixel_decoder": ("pixel_decoder",),
-    "vae": ("encoder", "decoder"),
-    "dit": ("dit",),
+  "vae_coarse": ("coarse_encoder", "coarse_decoder"),
+  "vae_fine": ("fine_encoder", "fine_decoder"),
+  "pixel_decoder": ("pixel_decoder",),
+  "vae": ("encoder", "decoder"),
+  "dit": ("dit",),
 }
 _FROZEN = {
-    "vae_coarse": (),
-    "vae_fine": ("coarse_encoder",),
-    "pixel_decoder": ("coarse_encoder", "fine_encoder"),
-    "vae": (),
+  "vae_coarse": (),
+  "vae_fine": ("coarse_encoder",),
+  "pixel_decoder": ("coarse_encoder", "fine_encoder"),
+  "vae": (),
 }
 GAN_STAGES = ("vae_coarse", "vae_fine", "pixel_decoder", "vae")
 
@@ -74,6 +74,7 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class Models:
   """The stage's networks (static: hashed into the jitted step by identity)."""
+
   config: ml_collections.ConfigDict
   vae: Any
   frozen_vae: Any  # the same VAE at config.vae.frozen_dtype: where its encoders are frozen
@@ -94,30 +95,39 @@ def check_stage(config: ml_collections.ConfigDict) -> str:
   if kind not in STAGES:
     raise config_lib.ConfigError(f"config.vae.kind={kind!r}; valid kinds: {', '.join(STAGES)}")
   if config.stage not in STAGES[kind]:
-    raise config_lib.ConfigError(f"config.stage={config.stage!r} is not a stage of the {kind} "
-                                 f"experiments; valid: {', '.join(STAGES[kind])}")
+    raise config_lib.ConfigError(
+      f"config.stage={config.stage!r} is not a stage of the {kind} "
+      f"experiments; valid: {', '.join(STAGES[kind])}"
+    )
   if config.stage == "pixel_decoder" and not tuple(config.pixel_decoder.fusion_levels):
-    raise config_lib.ConfigError("stage pixel_decoder with config.pixel_decoder.fusion_levels=() "
-                                 "has nothing to train (D_f* without fusion levels is D_f); to "
-                                 "restore with D_f, train the dit stage with "
-                                 "--config.train.init_from.pixel_decoder=WORKDIR/vae_fine/export")
+    raise config_lib.ConfigError(
+      "stage pixel_decoder with config.pixel_decoder.fusion_levels=() "
+      "has nothing to train (D_f* without fusion levels is D_f); to "
+      "restore with D_f, train the dit stage with "
+      "--config.train.init_from.pixel_decoder=WORKDIR/vae_fine/export"
+    )
   if kind == "sdvae" and tuple(config.pixel_decoder.fusion_levels):
-    raise config_lib.ConfigError("the SD-VAE ablation has no pixel_decoder stage and decodes with "
-                                 "its own decoder: set config.pixel_decoder.fusion_levels=() "
-                                 "(configs/sdvae_f32c64.py does), not "
-                                 f"{tuple(config.pixel_decoder.fusion_levels)}")
+    raise config_lib.ConfigError(
+      "the SD-VAE ablation has no pixel_decoder stage and decodes with "
+      "its own decoder: set config.pixel_decoder.fusion_levels=() "
+      "(configs/sdvae_f32c64.py does), not "
+      f"{tuple(config.pixel_decoder.fusion_levels)}"
+    )
   return config.stage
 
 
 def build_models(config: ml_collections.ConfigDict) -> Models:
   stage = check_stage(config)
   gan = stage in GAN_STAGES
-  return Models(config=config, vae=autoencoder.build_autoencoder(config),
-                frozen_vae=autoencoder.build_autoencoder(config, config.vae.frozen_dtype),
-                pixel_decoder=autoencoder.build_pixel_decoder(config),
-                discriminator=autoencoder.build_discriminator(config) if gan else None,
-                dit=dit_lib.build_dit(config) if stage == "dit" else None,
-                perceptual=losses.perceptual_from_config(config.loss) if gan else None)
+  return Models(
+    config=config,
+    vae=autoencoder.build_autoencoder(config),
+    frozen_vae=autoencoder.build_autoencoder(config, config.vae.frozen_dtype),
+    pixel_decoder=autoencoder.build_pixel_decoder(config),
+    discriminator=autoencoder.build_discriminator(config) if gan else None,
+    dit=dit_lib.build_dit(config) if stage == "dit" else None,
+    perceptual=losses.perceptual_from_config(config.loss) if gan else None,
+  )
 
 
 def _text_length(config) -> int:
@@ -133,17 +143,23 @@ def boxed_init(models: Models, rng: jax.Array) -> dict[str, Any]:
   out = dict(vae.init(rng_vae, jnp.zeros((1, f, f, 3)), method="init_all")["params"])
   if stage in ("pixel_decoder", "dit"):
     latent = jnp.zeros((1, 1, 1, vae.latent_channels))
-    out["pixel_decoder"] = models.pixel_decoder.init(rng_pd, latent, jnp.zeros((1, f, f, 3)))["params"]
+    out["pixel_decoder"] = models.pixel_decoder.init(rng_pd, latent, jnp.zeros((1, f, f, 3)))[
+      "params"
+    ]
   if stage in GAN_STAGES:
     # The discriminator sees I↓4 in vae_coarse; its parameters do not depend on the image size.
     out["discriminator"] = models.discriminator.init(rng_disc, jnp.zeros((1, 64, 64, 3)))
   if stage == "dit":
-    out["dit"] = models.dit.init(rng_dit, *dit_lib.dummy_inputs(
-        models.dit, vae.latent_channels, text_length=_text_length(config)))["params"]
+    out["dit"] = models.dit.init(
+      rng_dit,
+      *dit_lib.dummy_inputs(models.dit, vae.latent_channels, text_length=_text_length(config)),
+    )["params"]
     c = vae.latent_channels
     out["latent_stats"] = {"mean": jnp.zeros(c), "std": jnp.ones(c)}
-    out["null_text"] = {"emb": jnp.zeros((1, _text_length(config), config.dit.text_dim)),
-                        "mask": jnp.zeros((1, _text_length(config)), jnp.int32)}
+    out["null_text"] = {
+      "emb": jnp.zeros((1, _text_length(config), config.dit.text_dim)),
+      "mask": jnp.zeros((1, _text_length(config)), jnp.int32),
+    }
   return out
 
 
@@ -152,22 +168,31 @@ def learning_rate(optim: ml_collections.ConfigDict, peak: float | None = None) -
   peak = optim.lr if peak is None else peak
   end = optim.end_lr * peak / optim.lr
   warmup = min(int(optim.warmup_steps), max(int(optim.num_steps) - 1, 0))
-  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(int(optim.num_steps), warmup + 1),
-                                            end_value=end)
+  return optax.warmup_cosine_decay_schedule(
+    0.0, peak, warmup, max(int(optim.num_steps), warmup + 1), end_value=end
+  )
 
 
 def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)  # no weight decay on norms and biases.
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, peak: float | None = None
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+  optim: ml_collections.ConfigDict, peak: float | None = None
+) -> optax.GradientTransformation:
   """AdamW (β 0.9/0.95, wd 0.05) after global-norm clipping (supp. A)."""
   parts = []
   if optim.grad_clip:
     parts.append(optax.clip_by_global_norm(optim.grad_clip))
-  parts.append(optax.adamw(learning_rate(optim, peak), b1=optim.b1, b2=optim.b2,
-                           weight_decay=optim.weight_decay, mask=_decay_mask))
+  parts.append(
+    optax.adamw(
+      learning_rate(optim, peak),
+      b1=optim.b1,
+      b2=optim.b2,
+      weight_decay=optim.weight_decay,
+      mask=_decay_mask,
+    )
+  )
   return optax.chain(*parts)
 
 
@@ -177,10 +202,12 @@ def init_state(models: Models, rng: jax.Array, prerequisites: dict[str, Any]) ->
   return _init_with_boxed(models, rng, prerequisites)[0]
 
 
-def _init_with_boxed(models: Models, rng: jax.Array, prerequisites: dict[str, Any]
-                     ) -> tuple[TrainState, dict[str, Any]]:
+def _init_with_boxed(
+  models: Models, rng: jax.Array, prerequisites: dict[str, Any]
+) -> tuple[TrainState, dict[str, Any]]:
   """(:func:`init_state`, the boxed variables that name its parameters' logical axes)."""
   from zipir_jax.models.pixel_decoder import init_from_autoencoder  # pylint: disable=g-import-not-at-top
+
   config = models.config
   stage = config.stage
   rng_init, rng_train = jax.random.split(rng)
@@ -188,7 +215,8 @@ def _init_with_boxed(models: Models, rng: jax.Array, prerequisites: dict[str, An
   variables = nn.meta.unbox(boxed)
   if stage == "pixel_decoder":
     variables["pixel_decoder"] = init_from_autoencoder(
-        variables["pixel_decoder"], prerequisites["fine_encoder"], prerequisites["fine_decoder"])
+      variables["pixel_decoder"], prerequisites["fine_encoder"], prerequisites["fine_decoder"]
+    )
   for name, value in prerequisites.items():
     if name in variables and not (stage == "pixel_decoder" and name == "pixel_decoder"):
       variables[name] = value
@@ -200,14 +228,27 @@ def _init_with_boxed(models: Models, rng: jax.Array, prerequisites: dict[str, An
     disc = dict(variables["discriminator"])
     disc_opt_state = make_optimizer(config.optim, config.optim.disc_lr).init(disc["params"])
   zero = jnp.zeros((), jnp.int32)
-  state = TrainState(step=zero, params=params, ema_params=jax.tree.map(jnp.copy, params),
-                     opt_state=tx.init(params), frozen=frozen, disc=disc,
-                     disc_opt_state=disc_opt_state, rng=rng_train, nonfinite=zero, skipped=zero)
+  state = TrainState(
+    step=zero,
+    params=params,
+    ema_params=jax.tree.map(jnp.copy, params),
+    opt_state=tx.init(params),
+    frozen=frozen,
+    disc=disc,
+    disc_opt_state=disc_opt_state,
+    rng=rng_train,
+    nonfinite=zero,
+    skipped=zero,
+  )
   return state, boxed
 
 
-def state_shardings(models: Models, mesh: jax.sharding.Mesh, abstract_state: TrainState,
-                    boxed: dict[str, Any] | None = None) -> TrainState:
+def state_shardings(
+  models: Models,
+  mesh: jax.sharding.Mesh,
+  abstract_state: TrainState,
+  boxed: dict[str, Any] | None = None,
+) -> TrainState:
   """NamedShardings of every state leaf: params/EMA/optimizer moments from the logical axes (of
   ``boxed``, :func:`boxed_init`'s variables, traced here when not given)."""
   stage = models.config.stage
@@ -217,21 +258,40 @@ def state_shardings(models: Models, mesh: jax.sharding.Mesh, abstract_state: Tra
   repl = parallel.replicated(mesh)
   params = {k: named[k] for k in TRAINABLE[stage]}
   frozen = {k: named[k] for k in frozen_parts(models.config)}
-  opt = optax.tree_map_params(make_optimizer(models.config.optim),
-                              lambda _, s: s, abstract_state.opt_state, params,
-                              transform_non_params=lambda _: repl)
+  opt = optax.tree_map_params(
+    make_optimizer(models.config.optim),
+    lambda _, s: s,
+    abstract_state.opt_state,
+    params,
+    transform_non_params=lambda _: repl,
+  )
   disc, disc_opt = {}, ()
   if stage in GAN_STAGES:
     disc = dict(named["discriminator"])
-    disc_opt = optax.tree_map_params(make_optimizer(models.config.optim, models.config.optim.disc_lr),
-                                     lambda _, s: s, abstract_state.disc_opt_state, disc["params"],
-                                     transform_non_params=lambda _: repl)
-  return TrainState(step=repl, params=params, ema_params=params, opt_state=opt, frozen=frozen,
-                    disc=disc, disc_opt_state=disc_opt, rng=repl, nonfinite=repl, skipped=repl)
+    disc_opt = optax.tree_map_params(
+      make_optimizer(models.config.optim, models.config.optim.disc_lr),
+      lambda _, s: s,
+      abstract_state.disc_opt_state,
+      disc["params"],
+      transform_non_params=lambda _: repl,
+    )
+  return TrainState(
+    step=repl,
+    params=params,
+    ema_params=params,
+    opt_state=opt,
+    frozen=frozen,
+    disc=disc,
+    disc_opt_state=disc_opt,
+    rng=repl,
+    nonfinite=repl,
+    skipped=repl,
+  )
 
 
-def abstract_state(models: Models, mesh: jax.sharding.Mesh, rng: jax.Array,
-                   prerequisites: dict[str, Any]) -> tuple[TrainState, TrainState]:
+def abstract_state(
+  models: Models, mesh: jax.sharding.Mesh, rng: jax.Array, prerequisites: dict[str, Any]
+) -> tuple[TrainState, TrainState]:
   """(shapes of the fresh state, its shardings on ``mesh``) from one trace of the initialisation:
   tracing the networks costs seconds at paper size, and a run needs both before it initialises
   or restores."""
@@ -239,22 +299,28 @@ def abstract_state(models: Models, mesh: jax.sharding.Mesh, rng: jax.Array,
   return abstract, state_shardings(models, mesh, abstract, boxed)
 
 
-def create_train_state(models: Models, mesh: jax.sharding.Mesh, rng: jax.Array,
-                       prerequisites: dict[str, Any], shardings: TrainState | None = None
-                       ) -> tuple[TrainState, TrainState]:
+def create_train_state(
+  models: Models,
+  mesh: jax.sharding.Mesh,
+  rng: jax.Array,
+  prerequisites: dict[str, Any],
+  shardings: TrainState | None = None,
+) -> tuple[TrainState, TrainState]:
   """(state placed on ``mesh``, its shardings). Initialised by one jit with sharded outputs, so no
   device ever holds the whole model. ``shardings``: from :func:`abstract_state`, if already made."""
   if shardings is None:
     _, shardings = abstract_state(models, mesh, rng, prerequisites)
   with mesh:
     state = jax.jit(lambda r, p: init_state(models, r, p), out_shardings=shardings)(
-        rng, prerequisites)
+      rng, prerequisites
+    )
   return state, shardings
 
 
 def abstract_with_shardings(abstract: TrainState, shardings: TrainState) -> TrainState:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
 
 
 def count_params(tree: Any) -> int:
@@ -262,5 +328,8 @@ def count_params(tree: Any) -> int:
 
 
 def flat_names(tree: Any) -> list[str]:
-  return sorted("/".join(k) for k in flax.traverse_util.flatten_dict(
-      flax.core.unfreeze(tree)).keys()) if tree else []
+  return (
+    sorted("/".join(k) for k in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).keys())
+    if tree
+    else []
+  )

@@ -29,10 +29,10 @@ from zipir_jax.training.state import GAN_STAGES, Models, TrainState, make_optimi
 Array = jax.Array
 
 LAST_LAYER = {
-    "vae_coarse": ("coarse_decoder", "conv_out", "kernel"),
-    "vae_fine": ("fine_decoder", "conv_out", "kernel"),
-    "pixel_decoder": ("pixel_decoder", "decoder", "conv_out", "kernel"),
-    "vae": ("decoder", "conv_out", "kernel"),
+  "vae_coarse": ("coarse_decoder", "conv_out", "kernel"),
+  "vae_fine": ("fine_decoder", "conv_out", "kernel"),
+  "pixel_decoder": ("pixel_decoder", "decoder", "conv_out", "kernel"),
+  "vae": ("decoder", "conv_out", "kernel"),
 }
 
 
@@ -56,8 +56,9 @@ def gan_enabled(config) -> bool:
   return config.stage in GAN_STAGES and int(config.loss.disc_start) < int(config.optim.num_steps)
 
 
-def reconstruct(models: Models, params: dict, frozen: dict, batch: dict, rng: Array | None
-                ) -> tuple[Array, Array, dict]:
+def reconstruct(
+  models: Models, params: dict, frozen: dict, batch: dict, rng: Array | None
+) -> tuple[Array, Array, dict]:
   """(target, reconstruction, posteriors of the trained levels) of a VAE stage."""
   stage, vae, hq = models.config.stage, models.vae, batch["hq"]
   if stage == "vae_coarse":
@@ -83,11 +84,14 @@ def _discriminate(models: Models, disc: dict, image: Array) -> tuple[Array, dict
 
 def _nll(models, target, recon):
   cfg = models.config.loss
-  return losses.reconstruction_loss(target, recon, models.perceptual, cfg.l1_weight, cfg.lpips_weight)
+  return losses.reconstruction_loss(
+    target, recon, models.perceptual, cfg.l1_weight, cfg.lpips_weight
+  )
 
 
-def generator_loss(params: dict, frozen: dict, disc: dict, batch: dict, rng: Array, step: Array,
-                   models: Models) -> tuple[Array, dict]:
+def generator_loss(
+  params: dict, frozen: dict, disc: dict, batch: dict, rng: Array, step: Array, models: Models
+) -> tuple[Array, dict]:
   cfg = models.config.loss
   stage = models.config.stage
   target, recon, post = reconstruct(models, params, frozen, batch, rng)
@@ -106,27 +110,44 @@ def generator_loss(params: dict, frozen: dict, disc: dict, batch: dict, rng: Arr
 
     def with_kernel(w):
       return reconstruct(models, _replace(params, path, w), frozen, batch, rng)[1]
+
     return losses.adaptive_disc_weight(
-        lambda w: _nll(models, target, with_kernel(w)),
-        lambda w: losses.generator_loss(_discriminate(models, disc, with_kernel(w))[0]),
-        _get(params, path), cfg.disc_weight)
+      lambda w: _nll(models, target, with_kernel(w)),
+      lambda w: losses.generator_loss(_discriminate(models, disc, with_kernel(w))[0]),
+      _get(params, path),
+      cfg.disc_weight,
+    )
+
   d_weight = jax.lax.cond(factor > 0, adaptive, lambda _: jnp.zeros(()), None)
   loss = loss + d_weight * factor * g
   return loss, dict(metrics, loss=loss, g_loss=g, d_weight=d_weight)
 
 
-def discriminator_loss(disc_params: dict, disc: dict, params: dict, frozen: dict, batch: dict,
-                       rng: Array, step: Array, models: Models) -> tuple[Array, dict]:
+def discriminator_loss(
+  disc_params: dict,
+  disc: dict,
+  params: dict,
+  frozen: dict,
+  batch: dict,
+  rng: Array,
+  step: Array,
+  models: Models,
+) -> tuple[Array, dict]:
   cfg = models.config.loss
   target, recon, _ = reconstruct(models, params, frozen, batch, rng)
   variables = {"params": disc_params, "batch_stats": disc["batch_stats"]}
   logits_real, stats = _discriminate(models, variables, target)
-  logits_fake, stats = _discriminate(models, {**variables, "batch_stats": stats},
-                                     jax.lax.stop_gradient(recon))
+  logits_fake, stats = _discriminate(
+    models, {**variables, "batch_stats": stats}, jax.lax.stop_gradient(recon)
+  )
   factor = losses.disc_factor(step, cfg.disc_start, cfg.disc_factor)
   d_loss = factor * losses.hinge_discriminator_loss(logits_real, logits_fake)
-  return d_loss, {"d_loss": d_loss, "logits_real": jnp.mean(logits_real),
-                  "logits_fake": jnp.mean(logits_fake), "batch_stats": stats}
+  return d_loss, {
+    "d_loss": d_loss,
+    "logits_real": jnp.mean(logits_real),
+    "logits_fake": jnp.mean(logits_fake),
+    "batch_stats": stats,
+  }
 
 
 # ------------------------------------------------------------------ dit stage
@@ -140,17 +161,29 @@ def encode_latents(models: Models, frozen: dict, image: Array) -> Array:
   return (z - stats["mean"]) / stats["std"]
 
 
-def dit_loss(params: dict, frozen: dict, batch: dict, rng: Array, models: Models
-             ) -> tuple[Array, dict]:
+def dit_loss(
+  params: dict, frozen: dict, batch: dict, rng: Array, models: Models
+) -> tuple[Array, dict]:
   config = models.config
   x0 = jax.lax.stop_gradient(encode_latents(models, frozen, batch["hq"]))
   lq = jax.lax.stop_gradient(encode_latents(models, frozen, batch["lq_up"]))
   null = frozen["null_text"]
   loss, _ = diffusion.training_loss(
-      dit_lib.as_denoise_fn(models.dit), params["dit"], diffusion.schedule_from_config(
-          config.diffusion), rng, x0, lq, batch["text_emb"], batch["text_mask"], null["emb"],
-      null["mask"], text_dropout=config.dit.text_dropout, sampling=config.diffusion.timestep_sampling,
-      logit_mean=config.diffusion.logit_mean, logit_std=config.diffusion.logit_std)
+    dit_lib.as_denoise_fn(models.dit),
+    params["dit"],
+    diffusion.schedule_from_config(config.diffusion),
+    rng,
+    x0,
+    lq,
+    batch["text_emb"],
+    batch["text_mask"],
+    null["emb"],
+    null["mask"],
+    text_dropout=config.dit.text_dropout,
+    sampling=config.diffusion.timestep_sampling,
+    logit_mean=config.diffusion.logit_mean,
+    logit_std=config.diffusion.logit_std,
+  )
   return loss, {"loss": loss}
 
 
@@ -160,9 +193,11 @@ def dit_loss(params: dict, frozen: dict, batch: dict, rng: Array, models: Models
 def _microbatches(batch: dict, k: int) -> dict:
   def split(x):
     if x.shape[0] % k:
-      raise config_lib.ConfigError(f"batch of {x.shape[0]} is not divisible by "
-                                   f"config.optim.grad_accum={k}")
+      raise config_lib.ConfigError(
+        f"batch of {x.shape[0]} is not divisible by config.optim.grad_accum={k}"
+      )
     return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
   return jax.tree.map(split, batch)
 
 
@@ -177,13 +212,16 @@ def accumulate(grad_fn, params, batch: dict, rng: Array, k: int):
     (_, aux), grads = grad_fn(params, *xs)
     acc_grads, acc_aux = carry
     acc_grads = jax.tree.map(lambda a, g: a + g / k, acc_grads, grads)
-    acc_aux = jax.tree.map(lambda a, x: a + x / k if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                           acc_aux, aux)
+    acc_aux = jax.tree.map(
+      lambda a, x: a + x / k if jnp.issubdtype(x.dtype, jnp.floating) else x, acc_aux, aux
+    )
     return (acc_grads, acc_aux), None
+
   (_, aux0), grads0 = grad_fn(params, jax.tree.map(lambda x: x[0], micro), rngs[0])
-  zeros = (jax.tree.map(jnp.zeros_like, grads0),
-           jax.tree.map(lambda x: jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                        aux0))
+  zeros = (
+    jax.tree.map(jnp.zeros_like, grads0),
+    jax.tree.map(lambda x: jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating) else x, aux0),
+  )
   (grads, aux), _ = jax.lax.scan(body, zeros, (micro, rngs))
   return (aux.get("loss", aux.get("d_loss")), aux), grads
 
@@ -205,12 +243,16 @@ def train_step(state: TrainState, batch: dict, *, models: Models) -> tuple[Train
   rng_g = jax.random.fold_in(state.rng, state.step)  # the step's randomness: resumable
   stage = config.stage
   if stage == "dit":
+
     def g_fn(p, b, r):
       return jax.value_and_grad(dit_loss, has_aux=True)(p, state.frozen, b, r, models)
   else:
+
     def g_fn(p, b, r):
       return jax.value_and_grad(generator_loss, has_aux=True)(
-          p, state.frozen, state.disc, b, r, state.step, models)
+        p, state.frozen, state.disc, b, r, state.step, models
+      )
+
   (loss, metrics), grads = accumulate(g_fn, state.params, batch, rng_g, k)
   tx = make_optimizer(optim)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -222,15 +264,20 @@ def train_step(state: TrainState, batch: dict, *, models: Models) -> tuple[Train
 
   disc, disc_opt_state = state.disc, state.disc_opt_state
   if gan_enabled(config):
+
     def d_fn(dp, b, r):
       return jax.value_and_grad(discriminator_loss, has_aux=True)(
-          dp, state.disc, state.params, state.frozen, b, r, state.step, models)
+        dp, state.disc, state.params, state.frozen, b, r, state.step, models
+      )
+
     (_, d_metrics), d_grads = accumulate(d_fn, state.disc["params"], batch, rng_g, k)
     stats = d_metrics.pop("batch_stats")
     d_tx = make_optimizer(optim, optim.disc_lr)
     d_updates, new_d_opt = d_tx.update(d_grads, state.disc_opt_state, state.disc["params"])
-    new_disc = {"params": optax.apply_updates(state.disc["params"], d_updates),
-                "batch_stats": stats}
+    new_disc = {
+      "params": optax.apply_updates(state.disc["params"], d_updates),
+      "batch_stats": stats,
+    }
     active = state.step >= config.loss.disc_start  # delayed discriminator start
     d_finite = _all_finite(d_metrics["d_loss"], d_grads)
     finite = finite & d_finite
@@ -239,20 +286,33 @@ def train_step(state: TrainState, batch: dict, *, models: Models) -> tuple[Train
     disc_opt_state = keep_old(new_d_opt, state.disc_opt_state)
     metrics.update(d_metrics, d_grad_norm=optax.global_norm(d_grads))
 
-  new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
-                      disc=disc, disc_opt_state=disc_opt_state, rng=state.rng,
-                      nonfinite=jnp.zeros_like(state.nonfinite), skipped=state.skipped)
-  skipped = state.replace(step=state.step + 1, nonfinite=state.nonfinite + 1,
-                          skipped=state.skipped + 1)
+  new = state.replace(
+    step=state.step + 1,
+    params=params,
+    ema_params=ema,
+    opt_state=opt_state,
+    disc=disc,
+    disc_opt_state=disc_opt_state,
+    rng=state.rng,
+    nonfinite=jnp.zeros_like(state.nonfinite),
+    skipped=state.skipped,
+  )
+  skipped = state.replace(
+    step=state.step + 1, nonfinite=state.nonfinite + 1, skipped=state.skipped + 1
+  )
   out = jax.tree.map(lambda n, s: jnp.where(finite, n, s), new, skipped)
   metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
-  metrics.update(finite=finite.astype(jnp.float32), skipped=out.skipped.astype(jnp.float32),
-                 lr=make_lr(optim)(state.step))
+  metrics.update(
+    finite=finite.astype(jnp.float32),
+    skipped=out.skipped.astype(jnp.float32),
+    lr=make_lr(optim)(state.step),
+  )
   return out, metrics
 
 
 def make_lr(optim):
   from zipir_jax.training.state import learning_rate  # pylint: disable=g-import-not-at-top
+
   return learning_rate(optim)
 
 
@@ -276,16 +336,22 @@ def model_flops(models: Models, state: TrainState, batch: dict) -> float:
   b, h, w, _ = batch["hq"].shape
   encode = flops_lib.jaxpr_flops(lambda img: encode_latents(models, state.frozen, img), batch["hq"])
   factor = models.vae.factor
-  return 3.0 * flops_lib.dit_forward_flops(config, b, (h // factor, w // factor),
-                                           batch["text_emb"].shape[1]) + 2.0 * encode
+  return (
+    3.0
+    * flops_lib.dit_forward_flops(config, b, (h // factor, w // factor), batch["text_emb"].shape[1])
+    + 2.0 * encode
+  )
 
 
 def jit_train_step(models: Models, mesh, shardings: TrainState):
   """``train_step`` jitted once with explicit in/out shardings and the state donated."""
   batch_sh = {k: parallel.batch_sharding(mesh) for k in batch_keys(models.config.stage)}
-  step = jax.jit(functools.partial(train_step, models=models),
-                 in_shardings=(shardings, batch_sh),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  step = jax.jit(
+    functools.partial(train_step, models=models),
+    in_shardings=(shardings, batch_sh),
+    out_shardings=(shardings, parallel.replicated(mesh)),
+    donate_argnums=0,
+  )
 
   def run(state, batch):
     with mesh, nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
@@ -294,6 +360,7 @@ def jit_train_step(models: Models, mesh, shardings: TrainState):
   def flops(state, batch):  # model FLOPs of one step, for the MFU reports
     with mesh, nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
       return model_flops(models, state, batch)
+
   run.jitted, run.flops = step, flops
   return run
 
@@ -304,8 +371,9 @@ def jit_train_step(models: Models, mesh, shardings: TrainState):
 PREVIEW_SAMPLE_STEPS = 8
 
 
-def preview(models: Models, state: TrainState, batch: dict, pixel_decoder: dict | None = None
-            ) -> Array:
+def preview(
+  models: Models, state: TrainState, batch: dict, pixel_decoder: dict | None = None
+) -> Array:
   """The stage's output for the HQ | LQ↑ | output grid, at HQ size, from the EMA weights.
 
   VAE stages: the reconstruction. dit: a short restoration as restore.py does it — DDIM with CFG
@@ -329,18 +397,28 @@ def preview(models: Models, state: TrainState, batch: dict, pixel_decoder: dict 
 def _restore_preview(models: Models, state: TrainState, batch: dict, pixel_decoder: dict) -> Array:
   config, frozen = models.config, state.frozen
   diff = config.diffusion
-  num_steps = (int(config.train.preview_steps)
-               or min(PREVIEW_SAMPLE_STEPS, int(diff.sample_steps)))
+  num_steps = int(config.train.preview_steps) or min(PREVIEW_SAMPLE_STEPS, int(diff.sample_steps))
   null = frozen["null_text"]
   with nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):  # as in the train step
     lq_latent = encode_latents(models, frozen, batch["lq_up"])
     z = diffusion.ddim_sample(
-        dit_lib.as_denoise_fn(models.dit), state.ema_params["dit"],
-        diffusion.schedule_from_config(diff), lq_latent, batch["text_emb"], batch["text_mask"],
-        null["emb"], null["mask"], jax.random.fold_in(state.rng, 0x5EED), num_steps=num_steps,
-        cfg_scale=diff.cfg_scale, eta=diff.eta, strength=diff.strength,
-        clip_x0=diff.clip_x0 or None)
+      dit_lib.as_denoise_fn(models.dit),
+      state.ema_params["dit"],
+      diffusion.schedule_from_config(diff),
+      lq_latent,
+      batch["text_emb"],
+      batch["text_mask"],
+      null["emb"],
+      null["mask"],
+      jax.random.fold_in(state.rng, 0x5EED),
+      num_steps=num_steps,
+      cfg_scale=diff.cfg_scale,
+      eta=diff.eta,
+      strength=diff.strength,
+      clip_x0=diff.clip_x0 or None,
+    )
     stats = frozen["latent_stats"]
     z = z * stats["std"] + stats["mean"]  # as restore.Restorer._decode_fn
-    return models.pixel_decoder.apply({"params": pixel_decoder}, z, batch["lq_up"],
-                                      config.restore.fusion_weight)
+    return models.pixel_decoder.apply(
+      {"params": pixel_decoder}, z, batch["lq_up"], config.restore.fusion_weight
+    )

@@ -51,8 +51,11 @@ COMMAND = "python -m zipir_jax.training.text_cache --config=configs/<model>.py:d
 # Dtypes .npy cannot name are stored as their bit pattern.
 _BIT_PATTERN = {"bfloat16": np.uint16}
 # Fixed probes tokenized at a fixed length: a different vocabulary or normalisation changes the ids.
-_TOKENIZER_PROBES = ("", "A photo of a cat on a red sofa, 35mm, f/1.8, ISO 400.",
-                     "Ünïcödé — 東京の夜景 🙂 <pad> </s> 0123456789 https://example.com/a_b")
+_TOKENIZER_PROBES = (
+  "",
+  "A photo of a cat on a red sofa, 35mm, f/1.8, ISO 400.",
+  "Ünïcödé — 東京の夜景 🙂 <pad> </s> 0123456789 https://example.com/a_b",
+)
 _TOKENIZER_PROBE_LENGTH = 64
 # Weights are fingerprinted from this many evenly strided values per array (and every shape):
 # cheap for T5-XXL, and any retrained or different checkpoint differs in them.
@@ -94,8 +97,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
   return digest.hexdigest()[:32]
 
 
-def encoder_identity(config, text_config: t5.T5Config, params: Any, tokenizer: Any
-                     ) -> dict[str, Any]:
+def encoder_identity(
+  config, text_config: t5.T5Config, params: Any, tokenizer: Any
+) -> dict[str, Any]:
   """Everything a cache must share with a run to hold that run's embeddings.
 
   ``encoder`` says where the weights came from (for messages; a moved folder still matches: the
@@ -104,13 +108,20 @@ def encoder_identity(config, text_config: t5.T5Config, params: Any, tokenizer: A
   if config.text.encoder_path:
     source = {"kind": "t5_folder", "path": os.path.abspath(config.text.encoder_path)}
   else:
-    source = {"kind": "tiny-random", "seed": int(config.seed),
-              "prng_impl": str(jax.config.jax_default_prng_impl)}
-  return {"encoder": source, "t5_config": dataclasses.asdict(text_config),
-          "max_length": int(config.text.max_length), "text_dim": int(text_config.d_model),
-          "dtype": jnp.dtype(text_config.dtype).name,
-          "weights_fingerprint": params_fingerprint(params),
-          "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+    source = {
+      "kind": "tiny-random",
+      "seed": int(config.seed),
+      "prng_impl": str(jax.config.jax_default_prng_impl),
+    }
+  return {
+    "encoder": source,
+    "t5_config": dataclasses.asdict(text_config),
+    "max_length": int(config.text.max_length),
+    "text_dim": int(text_config.d_model),
+    "dtype": jnp.dtype(text_config.dtype).name,
+    "weights_fingerprint": params_fingerprint(params),
+    "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+  }
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -129,16 +140,20 @@ def _describe(source: dict[str, Any]) -> str:
 def check_identity(folder: str, cached: dict[str, Any], expected: dict[str, Any]) -> None:
   """Raises CaptionCacheError listing each field where the cache and this run differ."""
   have, want = _flatten(cached), _flatten(expected)
-  differ = [k for k in sorted(set(have) | set(want))
-            if k != "encoder.path" and have.get(k) != want.get(k)]
+  differ = [
+    k for k in sorted(set(have) | set(want)) if k != "encoder.path" and have.get(k) != want.get(k)
+  ]
   if differ:
     lines = "\n".join(f"  {k}: cache {have.get(k)!r}, this run {want.get(k)!r}" for k in differ)
     if any(k.startswith("encoder.") or k == "weights_fingerprint" for k in differ):
-      lines += (f"\n  (cache built from {_describe(cached.get('encoder', {}))}; this run uses "
-                f"{_describe(expected['encoder'])})")
+      lines += (
+        f"\n  (cache built from {_describe(cached.get('encoder', {}))}; this run uses "
+        f"{_describe(expected['encoder'])})"
+      )
     raise CaptionCacheError(
-        f"caption cache {folder} does not match this run's text encoder:\n{lines}\nRebuild it "
-        f"with {COMMAND} --overwrite, using this run's config and overrides.")
+      f"caption cache {folder} does not match this run's text encoder:\n{lines}\nRebuild it "
+      f"with {COMMAND} --overwrite, using this run's config and overrides."
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,29 +167,39 @@ class CaptionCache:
     self.folder = folder
     meta_path = os.path.join(folder, _META)
     if not os.path.isfile(meta_path):
-      why = (f"has no {_META} (an interrupted build?)" if os.path.exists(folder)
-             else "does not exist")
+      why = (
+        f"has no {_META} (an interrupted build?)" if os.path.exists(folder) else "does not exist"
+      )
       raise CaptionCacheError(f"caption cache {folder} {why}; build it with {COMMAND}")
     with open(meta_path, encoding="utf-8") as f:
       self.meta = json.load(f)
     if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
-      raise CaptionCacheError(f"caption cache {folder}: {_META} is format "
-                              f"{self.meta.get('format')!r} v{self.meta.get('version')}; expected "
-                              f"{FORMAT!r} v{VERSION}: rebuild it with {COMMAND} --overwrite")
+      raise CaptionCacheError(
+        f"caption cache {folder}: {_META} is format "
+        f"{self.meta.get('format')!r} v{self.meta.get('version')}; expected "
+        f"{FORMAT!r} v{VERSION}: rebuild it with {COMMAND} --overwrite"
+      )
     with open(os.path.join(folder, _CAPTIONS), encoding="utf-8") as f:
       self.captions: list[str] = json.load(f)
     dtype = self.meta["identity"]["dtype"]
     embeddings = np.load(os.path.join(folder, _EMBEDDINGS), mmap_mode="r")
     self.embeddings = embeddings.view(ml_dtypes.bfloat16) if dtype in _BIT_PATTERN else embeddings
     self.masks = np.load(os.path.join(folder, _MASKS), mmap_mode="r")
-    n, length, width = len(self.captions), self.meta["identity"]["max_length"], (
-        self.meta["identity"]["text_dim"])
-    if (self.embeddings.shape != (n, length, width) or self.masks.shape != (n, length)
-        or self.embeddings.dtype.name != dtype):
+    n, length, width = (
+      len(self.captions),
+      self.meta["identity"]["max_length"],
+      (self.meta["identity"]["text_dim"]),
+    )
+    if (
+      self.embeddings.shape != (n, length, width)
+      or self.masks.shape != (n, length)
+      or self.embeddings.dtype.name != dtype
+    ):
       raise CaptionCacheError(
-          f"caption cache {folder} is inconsistent: {n} captions, embeddings "
-          f"{self.embeddings.shape} {self.embeddings.dtype}, masks {self.masks.shape}; expected "
-          f"({n}, {length}, {width}) {dtype}: rebuild it with {COMMAND} --overwrite")
+        f"caption cache {folder} is inconsistent: {n} captions, embeddings "
+        f"{self.embeddings.shape} {self.embeddings.dtype}, masks {self.masks.shape}; expected "
+        f"({n}, {length}, {width}) {dtype}: rebuild it with {COMMAND} --overwrite"
+      )
     self._index = {c: i for i, c in enumerate(self.captions)}
 
   @property
@@ -195,16 +220,18 @@ class CaptionCache:
     if missing:
       shown = ", ".join(repr(c if len(c) <= 200 else c[:200] + "...") for c in missing[:3])
       raise MissingCaptionError(
-          f"caption {shown} is not in the caption cache {self.folder} ({len(missing)} of this "
-          f"batch's {len(captions)} captions missing; the cache holds {len(self)}): it was built "
-          f"from other data. Rebuild it for this run's config.data with {COMMAND} --overwrite, or "
-          "unset config.text.embedding_cache to run T5 on every batch.")
+        f"caption {shown} is not in the caption cache {self.folder} ({len(missing)} of this "
+        f"batch's {len(captions)} captions missing; the cache holds {len(self)}): it was built "
+        f"from other data. Rebuild it for this run's config.data with {COMMAND} --overwrite, or "
+        "unset config.text.embedding_cache to run T5 on every batch."
+      )
     rows = np.asarray([self._index[c] for c in captions], np.int64)
     return np.asarray(self.embeddings[rows]), np.asarray(self.masks[rows], np.int32)
 
 
-def load(folder: str, config, text_config: t5.T5Config, params: Any,
-         tokenizer: Any) -> CaptionCache:
+def load(
+  folder: str, config, text_config: t5.T5Config, params: Any, tokenizer: Any
+) -> CaptionCache:
   """Opens ``folder`` and checks that it was built with this run's encoder and settings."""
   cache = CaptionCache(folder)
   check_identity(folder, cache.identity, encoder_identity(config, text_config, params, tokenizer))
@@ -221,8 +248,10 @@ def collect_captions(source: Any, read_threads: int = 16, progress: bool = True)
 
   found = {""}
   chunk = 1024  # records read at once: bounds the image bytes held in memory.
-  with concurrent.futures.ThreadPoolExecutor(max(1, read_threads)) as pool, tqdm(
-      total=len(source), unit="rec", desc="reading captions", disable=not progress) as bar:
+  with (
+    concurrent.futures.ThreadPoolExecutor(max(1, read_threads)) as pool,
+    tqdm(total=len(source), unit="rec", desc="reading captions", disable=not progress) as bar,
+  ):
     for start in range(0, len(source), chunk):
       indices = range(start, min(start + chunk, len(source)))
       for record in pool.map(source.__getitem__, indices):
@@ -238,13 +267,24 @@ def _check_output(output: str, overwrite: bool) -> None:
   if not overwrite:
     raise CaptionCacheError(f"{output} already exists; pass --overwrite to replace it")
   if not os.path.isfile(os.path.join(output, _META)):
-    raise CaptionCacheError(f"{output} exists and is not a caption cache (no {_META}); refusing "
-                            "to delete it even with --overwrite")
+    raise CaptionCacheError(
+      f"{output} exists and is not a caption cache (no {_META}); refusing "
+      "to delete it even with --overwrite"
+    )
 
 
-def build(output: str, captions: Sequence[str], config, text_config: t5.T5Config, params: Any,
-          tokenizer: Any, *, batch_size: int = 64, overwrite: bool = False,
-          progress: bool = True) -> CaptionCache:
+def build(
+  output: str,
+  captions: Sequence[str],
+  config,
+  text_config: t5.T5Config,
+  params: Any,
+  tokenizer: Any,
+  *,
+  batch_size: int = 64,
+  overwrite: bool = False,
+  progress: bool = True,
+) -> CaptionCache:
   """Encodes ``captions`` (plus "") and writes the cache folder ``output``; returns it opened.
 
   Written into ``output.partial`` and renamed at the end: an interrupted build leaves no folder
@@ -262,21 +302,26 @@ def build(output: str, captions: Sequence[str], config, text_config: t5.T5Config
     shutil.rmtree(partial)
   os.makedirs(partial)
   n = len(captions)
-  embeddings = np.lib.format.open_memmap(os.path.join(partial, _EMBEDDINGS), mode="w+",
-                                         dtype=_BIT_PATTERN.get(dtype, dtype),
-                                         shape=(n, length, width))
-  masks = np.lib.format.open_memmap(os.path.join(partial, _MASKS), mode="w+", dtype=np.int32,
-                                    shape=(n, length))
+  embeddings = np.lib.format.open_memmap(
+    os.path.join(partial, _EMBEDDINGS),
+    mode="w+",
+    dtype=_BIT_PATTERN.get(dtype, dtype),
+    shape=(n, length, width),
+  )
+  masks = np.lib.format.open_memmap(
+    os.path.join(partial, _MASKS), mode="w+", dtype=np.int32, shape=(n, length)
+  )
   model = t5.T5Encoder(text_config)
   batch_size = max(1, min(batch_size, n))  # one shape: the jitted encoder compiles once
   with tqdm(total=n, unit="caption", desc="encoding captions", disable=not progress) as bar:
     for start in range(0, n, batch_size):
-      chunk = captions[start:start + batch_size]
-      emb, mask = text_lib.encode_prompts(chunk + [""] * (batch_size - len(chunk)), tokenizer,
-                                          model, params, length)
-      emb = np.asarray(emb)[:len(chunk)]
-      embeddings[start:start + len(chunk)] = emb.view(embeddings.dtype)
-      masks[start:start + len(chunk)] = np.asarray(mask)[:len(chunk)]
+      chunk = captions[start : start + batch_size]
+      emb, mask = text_lib.encode_prompts(
+        chunk + [""] * (batch_size - len(chunk)), tokenizer, model, params, length
+      )
+      emb = np.asarray(emb)[: len(chunk)]
+      embeddings[start : start + len(chunk)] = emb.view(embeddings.dtype)
+      masks[start : start + len(chunk)] = np.asarray(mask)[: len(chunk)]
       bar.update(len(chunk))
   embeddings.flush()
   masks.flush()
@@ -284,8 +329,9 @@ def build(output: str, captions: Sequence[str], config, text_config: t5.T5Config
   with open(os.path.join(partial, _CAPTIONS), "w", encoding="utf-8") as f:
     json.dump(captions, f)
   with open(os.path.join(partial, _META), "w", encoding="utf-8") as f:
-    json.dump({"format": FORMAT, "version": VERSION, "num_captions": n, "identity": identity}, f,
-              indent=2)
+    json.dump(
+      {"format": FORMAT, "version": VERSION, "num_captions": n, "identity": identity}, f, indent=2
+    )
   old = output + ".old"
   if os.path.exists(output):
     if os.path.exists(old):
@@ -297,40 +343,66 @@ def build(output: str, captions: Sequence[str], config, text_config: t5.T5Config
   return CaptionCache(output)
 
 
-def build_for_config(config, output: str, *, overwrite: bool = False, batch_size: int = 64,
-                     read_threads: int = 16, progress: bool = True,
-                     text_encoder: Callable[[Any], tuple[t5.T5Config, Any, Any]] | None = None
-                     ) -> CaptionCache:
+def build_for_config(
+  config,
+  output: str,
+  *,
+  overwrite: bool = False,
+  batch_size: int = 64,
+  read_threads: int = 16,
+  progress: bool = True,
+  text_encoder: Callable[[Any], tuple[t5.T5Config, Any, Any]] | None = None,
+) -> CaptionCache:
   """The command: every caption of ``config.data``'s source, encoded as the dit stage would."""
   from zipir_jax.data import sources  # pylint: disable=g-import-not-at-top
+
   if text_encoder is None:
     # Imported here: loop imports this module (to read caches).
     from zipir_jax.training import loop  # pylint: disable=g-import-not-at-top
+
     text_encoder = loop.dit_text_encoder
   _check_output(os.path.normpath(output), overwrite)  # before the slow part
   captions = collect_captions(sources.create_source(config.data), read_threads, progress)
   text_config, params, tokenizer = text_encoder(config)
-  return build(output, captions, config, text_config, params, tokenizer, batch_size=batch_size,
-               overwrite=overwrite, progress=progress)
+  return build(
+    output,
+    captions,
+    config,
+    text_config,
+    params,
+    tokenizer,
+    batch_size=batch_size,
+    overwrite=overwrite,
+    progress=progress,
+  )
 
 
 def main(argv: Sequence[str]) -> int:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
+
   config = flags.FLAGS.config
   if config.stage != "dit":
-    logging.warning("config stage is %r; the cache is for the dit stage (same data and text "
-                    "settings)", config.stage)
+    logging.warning(
+      "config stage is %r; the cache is for the dit stage (same data and text settings)",
+      config.stage,
+    )
   try:
-    cache = build_for_config(config, flags.FLAGS.output, overwrite=flags.FLAGS.overwrite,
-                             batch_size=flags.FLAGS.batch_size,
-                             read_threads=flags.FLAGS.read_threads)
+    cache = build_for_config(
+      config,
+      flags.FLAGS.output,
+      overwrite=flags.FLAGS.overwrite,
+      batch_size=flags.FLAGS.batch_size,
+      read_threads=flags.FLAGS.read_threads,
+    )
   except CaptionCacheError as e:
     print(f"text_cache: {e}", file=sys.stderr)
     return 2
-  print(f"wrote {len(cache)} caption embeddings to {cache.folder}; train with "
-        f"--config.text.embedding_cache={cache.folder}")
+  print(
+    f"wrote {len(cache)} caption embeddings to {cache.folder}; train with "
+    f"--config.text.embedding_cache={cache.folder}"
+  )
   return 0
 
 
@@ -338,8 +410,10 @@ if __name__ == "__main__":
   # Flags only here: loop.py (and so train.py, which has its own --config) imports this module.
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "experiment config file[:stage] (dit)",
-                                  lock_config=True)
+
+  config_flags.DEFINE_config_file(
+    "config", None, "experiment config file[:stage] (dit)", lock_config=True
+  )
   flags.DEFINE_string("output", None, "cache folder to write", required=True)
   flags.DEFINE_bool("overwrite", False, "replace an existing cache at --output")
   flags.DEFINE_integer("batch_size", 64, "captions per encoder call")
