@@ -18,8 +18,8 @@ import os
 import sys
 import time
 
-from absl import app, flags
 import numpy as np
+from absl import app, flags
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Bundle folder exported by training.")
 _INPUT = flags.DEFINE_string("input", None, "An image file, a folder (recursive) or a glob.")
@@ -122,7 +122,8 @@ def main(argv):
   # Heavy imports after flag checks, so usage errors are instant.
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
-  from zipir_jax import bundle as bundle_lib, restore  # pylint: disable=g-import-not-at-top
+  from zipir_jax import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
+  from zipir_jax import restore
   from zipir_jax.data.decode import decode_image  # pylint: disable=g-import-not-at-top
 
   restore.enable_compilation_cache(_CACHE.value)

@@ -28,17 +28,11 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
-from absl import app
-from absl import flags
+from absl import app, flags
 from PIL import Image
 
 from zipir_jax.data import buckets as buckets_lib
-from zipir_jax.data import decode
-from zipir_jax.data import defaults
-from zipir_jax.data import degradations
-from zipir_jax.data import pipeline
-from zipir_jax.data import sources
-from zipir_jax.data import testing
+from zipir_jax.data import decode, defaults, degradations, pipeline, sources, testing
 
 _CONFIGS = flags.DEFINE_list(
   "configs",

@@ -28,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common  # pylint: disable=g-import-not-at-top
-from zipir_jax import bundle as bundle_lib, config_lib, diffusion, restore
-from zipir_jax.models import autoencoder, dit as dit_lib
+from zipir_jax import bundle as bundle_lib
+from zipir_jax import config_lib, diffusion, restore
 from zipir_jax import flops as flops_lib
+from zipir_jax.models import autoencoder
+from zipir_jax.models import dit as dit_lib
 
 PARTS = ("encode", "decode", "step", "plain", "total")
 

@@ -133,8 +133,10 @@ def main() -> None:
     scale = (args.target / size) ** 2
     with tiling.tiled_convolutions(strip):
       parts = {
-        "encode": lambda: vae.apply({"params": vae_params}, image, method="encode")[0],
-        "decode": lambda: pd.apply({"params": pd_params}, z, image, jnp.float32(1.0)),
+        "encode": lambda image=image: vae.apply({"params": vae_params}, image, method="encode")[0],
+        "decode": lambda z=z, image=image: pd.apply(
+          {"params": pd_params}, z, image, jnp.float32(1.0)
+        ),
       }
       for name in args.parts.split(","):
         fn = parts[name]

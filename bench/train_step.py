@@ -52,10 +52,12 @@ def main(argv):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from bench import common  # pylint: disable=g-import-not-at-top
   from zipir_jax import parallel  # pylint: disable=g-import-not-at-top
   from zipir_jax.models import autoencoder  # pylint: disable=g-import-not-at-top
-  from zipir_jax.training import reporting, state as state_lib, steps  # pylint: disable=g-import-not-at-top
+  from zipir_jax.training import reporting, steps  # pylint: disable=g-import-not-at-top
+  from zipir_jax.training import state as state_lib
 
   config = FLAGS.config
   if config.stage != "dit":
@@ -112,15 +114,16 @@ def main(argv):
     dtypes.append("float32")
   for dtype in dtypes:
     vae = autoencoder.build_autoencoder(config, dtype)
+    m = dataclasses.replace(models, frozen_vae=vae)
     with mesh, nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
       encode = jax.jit(
-        lambda frozen, x, y, m=dataclasses.replace(models, frozen_vae=vae): (
+        lambda frozen, x, y, m=m: (
           steps.encode_latents(m, frozen, x),
           steps.encode_latents(m, frozen, y),
         )
       )
       encode_ms[dtype] = 1e3 * common.median_time(
-        lambda: encode(state.frozen, batch["hq"], batch["lq_up"]), FLAGS.steps
+        lambda encode=encode: encode(state.frozen, batch["hq"], batch["lq_up"]), FLAGS.steps
       )
   if FLAGS.profile_dir:
     with jax.profiler.trace(FLAGS.profile_dir):

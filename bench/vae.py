@@ -21,7 +21,6 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax
-import jax.numpy as jnp
 
 from zipir_jax import config_lib, flops
 from zipir_jax.models import autoencoder

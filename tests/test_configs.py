@@ -3,13 +3,11 @@
 import subprocess
 import sys
 
-import jax
 import pytest
+from conftest import CONFIG_FILES, ROOT, subprocess_env
 
 from zipir_jax import config_lib
 from zipir_jax.models import autoencoder, summary
-
-from conftest import CONFIG_FILES, ROOT, subprocess_env
 
 # Shares the session fixture it needs with the other files of this group on one xdist worker.
 pytestmark = pytest.mark.xdist_group("tiny_lpvae")
@@ -78,7 +76,7 @@ def test_unknown_keys_fail_and_name_the_valid_ones():
 
 
 def test_missing_config_file():
-  with pytest.raises(FileNotFoundError, match="configs/nope.py"):
+  with pytest.raises(FileNotFoundError, match=r"configs/nope.py"):
     config_lib.load_config("configs/nope.py:dit")
 
 

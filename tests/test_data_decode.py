@@ -5,10 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from zipir_jax.data import decode
-from zipir_jax.data import defaults
-from zipir_jax.data import pipeline
-from zipir_jax.data import testing
+from zipir_jax.data import decode, defaults, pipeline, testing
 
 _COLOUR_EXACT = (
   "cmyk.jpg",
@@ -140,5 +137,5 @@ def test_source_with_no_usable_image_fails_at_start(tmp_path):
 def test_bucket_no_image_covers_fails_at_start(tmp_path):
   root = str(tmp_path)
   testing.write_image_folder(root, [(64, 64), (80, 70)])
-  with pytest.raises(ValueError, match="covers bucket.*64x96"):
+  with pytest.raises(ValueError, match=r"covers bucket.*64x96"):
     pipeline.create_train_dataset(_config(root), seed=0)

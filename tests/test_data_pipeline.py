@@ -10,12 +10,7 @@ import numpy as np
 import pytest
 
 from zipir_jax.data import buckets as buckets_lib
-from zipir_jax.data import decode
-from zipir_jax.data import defaults
-from zipir_jax.data import pipeline
-from zipir_jax.data import prepare
-from zipir_jax.data import sources
-from zipir_jax.data import testing
+from zipir_jax.data import decode, defaults, pipeline, prepare, sources, testing
 
 # Small CPU buckets: square, landscape and portrait.
 BUCKETS = ((64, 64, 4), (64, 96, 2), (96, 64, 2))
@@ -57,10 +52,10 @@ def test_every_bucket_yields_hq_and_lq_up_of_its_shape(folder):
     hq, lq_up = batch["hq"], batch["lq_up"]
     assert hq.dtype == lq_up.dtype == np.float32
     assert hq.shape == lq_up.shape and hq.ndim == 4 and hq.shape[-1] == 3
-    assert -1.0 <= hq.min() and hq.max() <= 1.0 and -1.0 <= lq_up.min() and lq_up.max() <= 1.0
+    assert hq.min() >= -1.0 and hq.max() <= 1.0 and lq_up.min() >= -1.0 and lq_up.max() <= 1.0
     assert batch["caption"].shape == (hq.shape[0],)
     assert all(c.startswith("image ") for c in batch["caption"])
-    assert ((8 <= batch["scale"]) & (batch["scale"] <= 16)).all()
+    assert ((batch["scale"] >= 8) & (batch["scale"] <= 16)).all()
     shapes.append(hq.shape)
   # Equal weights: the mix cycles through the buckets, each with its own batch size.
   assert shapes == [(4, 64, 64, 3), (2, 64, 96, 3), (2, 96, 64, 3)] * 2

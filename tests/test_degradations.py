@@ -1,14 +1,13 @@
 """Each Real-ESRGAN degradation operation measures as it claims; eval presets are deterministic."""
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 
-from zipir_jax.data import defaults
+from zipir_jax.data import defaults, eval_presets, testing
 from zipir_jax.data import degradations as deg
-from zipir_jax.data import eval_presets
-from zipir_jax.data import testing
 
 
 def _params(**overrides) -> deg.DegradationParams:
@@ -170,7 +169,7 @@ def test_poisson_sampler_matches_the_poisson_distribution(vals, level):
 def test_jpeg_quality_changes_error_monotonically():
   img = testing.natural_image(128, 128).astype(np.float32) / 255
   errors = [np.mean((deg.jpeg_compress(img, q) - img) ** 2) for q in (10, 30, 50, 70, 90)]
-  assert all(a > b for a, b in zip(errors, errors[1:])), errors
+  assert all(a > b for a, b in itertools.pairwise(errors)), errors
 
 
 @pytest.mark.parametrize("mode", ["area", "bilinear", "bicubic"])

@@ -46,7 +46,7 @@ def gaussian_eps(moments, z, t, lq, emb, mask):
   return jnp.sqrt(1.0 - abar) * (z - jnp.sqrt(abar) * mu) / (abar * sigma**2 + 1.0 - abar)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sampler(denoise_fn, num_steps, clip_x0=None):
   """One jitted sampler per (predictor, step count), shared by the tests of this file."""
   return diffusion.make_ddim_sampler(denoise_fn, SCHEDULE, num_steps, clip_x0)

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import perturbed
 
 from zipir_jax import config_lib, diffusion
@@ -230,7 +229,7 @@ def test_25_step_sampler_compiles_once_with_the_dit(model, params):
   sample = diffusion.make_ddim_sampler(counting, schedule, 25)
   trained = perturbed(params, 0)
   for seed in range(2):
-    z, _, lq, text, mask = _inputs(batch=1, height=4, width=7, seed=seed)
+    _, _, lq, text, mask = _inputs(batch=1, height=4, width=7, seed=seed)
     out = sample(
       trained,
       lq,

@@ -7,12 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, load_golden_module, subprocess_env
 from PIL import Image
 from skimage import data as skdata
 
 from zipir_jax import evaluate
-
-from conftest import ROOT, load_golden_module, subprocess_env
 
 # Shares the session fixture it needs with the other files of this group on one xdist worker.
 pytestmark = pytest.mark.xdist_group("tiny_bundle")
@@ -165,7 +164,7 @@ def test_restored_folders_are_scored_like_methods(tmp_path, photos):
     ):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   os.remove(tmp_path / "a" / "bicubic" / "coffee.png")
-  with pytest.raises(FileNotFoundError, match="coffee.png is missing"):
+  with pytest.raises(FileNotFoundError, match=r"coffee.png is missing"):
     evaluate.evaluate(
       [],
       str(photos),

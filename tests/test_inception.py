@@ -6,10 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_golden_module
 
 from zipir_jax.models import inception
-
-from conftest import load_golden_module
 
 GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "golden"
 GOLDEN_FILE = GOLDEN_DIR / "inception_golden.npz"
@@ -114,7 +113,7 @@ def test_converter_errors_name_key_and_shapes(state_dict):
   with pytest.raises(ValueError, match=r"fc\.weight.*\(1000, 2048\).*\(1008, 2048\)"):
     inception.convert(imagenet)
   aux = dict(state_dict, **{"AuxLogits.conv0.conv.weight": np.zeros((128, 768, 1, 1))})
-  with pytest.raises(ValueError, match="AuxLogits.*torchvision's ImageNet"):
+  with pytest.raises(ValueError, match=r"AuxLogits.*torchvision's ImageNet"):
     inception.convert(aux)
   prefixed = {f"module.{k}": v for k, v in state_dict.items()}
   with pytest.raises(KeyError, match=r"missing key 'Conv2d_1a_3x3\.conv\.weight'"):
@@ -135,5 +134,5 @@ def test_load_reads_a_weight_file(tmp_path, state_dict, variables):
   }
   safetensors.numpy.save_file(dict(state_dict, **tracked), str(path))
   jax.tree_util.tree_map(np.testing.assert_array_equal, inception.load(path), variables)
-  with pytest.raises(FileNotFoundError, match="missing.pth"):
+  with pytest.raises(FileNotFoundError, match=r"missing.pth"):
     inception.load(tmp_path / "missing.pth")

@@ -6,11 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_golden_module
 
 from zipir_jax import weights as weights_lib
 from zipir_jax.models import lpips
-
-from conftest import load_golden_module
 
 GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "golden"
 
@@ -164,5 +163,5 @@ def test_perceptual_loss_from_config_reads_the_files(tmp_path, golden, vgg_state
   x0, x1 = _case(golden, "odd37x53")
   np.testing.assert_allclose(perceptual(x0, x1), golden["odd37x53/distance"], rtol=0, atol=1e-5)
   config_lib.apply_overrides(config, {"loss.lpips_vgg16": str(tmp_path / "missing.pth")})
-  with pytest.raises(FileNotFoundError, match="missing.pth"):
+  with pytest.raises(FileNotFoundError, match=r"missing.pth"):
     losses.perceptual_from_config(config.loss)

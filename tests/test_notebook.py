@@ -4,9 +4,8 @@ import os
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
-
 from conftest import ROOT, subprocess_env
+from nbclient import NotebookClient
 
 pytestmark = pytest.mark.xdist_group("notebook")
 

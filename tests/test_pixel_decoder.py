@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import jitted_apply, perturbed
 
 from zipir_jax import config_lib

@@ -15,8 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from zipir_jax import baselines
-from zipir_jax import weights
+from zipir_jax import baselines, weights
 from zipir_jax.models import rrdbnet
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "realesrgan_golden.npz"
@@ -211,7 +210,7 @@ def test_convert_state_dict_checks_keys_and_shapes(golden, tmp_path):
     sd["body.1.rdb3.conv2.weight"].transpose(2, 3, 1, 0),
   )
   missing = {k: v for k, v in sd.items() if k != "body.1.rdb2.conv4.bias"}
-  with pytest.raises(KeyError, match="missing key 'body.1.rdb2.conv4.bias'"):
+  with pytest.raises(KeyError, match=r"missing key 'body.1.rdb2.conv4.bias'"):
     rrdbnet.convert_state_dict(missing)
   wrong = dict(sd, **{"conv_hr.weight": sd["conv_hr.weight"][:, :4]})
   with pytest.raises(ValueError, match=r"'conv_hr.weight' has shape \(8, 4, 3, 3\)"):

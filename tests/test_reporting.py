@@ -7,11 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import read_events
 from PIL import Image
 
 from zipir_jax.training import reporting
-
-from conftest import read_events
 
 
 def test_tensorboard_writer_round_trips_scalars_and_images(tmp_path):
@@ -64,7 +63,7 @@ def test_create_writer_keeps_jsonl_and_png_next_to_tensorboard(tmp_path):
   png = np.asarray(Image.open(tmp_path / "images" / "00000003_hq_lq_output.png"))
   np.testing.assert_array_equal(png, grid[0])
   try:
-    from clu import metric_writers  # pylint: disable=unused-import
+    from clu import metric_writers  # noqa: F401 (is clu with TensorFlow importable?)
   except ImportError:  # no TensorFlow: our own event writer
     assert any(isinstance(w, reporting.TensorBoardWriter) for w in writer.writers)
   events = read_events(tmp_path)

@@ -44,7 +44,7 @@ def test_odd_sizes_batch_and_seed(restorer):
   images = [_lq(0), _lq(1)]
   out = restorer.restore(images, restore.target_size((21, 30), scale=4), ["a cat", "a dog"])
   assert out.shape == (2, 84, 120, 3) and out.dtype == np.float32  # padded to 96x128, cropped back
-  assert 0.0 <= out.min() and out.max() <= 1.0
+  assert out.min() >= 0.0 and out.max() <= 1.0
   again = restorer.restore(images, (84, 120), ["a cat", "a dog"])
   np.testing.assert_array_equal(out, again)
   other = restorer.restore(images, (84, 120), ["a cat", "a dog"], restore.RestoreOptions(seed=1))
@@ -165,7 +165,7 @@ def test_plain_decoder_swap_decodes_with_d_f(
   )
 
   # Refused: no export there, an export without D_f, D_f from another run (other statistics).
-  with pytest.raises(bundle_lib.BundleError, match="no training export there.*vae_fine"):
+  with pytest.raises(bundle_lib.BundleError, match=r"no training export there.*vae_fine"):
     bundle_lib.with_plain_decoder(tiny_bundle, str(tmp_path / "nope"))
   stats = export["latent_stats"]
   for name, params, match in (
@@ -191,7 +191,7 @@ def test_missing_and_mismatched_bundles(tmp_path, tiny_bundle_dir):
     bundle_lib.load_bundle(str(tmp_path / "nowhere"))
   empty = tmp_path / "empty"
   empty.mkdir()
-  with pytest.raises(bundle_lib.BundleError, match="no config.json"):
+  with pytest.raises(bundle_lib.BundleError, match=r"no config.json"):
     bundle_lib.load_bundle(str(empty))
 
   no_text = tmp_path / "no_text"

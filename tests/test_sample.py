@@ -6,11 +6,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, subprocess_env
 from PIL import Image
 
 from zipir_jax.data import testing
-
-from conftest import ROOT, subprocess_env
 
 BAD = ("corrupt.jpg", "truncated.jpg", "zero_bytes.png", "garbage_after_header.png")
 
@@ -70,7 +69,8 @@ def test_folder_with_good_and_bad_images(tmp_path, tiny_bundle_dir):
 def test_size_flag_single_file_overwrite_and_plain_decoder(
   tmp_path, tiny_bundle, tiny_bundle_dir, tiny_vae_fine_export
 ):
-  from zipir_jax import bundle as bundle_lib, restore
+  from zipir_jax import bundle as bundle_lib
+  from zipir_jax import restore
 
   lq = np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8)
   path = tmp_path / "lq.png"

@@ -6,9 +6,10 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, subprocess_env
-from zipir_jax import config_lib, text as text_lib
+
+from zipir_jax import config_lib
+from zipir_jax import text as text_lib
 from zipir_jax.data import testing
 from zipir_jax.models import t5
 from zipir_jax.training import loop, text_cache

@@ -12,12 +12,10 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-
 from conftest import read_events
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

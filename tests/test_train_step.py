@@ -8,7 +8,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from zipir_jax import config_lib, parallel
-from zipir_jax.training import state as state_lib, steps
+from zipir_jax.training import state as state_lib
+from zipir_jax.training import steps
 
 
 def test_gradient_accumulation_equals_full_batch():
@@ -112,7 +113,7 @@ def test_sdvae_training_refuses_a_pixel_aware_decoder():
     state_lib.check_stage(config)
   lpvae = config_lib.load_config("configs/tiny.py:dit")
   config_lib.apply_overrides(lpvae, {"stage": "vae"})
-  with pytest.raises(ValueError, match="not a stage of the lpvae.*vae_coarse, vae_fine"):
+  with pytest.raises(ValueError, match=r"not a stage of the lpvae.*vae_coarse, vae_fine"):
     state_lib.check_stage(lpvae)
 
 

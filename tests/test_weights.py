@@ -208,7 +208,7 @@ def test_wrapped_state_dict_needs_explicit_key():
   loaded = weights.load_state_dict(path, key="params_ema")
   assert list(loaded) == ["w", "b"]
   assert loaded["w"].dtype == np.float32 and loaded["b"].dtype == np.int32
-  with pytest.raises(KeyError, match="'params'.*top-level keys"):
+  with pytest.raises(KeyError, match=r"'params'.*top-level keys"):
     weights.load_torch_state_dict(path, key="params")
 
 
@@ -231,9 +231,9 @@ def test_non_checkpoint_and_missing_files_raise_naming_the_file(tmp_path):
   path.write_bytes(np.random.default_rng(0).bytes(1000))
   with pytest.raises(ValueError, match=str(path)):
     weights.load_torch_state_dict(path)
-  with pytest.raises(FileNotFoundError, match="missing.pth"):
+  with pytest.raises(FileNotFoundError, match=r"missing.pth"):
     weights.load_torch_state_dict(tmp_path / "missing.pth")
-  with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+  with pytest.raises(FileNotFoundError, match=r"missing.safetensors"):
     weights.load_state_dict(tmp_path / "missing.safetensors")
 
 

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from zipir_jax.models import autoencoder, dit as dit_lib, t5
+from zipir_jax.models import autoencoder, t5
+from zipir_jax.models import dit as dit_lib
 from zipir_jax.models.pixel_decoder import init_from_autoencoder
 
 PARTS = ("vae", "pixel_decoder", "dit", "latent_stats")

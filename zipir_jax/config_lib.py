@@ -181,7 +181,7 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   # Stage prerequisites: by default stage S reads WORKDIR/<the stage before S>/export; a non-empty
   # entry here names that export folder instead.
   tr = config.train = ml_collections.ConfigDict()
-  tr.init_from = ml_collections.ConfigDict({s: "" for s in stages[:-1]})
+  tr.init_from = ml_collections.ConfigDict(dict.fromkeys(stages[:-1], ""))
   tr.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices.
   tr.log_every = 50
   tr.image_every = 1000  # image grids HQ | LQ↑ | output; 0 = never.

@@ -22,8 +22,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from absl import app, flags
 import numpy as np
+from absl import app, flags
 
 METHODS = ("zipir", "bicubic", "lanczos", "realesrgan")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -128,6 +128,7 @@ class Scorer:
 
   def __init__(self, lpips_path: str | None, inception_path: str | None, num_crops: int, seed: int):
     import jax  # pylint: disable=g-import-not-at-top
+
     from zipir_jax import metrics  # pylint: disable=g-import-not-at-top
     from zipir_jax.models import inception, lpips  # pylint: disable=g-import-not-at-top
 
@@ -280,7 +281,7 @@ def evaluate(
   for method in [*methods, *restored]:
     if method in restored:
       read = read_restored(restored[method])
-      restore_fn = lambda lq, size, caption, name: read(name, size)
+      restore_fn = lambda lq, size, caption, name, read=read: read(name, size)
     else:
       fn = make_method(method, checkpoint, steps, seed)
       restore_fn = lambda lq, size, caption, name, fn=fn: fn(lq, size, caption)

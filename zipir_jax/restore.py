@@ -25,7 +25,8 @@ import numpy as np
 from zipir_jax import diffusion, text
 from zipir_jax.bundle import Bundle
 from zipir_jax.data import degradations
-from zipir_jax.models import autoencoder, dit as dit_lib, t5, tiling
+from zipir_jax.models import autoencoder, t5, tiling
+from zipir_jax.models import dit as dit_lib
 
 Array = jax.Array
 COLOR_FIXES = ("none", "wavelet", "adain")

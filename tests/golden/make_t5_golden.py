@@ -80,9 +80,7 @@ def _tiny_model(name: str, kwargs: dict, seed: int) -> T5EncoderModel:
     for key, param in model.named_parameters():
       if key.endswith("layer_norm.weight"):
         param.copy_(1.0 + 0.2 * torch.randn_like(param))
-      elif key.endswith("relative_attention_bias.weight"):
-        param.copy_(torch.randn_like(param))
-      elif key == "shared.weight":
+      elif key.endswith("relative_attention_bias.weight") or key == "shared.weight":
         param.copy_(torch.randn_like(param))
       else:  # Linear layers: unit-variance outputs for unit-variance inputs.
         param.copy_(torch.randn_like(param) / param.shape[1] ** 0.5)

@@ -19,8 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 from absl import logging
-from PIL import Image
-from PIL import ImageOps
+from PIL import Image, ImageOps
 
 # EXIF orientations 5-8 swap width and height.
 _EXIF_ORIENTATION = 0x0112

@@ -23,8 +23,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from zipir_jax.data import defaults
-from zipir_jax.data import degradations
+from zipir_jax.data import defaults, degradations
 
 
 @dataclasses.dataclass(frozen=True)

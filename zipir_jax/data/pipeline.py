@@ -43,14 +43,10 @@ from typing import Any
 import cv2
 import grain
 import numpy as np
-from absl import flags
-from absl import logging
+from absl import flags, logging
 
 from zipir_jax.data import buckets as buckets_lib
-from zipir_jax.data import decode
-from zipir_jax.data import degradations
-from zipir_jax.data import eval_presets
-from zipir_jax.data import sources
+from zipir_jax.data import decode, degradations, eval_presets, sources
 
 IMAGE_KEYS = ("hq", "lq_up", "lq")
 # uint8 level -> model pixel value in [-1, 1] (a constant table, applied with cv2.LUT).

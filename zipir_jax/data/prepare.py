@@ -14,12 +14,9 @@ import math
 import os
 from collections.abc import Sequence
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
-from zipir_jax.data import decode
-from zipir_jax.data import sources
+from zipir_jax.data import decode, sources
 
 _SHARD_BYTES = 1 << 30  # --num_shards=0: one shard per ~1 GiB of image bytes.
 

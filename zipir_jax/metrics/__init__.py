@@ -23,25 +23,24 @@ Conventions, for every function here:
 LPIPS lives in :mod:`zipir_jax.models.lpips` (it takes [-1, 1] images, like the models).
 """
 
-from zipir_jax.metrics.fid import collect_features
-from zipir_jax.metrics.fid import crop_patches
-from zipir_jax.metrics.fid import feature_statistics
-from zipir_jax.metrics.fid import fid_from_features
-from zipir_jax.metrics.fid import frechet_distance
-from zipir_jax.metrics.fid import iter_batches
-from zipir_jax.metrics.fid import iter_patches
-from zipir_jax.metrics.fid import kid
-from zipir_jax.metrics.fid import load_statistics
-from zipir_jax.metrics.fid import mmd2_unbiased
-from zipir_jax.metrics.fid import paired_patches
-from zipir_jax.metrics.fid import patch_positions
-from zipir_jax.metrics.fid import polynomial_kernel
-from zipir_jax.metrics.fid import random_patches
-from zipir_jax.metrics.fid import save_statistics
-from zipir_jax.metrics.image import psnr
-from zipir_jax.metrics.image import rgb_to_y
-from zipir_jax.metrics.image import ssim
-from zipir_jax.metrics.image import to_unit_range
+from zipir_jax.metrics.fid import (
+  collect_features,
+  crop_patches,
+  feature_statistics,
+  fid_from_features,
+  frechet_distance,
+  iter_batches,
+  iter_patches,
+  kid,
+  load_statistics,
+  mmd2_unbiased,
+  paired_patches,
+  patch_positions,
+  polynomial_kernel,
+  random_patches,
+  save_statistics,
+)
+from zipir_jax.metrics.image import psnr, rgb_to_y, ssim, to_unit_range
 
 __all__ = [
   "collect_features",
@@ -57,10 +56,10 @@ __all__ = [
   "paired_patches",
   "patch_positions",
   "polynomial_kernel",
-  "random_patches",
-  "save_statistics",
   "psnr",
+  "random_patches",
   "rgb_to_y",
+  "save_statistics",
   "ssim",
   "to_unit_range",
 ]

@@ -246,7 +246,7 @@ def crop_patches(image: np.ndarray, positions: np.ndarray, size: int = PATCH_SIZ
   image = np.asarray(image)
   if image.ndim != 3:
     raise ValueError(f"crop_patches expects one HWC image, got shape {image.shape}.")
-  return np.stack([image[t : t + size, l : l + size] for t, l in positions])
+  return np.stack([image[t : t + size, x : x + size] for t, x in positions])
 
 
 def random_patches(

@@ -483,13 +483,11 @@ class ZipDiT(nn.Module):
 
     c_emb = TimestepEmbedder(d, name="t_embedder")(t)
     text = text_emb.astype(self.dtype)
-    context_axis = "text_embed"
     if self.text_projection:  # PixArt-α's caption projection: T5 width -> hidden, once.
       text = _dense(d, ("text_embed", "mlp"), dtype=self.dtype, name="text_projection_1")(text)
       text = _dense(d, ("mlp", "embed"), dtype=self.dtype, name="text_projection_2")(
         nn.gelu(text, approximate=True)
       )
-      context_axis = "embed"
     text = nn.with_logical_constraint(
       text, TEXT_AXES if self.text_projection else ("batch", "text_length", "text_embed")
     )

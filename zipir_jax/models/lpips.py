@@ -11,7 +11,7 @@ read without torch by :mod:`zipir_jax.weights`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn

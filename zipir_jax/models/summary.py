@@ -14,10 +14,10 @@ import math
 import os
 from collections.abc import Mapping
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import app, flags
 from ml_collections import config_flags
 
 from zipir_jax import config_lib

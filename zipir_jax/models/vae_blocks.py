@@ -13,7 +13,6 @@ device mesh; activations are constrained to ``('batch', 'height', 'width', 'chan
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -304,7 +303,7 @@ class DiagonalGaussian:
   logvar: Array
 
   @classmethod
-  def from_moments(cls, moments: Array) -> "DiagonalGaussian":
+  def from_moments(cls, moments: Array) -> DiagonalGaussian:
     mean, logvar = jnp.split(moments, 2, axis=-1)
     return cls(mean, jnp.clip(logvar, -30.0, 20.0))
 

@@ -27,10 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from zipir_jax import bundle as bundle_lib, config_lib, parallel, text as text_lib
+from zipir_jax import bundle as bundle_lib
+from zipir_jax import config_lib, parallel
+from zipir_jax import text as text_lib
 from zipir_jax.data import pipeline
 from zipir_jax.models import autoencoder, t5
-from zipir_jax.training import checkpointing, reporting, state as state_lib, steps, text_cache
+from zipir_jax.training import checkpointing, reporting, steps, text_cache
+from zipir_jax.training import state as state_lib
 
 
 def to_host(tree: Any) -> Any:
@@ -244,7 +247,7 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
   )
   writer = reporting.create_writer(sdir, start_step=start)
   total = int(config.optim.num_steps)
-  nan_steps = set(int(s) for s in config.train.nan_steps)
+  nan_steps = {int(s) for s in config.train.nan_steps}
   preempted = []
   previous_handler = (
     signal.signal(signal.SIGTERM, lambda *_: preempted.append(True)) if _main_thread() else None

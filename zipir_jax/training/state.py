@@ -31,7 +31,8 @@ import optax
 from flax import struct
 
 from zipir_jax import config_lib, losses, parallel
-from zipir_jax.models import autoencoder, dit as dit_lib
+from zipir_jax.models import autoencoder
+from zipir_jax.models import dit as dit_lib
 
 STAGES = {"lpvae": config_lib.LPVAE_STAGES, "sdvae": config_lib.SDVAE_STAGES}
 TRAINABLE = {
@@ -329,7 +330,7 @@ def count_params(tree: Any) -> int:
 
 def flat_names(tree: Any) -> list[str]:
   return (
-    sorted("/".join(k) for k in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).keys())
+    sorted("/".join(k) for k in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)))
     if tree
     else []
   )

@@ -13,7 +13,6 @@ Gradient accumulation splits the batch into ``config.optim.grad_accum`` micro-ba
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import flax
 import flax.linen as nn
@@ -21,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from zipir_jax import config_lib, diffusion, flops as flops_lib, losses, parallel
-from zipir_jax.models import autoencoder, dit as dit_lib
+from zipir_jax import config_lib, diffusion, losses, parallel
+from zipir_jax import flops as flops_lib
+from zipir_jax.models import autoencoder
+from zipir_jax.models import dit as dit_lib
 from zipir_jax.models.lpvae import area_downsample
 from zipir_jax.training.state import GAN_STAGES, Models, TrainState, make_optimizer
 

@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from zipir_jax import config_lib, text as text_lib
+from zipir_jax import config_lib
+from zipir_jax import text as text_lib
 from zipir_jax.models import t5
 
 FORMAT = "zipir-caption-cache"
@@ -379,8 +380,10 @@ def build_for_config(
 
 def main(argv: Sequence[str]) -> int:
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
+  from absl import (
+    flags,  # pylint: disable=g-import-not-at-top
+    logging,  # pylint: disable=g-import-not-at-top
+  )
 
   config = flags.FLAGS.config
   if config.stage != "dit":
