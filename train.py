@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from zipir_jax import config_lib
+from zipir_jax import config_lib, errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file[:stage]", lock_config=True)
@@ -32,17 +32,12 @@ def main(argv):
 
   if FLAGS.distributed or FLAGS.coordinator:
     parallel.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-  from zipir_jax.training import checkpointing, loop, text_cache  # pylint: disable=g-import-not-at-top
+  from zipir_jax.training import loop  # pylint: disable=g-import-not-at-top
 
   config_file = config_flags.get_config_filename(FLAGS["config"]).partition(":")[0]
   try:
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, config_file=config_file)
-  except (
-    config_lib.ConfigError,
-    checkpointing.MissingPrerequisiteError,
-    loop.NonFiniteError,
-    text_cache.CaptionCacheError,
-  ) as e:
+  except errors.ZipIRError as e:  # a mistake in the config, the data or a file: one line
     logging.error("%s", e)
     print(f"train.py: {e}", file=sys.stderr)
     sys.exit(2)

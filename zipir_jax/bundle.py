@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from zipir_jax.errors import BundleError
 from zipir_jax.models import autoencoder, t5
 from zipir_jax.models import dit as dit_lib
 from zipir_jax.models.pixel_decoder import init_from_autoencoder
@@ -35,10 +36,6 @@ PARTS = ("vae", "pixel_decoder", "dit", "latent_stats")
 # The autoencoder's own decoder and the stage that exports it, the last to train an encoder (its
 # export also measures the latent statistics): D_f of vae_fine, or the SD-VAE's of vae.
 PLAIN_DECODER = {"lpvae": ("fine_decoder", "vae_fine"), "sdvae": ("decoder", "vae")}
-
-
-class BundleError(ValueError):
-  """A bundle folder is missing a part or does not match its config."""
 
 
 @dataclasses.dataclass

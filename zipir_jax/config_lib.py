@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from zipir_jax import errors
 from zipir_jax.data import defaults as data_defaults
 
 # Progressive training (§3.1, §4): coarse LP-VAE, fine LP-VAE with E_c frozen, pixel-aware decoder
@@ -30,17 +31,12 @@ IMAGENET_MEAN = (2 * 0.485 - 1, 2 * 0.456 - 1, 2 * 0.406 - 1)
 IMAGENET_STD = (2 * 0.229, 2 * 0.224, 2 * 0.225)
 
 
-class ConfigError(ValueError):
-  """A config value that cannot work (an unknown name, a mesh the devices cannot form): the
-  command-line programs report it in one line, without a traceback."""
-
-
 def parse_stage(arg: str | None, valid: Sequence[str], where: str) -> str:
   """Returns the stage named by ``arg`` (the part after ':' in --config=file.py:stage)."""
   if arg is None or arg == "":
     return valid[-1]
   if arg not in valid:
-    raise ConfigError(
+    raise errors.ConfigError(
       f"{where}: unknown stage {arg!r}; valid stages are: {', '.join(valid)} "
       f"(e.g. --config={where}:{valid[0]})"
     )

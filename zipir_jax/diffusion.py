@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from zipir_jax import config_lib
+from zipir_jax import errors
 
 Array = jax.Array
 DenoiseFn = Callable[[Any, Array, Array, Array, Array, Array], Array]
@@ -68,9 +68,7 @@ def make_schedule(
   elif beta_schedule == "linear":
     betas = np.linspace(beta_start, beta_end, num_train_steps, dtype=np.float64)
   else:
-    raise config_lib.ConfigError(
-      f"beta_schedule={beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}"
-    )
+    raise errors.ConfigError(f"beta_schedule={beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}")
   alphas_cumprod = np.cumprod(1.0 - betas)
   return NoiseSchedule(jnp.asarray(betas, jnp.float32), jnp.asarray(alphas_cumprod, jnp.float32))
 
@@ -114,7 +112,7 @@ def sample_timesteps(
     return jnp.clip(jnp.floor(u * num_train_steps), 0, num_train_steps - 1).astype(jnp.int32)
   if sampling == "uniform":
     return jax.random.randint(rng, (batch,), 0, num_train_steps, dtype=jnp.int32)
-  raise config_lib.ConfigError(
+  raise errors.ConfigError(
     f"timestep sampling {sampling!r}; valid: {', '.join(TIMESTEP_SAMPLINGS)}"
   )
 

@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from zipir_jax import config_lib
+from zipir_jax import errors
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -61,20 +61,20 @@ def create_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = Non
   devices = list(jax.devices() if devices is None else devices)
   shape = list(shape)
   if len(shape) != 3:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
       f"config.train.mesh must have 3 entries (data, fsdp, tensor); got {shape}"
     )
   if shape.count(-1) > 1:
-    raise config_lib.ConfigError(f"config.train.mesh={tuple(shape)}: at most one entry may be -1")
+    raise errors.ConfigError(f"config.train.mesh={tuple(shape)}: at most one entry may be -1")
   if -1 in shape:
     known = int(np.prod([s for s in shape if s != -1]))
     if len(devices) % known:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
         f"config.train.mesh={tuple(shape)}: {len(devices)} devices are not a multiple of {known}"
       )
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices):
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
       f"config.train.mesh={tuple(shape)} needs {int(np.prod(shape))} "
       f"devices; this run has {len(devices)}"
     )

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zipir_jax import diffusion, text
+from zipir_jax import diffusion, latents, text
 from zipir_jax.bundle import Bundle
 from zipir_jax.data import degradations
 from zipir_jax.models import autoencoder, t5, tiling
@@ -212,14 +212,12 @@ class Restorer:
 
   def _encode_fn(self, params: Any, lq_up: Array) -> Array:
     """LQ↑ -> normalised latent (the DiT's condition); the posterior mode, no sampling."""
-    z, _ = self.vae.apply({"params": params["vae"]}, lq_up, method="encode")
-    stats = params["latent_stats"]
-    return (z - stats["mean"]) / stats["std"]
+    return latents.encode(self.vae, params["vae"], lq_up, params["latent_stats"])
 
   def _decode_fn(self, params: Any, z: Array, lq_up: Array, fusion_weight: Array) -> Array:
-    stats = params["latent_stats"]
-    z = z * stats["std"] + stats["mean"]
-    return self.pixel_decoder.apply({"params": params["pixel_decoder"]}, z, lq_up, fusion_weight)
+    return latents.decode(
+      self.pixel_decoder, params["pixel_decoder"], z, lq_up, params["latent_stats"], fusion_weight
+    )
 
   _encode_jit = functools.partial(jax.jit, static_argnums=0)(_encode_fn)
   _decode_jit = functools.partial(jax.jit, static_argnums=0)(_decode_fn)

@@ -31,6 +31,8 @@ from typing import IO, Any
 import ml_dtypes
 import numpy as np
 
+from zipir_jax.errors import CheckpointError, UnsafeCheckpointError
+
 PathLike = str | os.PathLike[str]
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -73,14 +75,6 @@ _TORCH_DTYPES: dict[str, np.dtype] = {
   "uint8": np.dtype(np.uint8),
   "bool": np.dtype(np.bool_),
 }
-
-
-class CheckpointError(ValueError):
-  """A weight file is corrupt, truncated or not in a supported format."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-  """A pickle references a global outside the state-dict allowlist (it could run code)."""
 
 
 @dataclasses.dataclass(frozen=True)

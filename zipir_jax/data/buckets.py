@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from zipir_jax import config_lib
+from zipir_jax import errors
 
 POLICIES = ("downscale", "crop")
 
@@ -40,26 +40,26 @@ class Bucket:
 def parse_buckets(buckets: Sequence[Sequence[int]], process_count: int = 1) -> tuple[Bucket, ...]:
   """(height, width, global batch) triples → per-process :class:`Bucket`s, validated."""
   if not buckets:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
       "config.data.buckets is empty; expected (height, width, batch size) triples"
     )
   parsed = []
   for entry in buckets:
     if len(entry) != 3:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
         f"config.data.buckets: entry {tuple(entry)} is not (height, width, batch)"
       )
     h, w, b = (int(v) for v in entry)
     if h < 1 or w < 1 or b < 1:
-      raise config_lib.ConfigError(f"config.data.buckets: entry {(h, w, b)} must be positive")
+      raise errors.ConfigError(f"config.data.buckets: entry {(h, w, b)} must be positive")
     if b % process_count:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
         f"config.data.buckets: batch size {b} of bucket {h}x{w} is not "
         f"divisible by the process count {process_count}"
       )
     parsed.append(Bucket(h, w, b // process_count))
   if len({(b.height, b.width) for b in parsed}) != len(parsed):
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
       f"config.data.buckets: duplicate sizes in {tuple(map(tuple, buckets))}"
     )
   return tuple(parsed)
@@ -70,7 +70,7 @@ def bucket_weights(weights: Sequence[float], num_buckets: int) -> tuple[float, .
   if not weights:
     return (1.0,) * num_buckets
   if len(weights) != num_buckets or any(w <= 0 for w in weights):
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
       f"config.data.bucket_weights: expected {num_buckets} positive "
       f"weights (one per bucket) or (), got {tuple(weights)}"
     )
@@ -86,7 +86,7 @@ def sample_resize_scale(
 ) -> float:
   """Factor the image is shrunk by before cropping: log-uniform in [just-covers, 1], or 1."""
   if policy not in POLICIES:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
       f"config.data.bucket_policy: unknown policy {policy!r}; expected {POLICIES}"
     )
   if policy == "crop":

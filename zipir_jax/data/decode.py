@@ -21,17 +21,11 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageOps
 
+from zipir_jax.errors import BadImageError
+
 # EXIF orientations 5-8 swap width and height.
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
-
-
-class BadImageError(ValueError):
-  """An image that cannot be used; ``kind`` is a short machine-readable reason."""
-
-  def __init__(self, kind: str, message: str):
-    super().__init__(message)
-    self.kind = kind
 
 
 def _open(data: bytes) -> Image.Image:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from zipir_jax import config_lib
+from zipir_jax import errors
 from zipir_jax.models.discriminator import PatchDiscriminator
 from zipir_jax.models.lpvae import LPVAE
 from zipir_jax.models.pixel_decoder import PixelAwareDecoder
@@ -27,7 +27,7 @@ def compute_dtype(name: str) -> jnp.dtype:
   """'float32' | 'bfloat16' | 'float16' -> dtype, with a clear error otherwise."""
   valid = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
   if name not in valid:
-    raise config_lib.ConfigError(f"unknown dtype {name!r}; valid: {', '.join(valid)}")
+    raise errors.ConfigError(f"unknown dtype {name!r}; valid: {', '.join(valid)}")
   return valid[name]
 
 
@@ -66,7 +66,7 @@ def build_autoencoder(config: ml_collections.ConfigDict, dtype: str | None = Non
       num_groups=vae.num_groups,
       dtype=dtype,
     )
-  raise config_lib.ConfigError(f"config.vae.kind={vae.kind!r}; valid kinds: {', '.join(VAE_KINDS)}")
+  raise errors.ConfigError(f"config.vae.kind={vae.kind!r}; valid kinds: {', '.join(VAE_KINDS)}")
 
 
 def build_pixel_decoder(config: ml_collections.ConfigDict) -> PixelAwareDecoder:

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from zipir_jax import config_lib
+from zipir_jax import errors
 
 Array = jax.Array
 Dtype = Any
@@ -183,7 +183,7 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 def resolve_attention_impl(name: str) -> str | None:
   """'auto' -> cuDNN flash attention on GPU, XLA elsewhere; 'xla' | 'cudnn' as given."""
   if name not in ATTENTION_IMPLS:
-    raise config_lib.ConfigError(f"attention_impl={name!r}; valid: {', '.join(ATTENTION_IMPLS)}")
+    raise errors.ConfigError(f"attention_impl={name!r}; valid: {', '.join(ATTENTION_IMPLS)}")
   if name == "auto":
     return "cudnn" if jax.default_backend() == "gpu" else "xla"
   return name
@@ -424,13 +424,13 @@ class ZipDiT(nn.Module):
 
   def _check_inputs(self, z_t: Array, lq_latent: Array, text_emb: Array, text_mask: Array) -> None:
     if self.lq_fusion not in LQ_FUSIONS:
-      raise config_lib.ConfigError(f"lq_fusion={self.lq_fusion!r}; valid: {', '.join(LQ_FUSIONS)}")
+      raise errors.ConfigError(f"lq_fusion={self.lq_fusion!r}; valid: {', '.join(LQ_FUSIONS)}")
     if self.remat_policy not in REMAT_POLICIES:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
         f"remat_policy={self.remat_policy!r}; valid: {', '.join(REMAT_POLICIES)}"
       )
     if self.hidden_size % self.num_heads:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
         f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
       )
     if z_t.ndim != 4:

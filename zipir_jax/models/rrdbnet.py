@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zipir_jax import weights as weights_lib
+from zipir_jax.errors import NcnnFormatError
 
 LEAKY_SLOPE = 0.2  # basicsr: nn.LeakyReLU(negative_slope=0.2).
 RESIDUAL_SCALE = 0.2  # ESRGAN (Wang et al. 2018) scales residuals by 0.2 for stable training.
@@ -253,10 +254,6 @@ NCNN_MAGIC = 7767517
 NCNN_TAG_FP16 = 0x01306B47
 NCNN_TAG_FP32 = 0x00000000
 NCNN_TAG_FP32_SCALED = 0x0002C056  # Raw float32 "with extra scaling"; the data is plain fp32.
-
-
-class NcnnFormatError(ValueError):
-  """An ncnn .param/.bin pair is malformed, truncated, or not an RRDBNet."""
 
 
 @dataclasses.dataclass(frozen=True)

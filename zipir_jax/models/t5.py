@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zipir_jax import weights
+from zipir_jax.errors import T5CheckpointError
 
 Array = jax.Array
 PathLike = str | os.PathLike[str]
@@ -54,10 +55,6 @@ _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
   "silu": nn.silu,
   "swish": nn.silu,
 }
-
-
-class T5CheckpointError(ValueError):
-  """A T5 checkpoint folder, config or state dict does not match what the encoder expects."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,10 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from zipir_jax import config_lib
-
-
-class MissingPrerequisiteError(FileNotFoundError):
-  """An earlier stage's export is not where this stage looks for it."""
+from zipir_jax.errors import MissingPrerequisiteError
 
 
 def stage_dir(workdir: str, stage: str) -> str:

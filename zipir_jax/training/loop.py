@@ -31,6 +31,7 @@ from zipir_jax import bundle as bundle_lib
 from zipir_jax import config_lib, parallel
 from zipir_jax import text as text_lib
 from zipir_jax.data import pipeline
+from zipir_jax.errors import NonFiniteError
 from zipir_jax.models import autoencoder, t5
 from zipir_jax.training import checkpointing, reporting, steps, text_cache
 from zipir_jax.training import state as state_lib
@@ -43,10 +44,6 @@ def to_host(tree: Any) -> Any:
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
   return multihost_utils.process_allgather(tree, tiled=True)
-
-
-class NonFiniteError(RuntimeError):
-  """Too many non-finite updates in a row; the last good checkpoint is on disk."""
 
 
 def text_encoder(config, rng: jax.Array):

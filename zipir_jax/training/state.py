@@ -30,7 +30,7 @@ import ml_collections
 import optax
 from flax import struct
 
-from zipir_jax import config_lib, losses, parallel
+from zipir_jax import config_lib, errors, losses, parallel
 from zipir_jax.models import autoencoder
 from zipir_jax.models import dit as dit_lib
 
@@ -94,21 +94,21 @@ class Models:
 def check_stage(config: ml_collections.ConfigDict) -> str:
   kind = config.vae.kind
   if kind not in STAGES:
-    raise config_lib.ConfigError(f"config.vae.kind={kind!r}; valid kinds: {', '.join(STAGES)}")
+    raise errors.ConfigError(f"config.vae.kind={kind!r}; valid kinds: {', '.join(STAGES)}")
   if config.stage not in STAGES[kind]:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
       f"config.stage={config.stage!r} is not a stage of the {kind} "
       f"experiments; valid: {', '.join(STAGES[kind])}"
     )
   if config.stage == "pixel_decoder" and not tuple(config.pixel_decoder.fusion_levels):
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
       "stage pixel_decoder with config.pixel_decoder.fusion_levels=() "
       "has nothing to train (D_f* without fusion levels is D_f); to "
       "restore with D_f, train the dit stage with "
       "--config.train.init_from.pixel_decoder=WORKDIR/vae_fine/export"
     )
   if kind == "sdvae" and tuple(config.pixel_decoder.fusion_levels):
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
       "the SD-VAE ablation has no pixel_decoder stage and decodes with "
       "its own decoder: set config.pixel_decoder.fusion_levels=() "
       "(configs/sdvae_f32c64.py does), not "

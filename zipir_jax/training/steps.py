@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from zipir_jax import config_lib, diffusion, losses, parallel
+from zipir_jax import diffusion, errors, latents, losses, parallel
 from zipir_jax import flops as flops_lib
 from zipir_jax.models import autoencoder
 from zipir_jax.models import dit as dit_lib
@@ -157,9 +157,7 @@ def discriminator_loss(
 def encode_latents(models: Models, frozen: dict, image: Array) -> Array:
   """Frozen VAE encoders (posterior mode), normalised per channel with the measured stats."""
   encoders = {k: frozen[k] for k in autoencoder.encoder_keys(models.config)}
-  z, _ = models.frozen_vae.apply({"params": encoders}, image, method="encode")
-  stats = frozen["latent_stats"]
-  return (z - stats["mean"]) / stats["std"]
+  return latents.encode(models.frozen_vae, encoders, image, frozen["latent_stats"])
 
 
 def dit_loss(
@@ -194,7 +192,7 @@ def dit_loss(
 def _microbatches(batch: dict, k: int) -> dict:
   def split(x):
     if x.shape[0] % k:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
         f"batch of {x.shape[0]} is not divisible by config.optim.grad_accum={k}"
       )
     return x.reshape((k, x.shape[0] // k) + x.shape[1:])
@@ -418,8 +416,11 @@ def _restore_preview(models: Models, state: TrainState, batch: dict, pixel_decod
       strength=diff.strength,
       clip_x0=diff.clip_x0 or None,
     )
-    stats = frozen["latent_stats"]
-    z = z * stats["std"] + stats["mean"]  # as restore.Restorer._decode_fn
-    return models.pixel_decoder.apply(
-      {"params": pixel_decoder}, z, batch["lq_up"], config.restore.fusion_weight
+    return latents.decode(
+      models.pixel_decoder,
+      pixel_decoder,
+      z,
+      batch["lq_up"],
+      frozen["latent_stats"],
+      config.restore.fusion_weight,
     )

@@ -43,6 +43,7 @@ import numpy as np
 
 from zipir_jax import config_lib
 from zipir_jax import text as text_lib
+from zipir_jax.errors import CaptionCacheError, MissingCaptionError
 from zipir_jax.models import t5
 
 FORMAT = "zipir-caption-cache"
@@ -61,17 +62,6 @@ _TOKENIZER_PROBE_LENGTH = 64
 # Weights are fingerprinted from this many evenly strided values per array (and every shape):
 # cheap for T5-XXL, and any retrained or different checkpoint differs in them.
 _FINGERPRINT_SAMPLES = 1 << 16
-
-
-class CaptionCacheError(ValueError):
-  """A caption cache is missing, incomplete, or does not belong to this run's text encoder."""
-
-
-class MissingCaptionError(CaptionCacheError, KeyError):
-  """A caption of the training data is not in the cache (it was built from other data)."""
-
-  def __str__(self) -> str:  # KeyError would repr() the message.
-    return str(self.args[0])
 
 
 # ------------------------------------------------------------------------------------------------
