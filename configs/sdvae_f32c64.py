@@ -10,8 +10,7 @@ from zipir_jax import config_lib
 
 
 def get_config(arg=None):
-  stage = config_lib.parse_stage(arg, config_lib.SDVAE_STAGES, "configs/sdvae_f32c64.py")
-  config = config_lib.base_config(stage, config_lib.SDVAE_STAGES)
+  config = config_lib.base_config(arg, "sdvae", "configs/sdvae_f32c64.py")
   config.name = "sdvae_f32c64"
   config_lib.sdvae(config)
   config_lib.ablation_dit(config)

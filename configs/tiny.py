@@ -8,11 +8,10 @@ from zipir_jax import config_lib
 
 
 def get_config(arg=None):
-  stage = config_lib.parse_stage(arg, config_lib.LPVAE_STAGES, "configs/tiny.py")
-  config = config_lib.base_config(stage, config_lib.LPVAE_STAGES)
+  config = config_lib.base_config(arg, "lpvae", "configs/tiny.py")
   config.name = "tiny"
   config_lib.tiny(config)
-  if stage == "pixel_decoder":
+  if config.stage == "pixel_decoder":
     # D_f*'s fusion layers start at zero and modulate every decoder level: the decoder copied from
     # D_f is far more sensitive to them than fresh layers, so this stage trains at a tenth of the
     # tiny lr (StableSR trains its fusion at 5e-5, as the paper's configs do).

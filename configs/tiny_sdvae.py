@@ -8,8 +8,7 @@ from zipir_jax import config_lib
 
 
 def get_config(arg=None):
-  stage = config_lib.parse_stage(arg, config_lib.SDVAE_STAGES, "configs/tiny_sdvae.py")
-  config = config_lib.base_config(stage, config_lib.SDVAE_STAGES)
+  config = config_lib.base_config(arg, "sdvae", "configs/tiny_sdvae.py")
   config.name = "tiny_sdvae"
   config_lib.sdvae(config)
   config_lib.tiny(config)

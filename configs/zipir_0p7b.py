@@ -8,8 +8,7 @@ from zipir_jax import config_lib
 
 
 def get_config(arg=None):
-  stage = config_lib.parse_stage(arg, config_lib.LPVAE_STAGES, "configs/zipir_0p7b.py")
-  config = config_lib.base_config(stage, config_lib.LPVAE_STAGES)
+  config = config_lib.base_config(arg, "lpvae", "configs/zipir_0p7b.py")
   config.name = "zipir_0p7b"
   config_lib.ablation_dit(config)
   config.lock()

@@ -7,7 +7,8 @@ import pytest
 from conftest import CONFIG_FILES, ROOT, subprocess_env
 
 from zipir_jax import config_lib
-from zipir_jax.models import autoencoder, summary
+from zipir_jax.models import autoencoder, count_params, summary
+from zipir_jax.training import stages
 
 # Shares the session fixture it needs with the other files of this group on one xdist worker.
 pytestmark = pytest.mark.xdist_group("tiny_lpvae")
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.xdist_group("tiny_lpvae")
 def test_the_configs_exist():
   assert {
     "configs/zipir_3b.py",
+    "configs/zipir_2p5b.py",
     "configs/zipir_0p7b.py",
     "configs/sdvae_f32c64.py",
     "configs/tiny.py",
@@ -26,7 +28,7 @@ def test_the_configs_exist():
 @pytest.mark.parametrize("path", CONFIG_FILES)
 def test_every_stage_loads_and_builds(path):
   default = config_lib.load_config(path)
-  for stage in default.stages:
+  for stage in stages.experiment(default.vae.kind).names:
     config = config_lib.load_config(f"{path}:{stage}")
     assert config.stage == stage and config.is_locked
     autoencoder.build_autoencoder(config)
@@ -53,7 +55,7 @@ def test_paper_numbers():
   ],
 )
 def test_wrong_stage_lists_the_valid_ones(path, stage):
-  valid = config_lib.load_config(path).stages
+  valid = stages.experiment(config_lib.load_config(path).vae.kind).names
   with pytest.raises(ValueError, match=f"unknown stage '{stage}'") as info:
     config_lib.load_config(f"{path}:{stage}")
   for name in valid:
@@ -90,7 +92,7 @@ def test_summary_counts_match_real_initialisation(tiny_config, tiny_lpvae):
     ("D_c  coarse decoder (training only)", "coarse_decoder"),
     ("D_f  fine decoder", "fine_decoder"),
   ]:
-    assert counts[name] == summary.count_params(params[key])
+    assert counts[name] == count_params(params[key])
   # D_f* = extractor (a subset of E_f) + D_f + the new fusion layers.
   assert counts["  of which extractor"] < counts["E_f  fine encoder"]
   assert (

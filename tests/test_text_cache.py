@@ -12,7 +12,7 @@ from zipir_jax import config_lib
 from zipir_jax import text as text_lib
 from zipir_jax.data import testing
 from zipir_jax.models import t5
-from zipir_jax.training import loop, text_cache
+from zipir_jax.training import loop, stages, text_cache
 
 # Captions of the image folder: duplicates, unicode, one image without a caption file ("").
 CAPTIONS = [
@@ -49,13 +49,16 @@ def fixture_setup(tmp_path_factory):
     "data": str(data),
     "config": config,
     "cache": cache,
-    "encoder": loop.dit_text_encoder(config),
+    "encoder": text_cache.dit_text_encoder(config),
   }
 
 
 def test_cached_embeddings_equal_the_encoder(setup):
   cache = setup["cache"]
-  assert cache.captions == ["", "a red fox in snow", "an astronaut", "東京の夜景 🙂, long exposure"]
+  # The data's captions, the CFG null "" first, and the negative prompts the dit stage trains with.
+  negatives = set(setup["config"].dit.negative_prompts)
+  data = ["a red fox in snow", "an astronaut", "東京の夜景 🙂, long exposure"]
+  assert cache.captions == ["", *sorted(set(data) | negatives)]
   text_config, params, tokenizer = setup["encoder"]
   for caption in cache.captions:  # one at a time: another batch shape than the cache's
     want, want_mask = text_lib.encode_prompts(
@@ -72,7 +75,7 @@ def test_cached_embeddings_equal_the_encoder(setup):
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 2**-5)])
 def test_dit_batch_from_cache_equals_t5_batch(setup, tmp_path, dtype, tol):
   config = dit_config(**{"text.dtype": dtype})
-  encoder = loop.dit_text_encoder(config)
+  encoder = text_cache.dit_text_encoder(config)
   # Batches of 16 while the dit batch is 4, as a real cache (64) against a real host batch.
   fillers = [f"filler caption {i}" for i in range(12)]
   cache = text_cache.build(
@@ -87,7 +90,7 @@ def test_dit_batch_from_cache_equals_t5_batch(setup, tmp_path, dtype, tol):
   assert np.load(tmp_path / "cache" / "embeddings.npy").dtype == (
     np.uint16 if dtype == "bfloat16" else np.float32
   )  # .npy has no bfloat16: bit pattern
-  cached = loop.caption_encoder(
+  cached = text_cache.caption_encoder(
     dit_config(**{"text.dtype": dtype, "text.embedding_cache": cache.folder}), *encoder
   )
   example = {
@@ -95,15 +98,16 @@ def test_dit_batch_from_cache_equals_t5_batch(setup, tmp_path, dtype, tol):
     "lq_up": np.ones((4, 64, 64, 3)),
     "caption": np.asarray(["an astronaut", "", "a red fox in snow", "an astronaut"]),
   }
-  from_t5 = loop._host_batch(example, "dit", 0, set(), loop.caption_encoder(config, *encoder))
-  from_cache = loop._host_batch(example, "dit", 0, set(), cached)
+  dit = stages.current(config)
+  from_t5 = loop._host_batch(example, dit, False, text_cache.caption_encoder(config, *encoder))
+  from_cache = loop._host_batch(example, dit, False, cached)
   assert from_cache.keys() == from_t5.keys() == {"hq", "lq_up", "text_emb", "text_mask"}
   for key in from_t5:
     assert from_cache[key].dtype == from_t5[key].dtype, key
     np.testing.assert_allclose(from_cache[key], from_t5[key], rtol=tol, atol=tol, err_msg=key)
   np.testing.assert_array_equal(from_cache["text_mask"], from_t5["text_mask"])
   null, null_mask = cached([""])  # the CFG null condition the loop freezes into the state
-  want, want_mask = loop.caption_encoder(config, *encoder)([""])
+  want, want_mask = text_cache.caption_encoder(config, *encoder)([""])
   np.testing.assert_allclose(
     np.asarray(null, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol
   )
@@ -122,7 +126,7 @@ def test_dit_batch_from_cache_equals_t5_batch(setup, tmp_path, dtype, tol):
 def test_mismatched_cache_is_refused(setup, overrides, differ):
   config = dit_config(**{"text.embedding_cache": setup["cache"].folder, **overrides})
   with pytest.raises(text_cache.CaptionCacheError) as e:
-    loop.caption_encoder(config, *loop.dit_text_encoder(config))
+    text_cache.caption_encoder(config, *text_cache.dit_text_encoder(config))
   assert differ in str(e.value) and setup["cache"].folder in str(e.value)
   assert "--overwrite" in str(e.value)
   if "seed" in overrides:  # other weights: named as such, with where each set came from
@@ -143,7 +147,7 @@ def test_missing_caption_is_an_error(setup):
     "caption": np.asarray(["unseen"]),
   }
   with pytest.raises(KeyError, match="'unseen'"):
-    loop._host_batch(example, "dit", 0, set(), cache.lookup)
+    loop._host_batch(example, stages.current(setup["config"]), False, cache.lookup)
   with pytest.raises(text_cache.CaptionCacheError, match="does not exist"):
     text_cache.CaptionCache(str(setup["root"] / "nowhere"))
 

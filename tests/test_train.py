@@ -22,7 +22,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ("vae_coarse", "vae_fine", "pixel_decoder", "dit")
 # Every vae_coarse run here compiles the same step (6 steps, discriminator from step 2: GAN
 # alternation covered), so the persistent compilation cache serves all but the first.
-COARSE = ("--config.loss.disc_start=2",)
+COARSE = ("--config.loss.disc_weight=0.5", "--config.loss.disc_start_fraction=0.34")
+# A second data phase from step index 3 (vae_fine's 1K-patch adaptation in miniature).
+PHASES = ("--config.data.phases=((3,((64,96,4),)),)",)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +116,14 @@ def test_stages_chain_from_command_line_then_make_demo(env, tmp_path, capsys):
       "pixel_decoder": ("--config.train.image_every=2",),
       "dit": ("--config.train.image_every=1",),
     }
-    ok(run_train(env, stage, workdir, *extra.get(stage, ()), num_steps=n))
+    log = ok(run_train(env, stage, workdir, *extra.get(stage, ()), num_steps=n)).stderr
+    # Each stage prints its resolved recipe first: active loss terms with their weights.
+    if stage == "dit":
+      assert re.search(r"loss epsilon MSE +1 \(t: logit_normal", log), log[-3000:]
+    else:
+      gan = "0.5 x adaptive weight from step 2 of 6" if stage == "vae_coarse" else "off \\(disc"
+      assert re.search(r"loss L1 +1\.0", log) and re.search(f"loss GAN +{gan}", log), log[-3000:]
+      assert re.search(r"loss LPIPS +off \(lpips_weight=0\)", log), log[-3000:]
     assert (workdir / stage / "checkpoints" / str(n) / "state").is_dir(), stage
     metrics = read_metrics(workdir / stage / "metrics.jsonl")
     assert len(metrics) == n and all(np.isfinite([m["loss"] for m in metrics])), (stage, metrics)
@@ -144,10 +153,12 @@ def test_stages_chain_from_command_line_then_make_demo(env, tmp_path, capsys):
   # exactly the trainable networks.
   coarse = restore_raw(workdir / "vae_coarse" / "export" / "params")
   fine = restore_raw(workdir / "vae_fine" / "export" / "params")
+  assert set(coarse) == {"macro", "coarse_encoder"}  # D_c is discarded (§3.1)
+  check_macro_statistics_are_the_datas(env, coarse["macro"])
   for stage, frozen_from, names in (
-    ("vae_fine", coarse, ("coarse_encoder",)),
-    ("pixel_decoder", fine, ("coarse_encoder", "fine_encoder")),
-    ("dit", fine, ("coarse_encoder", "fine_encoder")),
+    ("vae_fine", coarse, ("macro", "coarse_encoder")),
+    ("pixel_decoder", fine, ("macro", "coarse_encoder", "fine_encoder")),
+    ("dit", fine, ("macro", "coarse_encoder", "fine_encoder")),
   ):
     state = restore_raw(workdir / stage / "checkpoints" / "2" / "state")
     for name in names:
@@ -171,6 +182,27 @@ def test_stages_chain_from_command_line_then_make_demo(env, tmp_path, capsys):
 
   # `make demo` on these trained stages (its train.py commands are the ones run above).
   check_make_demo_reuses_finished_stages(workdir, tmp_path, capsys)
+
+
+def check_macro_statistics_are_the_datas(env, macro):
+  """vae_coarse measured z_macro's μ/σ on its own HQ crops (§3.1), not ImageNet's defaults: the
+  same batches drawn again in-process give the same per-channel moments."""
+  from zipir_jax import config_lib
+  from zipir_jax.models.lpvae import IMAGENET_MEAN
+  from zipir_jax.training import loop
+
+  config = config_lib.load_config("configs/tiny.py:vae_coarse")
+  config_lib.apply_overrides(config, {"data.path": env["data"], "data.buckets": ((64, 64, 4),)})
+  batches = loop.data_iterator(config, 0)
+  pixels = np.concatenate(
+    [
+      np.asarray(next(batches)["hq"], np.float64).reshape(-1, 3)
+      for _ in range(config.train.macro_stats_batches)
+    ]
+  )
+  np.testing.assert_allclose(macro["mean"], pixels.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(macro["std"], pixels.std(0), rtol=1e-5)
+  assert not np.allclose(macro["mean"], IMAGENET_MEAN, atol=1e-3)
 
 
 def check_make_demo_reuses_finished_stages(chain, tmp_path, capsys):
@@ -265,7 +297,7 @@ def test_nonfinite_batches_are_skipped_then_stop(env):
     "vae_coarse",
     workdir,
     *COARSE,
-    "--config.train.nan_steps=(1,3,4)",
+    "--config.debug.nan_steps=(1,3,4)",
     "--config.train.max_nonfinite=2",
     "--config.train.checkpoint_every=1",
     "--config.train.keep_checkpoints=10",
@@ -307,11 +339,13 @@ def run_until_sigterm(env, cmd, ready, log_path):
 
 
 def test_resume_after_sigkill_and_sigterm_matches_straight_run(env):
+  """Killed after step 3 (the last of data phase 1), preempted in phase 2, resumed each time: the
+  same metrics and bit-identical weights as one straight run through both phases."""
   straight, resumed = env["root"] / "straight", env["root"] / "resumed"
-  common = ("--config.train.checkpoint_every=1", *COARSE)
+  common = ("--config.train.checkpoint_every=1", *COARSE, *PHASES)
   ok(run_train(env, "vae_coarse", straight, *common, num_steps=6))
   killed = run_train(
-    env, "vae_coarse", resumed, *common, "--config.train.kill_after_step=3", num_steps=6
+    env, "vae_coarse", resumed, *common, "--config.debug.kill_after_step=3", num_steps=6
   )
   assert killed.returncode == -9, killed.stderr[-3000:]
   assert not (resumed / "vae_coarse" / "export").exists()
@@ -320,7 +354,13 @@ def test_resume_after_sigkill_and_sigterm_matches_straight_run(env):
   # seconds: no race with the run's end). Checkpoints now only every 1000 steps, asynchronous: a
   # checkpoint of the step in flight can only be the SIGTERM handler's.
   cmd = train_command(
-    env, "vae_coarse", resumed, *COARSE, "--config.train.async_checkpointing=True", num_steps=6
+    env,
+    "vae_coarse",
+    resumed,
+    *COARSE,
+    *PHASES,
+    "--config.train.async_checkpointing=True",
+    num_steps=6,
   )
   returncode, output = run_until_sigterm(
     env, cmd, "training vae_coarse: steps 4..6", env["root"] / "sigterm.log"

@@ -27,15 +27,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from zipir_jax import text
 from zipir_jax.errors import BundleError
 from zipir_jax.models import autoencoder, t5
 from zipir_jax.models import dit as dit_lib
 from zipir_jax.models.pixel_decoder import init_from_autoencoder
+from zipir_jax.training import stages
 
 PARTS = ("vae", "pixel_decoder", "dit", "latent_stats")
-# The autoencoder's own decoder and the stage that exports it, the last to train an encoder (its
-# export also measures the latent statistics): D_f of vae_fine, or the SD-VAE's of vae.
-PLAIN_DECODER = {"lpvae": ("fine_decoder", "vae_fine"), "sdvae": ("decoder", "vae")}
 
 
 @dataclasses.dataclass
@@ -64,7 +63,7 @@ def expected_shapes(config: ml_collections.ConfigDict) -> dict[str, Any]:
   dit_params = jax.eval_shape(lambda: dit_lib.init_dit(dit, jax.random.key(0), vae.latent_channels))
   stats = jax.ShapeDtypeStruct((vae.latent_channels,), jnp.float32)
   return {
-    "vae": {k: vae_params[k] for k in autoencoder.encoder_keys(config)},
+    "vae": stages.select(vae_params, stages.experiment(config.vae.kind).encoders),
     "pixel_decoder": pd_params,
     "dit": dit_params,
     "latent_stats": {"mean": stats, "std": stats},
@@ -115,30 +114,20 @@ def random_bundle(config: ml_collections.ConfigDict, rng: jax.Array) -> Bundle:
   pd = autoencoder.build_pixel_decoder(config)
   latent = jnp.zeros((1, 1, 1, vae.latent_channels))
   fresh = nn.meta.unbox(jax.jit(pd.init)(rng_pd, latent, jnp.zeros(image)))["params"]
-  lpvae = config.vae.kind == "lpvae"
+  experiment = stages.experiment(config.vae.kind)
   pd_params = init_from_autoencoder(
     fresh,
-    vae_params["fine_encoder" if lpvae else "encoder"],
-    vae_params["fine_decoder" if lpvae else "decoder"],
+    vae_params[experiment.full_resolution_encoder],
+    vae_params[experiment.plain_decoder],
   )
   dit = dit_lib.build_dit(config)
   params = {
-    "vae": {k: vae_params[k] for k in autoencoder.encoder_keys(config)},
+    "vae": stages.select(vae_params, experiment.encoders),
     "pixel_decoder": pd_params,
     "dit": dit_lib.init_dit(dit, rng_dit, vae.latent_channels),
     "latent_stats": {"mean": jnp.zeros(vae.latent_channels), "std": jnp.ones(vae.latent_channels)},
   }
-  if config.text.encoder_path:
-    text_config, text_params, tokenizer = t5.load_t5_encoder(
-      config.text.encoder_path, dtype=config.text.dtype
-    )
-  else:
-    import transformers  # pylint: disable=g-import-not-at-top
-
-    text_config = t5.tiny_byt5_config(d_model=config.dit.text_dim, dtype=config.text.dtype)
-    text_params = t5.init_t5_encoder(text_config, rng_text)
-    tokenizer = transformers.ByT5Tokenizer()
-  return Bundle(config, params, text_config, text_params, tokenizer)
+  return Bundle(config, params, *text.build_text_encoder(config, rng_text))
 
 
 def save_bundle(path: str, bundle: Bundle) -> None:
@@ -215,7 +204,8 @@ def with_plain_decoder(bundle: Bundle, export_path: str) -> Bundle:
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  key, stage = PLAIN_DECODER[bundle.config.vae.kind]
+  experiment = stages.experiment(bundle.config.vae.kind)
+  key, stage = experiment.plain_decoder, experiment.plain_decoder_stage
   params_path = os.path.join(os.path.abspath(export_path), "params")
   if not os.path.isdir(params_path):
     raise BundleError(

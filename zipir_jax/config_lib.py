@@ -1,9 +1,10 @@
-"""What every experiment config shares: the defaults, the stage names and config loading.
+"""What every experiment config shares: the defaults and config loading.
 
 Each file in ``configs/`` is one experiment (big_vision style): ``get_config(stage)`` starts from
-:func:`base_config`, changes the few numbers that make it that experiment, and returns a *locked*
-``ConfigDict`` so a misspelt key fails loudly (ml_collections names the fields that exist) instead of
-silently adding a new field.
+:func:`base_config` — the paper's sizes, with the active stage's recipe (steps, data phases, loss
+weights; ``training/stages.py``) filled in — changes the few numbers that make it that experiment,
+and returns a *locked* ``ConfigDict`` so a misspelt key fails loudly (ml_collections names the
+fields that exist) instead of silently adding a new field.
 """
 
 from __future__ import annotations
@@ -15,45 +16,25 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from zipir_jax import errors
 from zipir_jax.data import defaults as data_defaults
-
-# Progressive training (§3.1, §4): coarse LP-VAE, fine LP-VAE with E_c frozen, pixel-aware decoder
-# with E_c/E_f frozen, then the DiT on the frozen latent space.
-LPVAE_STAGES = ("vae_coarse", "vae_fine", "pixel_decoder", "dit")
-# The f32c64 SD-VAE ablation baseline (Table 4) has a single encoder, so a single VAE stage; its
-# restorations decode with that VAE's own decoder (the ablation precedes the pixel-aware decoder).
-SDVAE_STAGES = ("vae", "dit")
-
-# RGB statistics of ImageNet in the model's [-1, 1] pixel range. z_macro = (I↓32 - μ) / σ (§3.1) uses the
-# training set's statistics; these are the defaults until a run measures its own data.
-IMAGENET_MEAN = (2 * 0.485 - 1, 2 * 0.456 - 1, 2 * 0.406 - 1)
-IMAGENET_STD = (2 * 0.229, 2 * 0.224, 2 * 0.225)
+from zipir_jax.training import stages as stages_lib
 
 
-def parse_stage(arg: str | None, valid: Sequence[str], where: str) -> str:
-  """Returns the stage named by ``arg`` (the part after ':' in --config=file.py:stage)."""
-  if arg is None or arg == "":
-    return valid[-1]
-  if arg not in valid:
-    raise errors.ConfigError(
-      f"{where}: unknown stage {arg!r}; valid stages are: {', '.join(valid)} "
-      f"(e.g. --config={where}:{valid[0]})"
-    )
-  return arg
-
-
-def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
-  """Paper-size defaults shared by all experiments (supp. A); experiment files change a few fields."""
+def base_config(
+  arg: str | None, kind: str = "lpvae", where: str = "configs/<model>.py"
+) -> ml_collections.ConfigDict:
+  """Paper-size defaults shared by all experiments (supp. A) for the stage named by ``arg`` (the
+  part after ':' in --config=file.py:stage; default the last, dit) of the ``kind`` autoencoder's
+  experiment, with that stage's recipe applied; experiment files change a few fields."""
+  stage = stages_lib.parse_stage(arg, kind, where)
   config = ml_collections.ConfigDict()
   config.name = "zipir"
   config.stage = stage
-  config.stages = tuple(stages)
   config.seed = 0
 
   # --- Latent Pyramid VAE (§3.1, supp. A): pure convolutional, 128 base channels, 2 res-blocks/scale.
   vae = config.vae = ml_collections.ConfigDict()
-  vae.kind = "lpvae"  # "lpvae" | "sdvae"
+  vae.kind = kind  # "lpvae" | "sdvae" (the Table 4 baseline; see sdvae())
   vae.ch = 128
   vae.num_res_blocks = 2
   vae.num_groups = 32  # GroupNorm groups, as in the LDM autoencoder.
@@ -61,8 +42,6 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   vae.fine_ch_mult = (1, 2, 4, 4, 4, 4)  # E_f / D_f: f32 on I.
   vae.coarse_channels = 9
   vae.fine_channels = 52
-  vae.macro_mean = IMAGENET_MEAN
-  vae.macro_std = IMAGENET_STD
   # SD-VAE baseline only (Table 4): one LDM encoder with z_channels=64 and mult [1,2,4,4,4,4].
   vae.ch_mult = (1, 2, 4, 4, 4, 4)
   vae.z_channels = 64
@@ -83,14 +62,18 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   disc.num_layers = 3
 
   # --- Autoencoder losses: L1 + LPIPS + hinge GAN with adaptive weight + small KL (§3.1, [13]).
+  # The weights are the active stage's recipe (training/stages.py); see losses.py for the formula.
   loss = config.loss = ml_collections.ConfigDict()
   loss.l1_weight = 1.0
-  loss.lpips_weight = 1.0
+  loss.lpips_weight = 1.0  # > 0 needs loss.lpips_vgg16: a stage refuses to start without it.
+  # Unit: weight of the per-example KL sum (over latent elements) against the per-example sum of
+  # the reconstruction loss over the target's pixels and channels, as in LDM. The step divides both
+  # by that pixel count, so the balance does not depend on the crop size.
   loss.kl_weight = 1e-6
-  loss.disc_weight = 0.5
+  loss.disc_weight = 0.5  # multiplies LDM's adaptive generator weight; 0 = no GAN in this stage.
   loss.disc_factor = 1.0
-  loss.disc_start = 50_001  # generator steps before the discriminator loss is switched on.
-  loss.lpips_vgg16 = ""  # path to torchvision's vgg16 state dict; "" -> LPIPS term disabled.
+  loss.disc_start_fraction = 0.5  # the discriminator starts after this share of the stage's steps.
+  loss.lpips_vgg16 = ""  # torchvision's vgg16 state dict (.pth or .safetensors); see README.
   loss.lpips_heads = ""  # path to lpips' vgg.pth; "" -> the file shipped in the lpips wheel.
 
   # --- ZipDiT (§3.2, supp. A): 24 layers, hidden 2048, 16 heads, adaLN. Choices the paper leaves
@@ -99,7 +82,10 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   dit.depth = 24
   dit.hidden_size = 2048
   dit.num_heads = 16
-  dit.mlp_ratio = 4.0
+  # The paper fixes depth, width and heads (24 x 2048, 16) and the size (3.1 B, Table 3), not the
+  # MLP: its hidden size is the free dimension, 6.75 x 2048 = 13,824 (a multiple of 256) for
+  # 3,097,559,104 parameters (-0.1 %). configs/zipir_2p5b.py keeps DiT-XL's ratio 4 (2.54 B).
+  dit.mlp_ratio = 6.75
   dit.patch_size = 1
   dit.lq_fusion = "sum"  # "sum" | "concat"
   dit.text_dim = 4096  # T5-XXL encoder width.
@@ -116,6 +102,10 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   dit.remat_policy = "dots_with_no_batch_dims_saveable"
   dit.dtype = "bfloat16"  # compute dtype; params are always float32.
   dit.text_dropout = 0.05  # §3.2: caption replaced by the empty prompt's embedding, for CFG.
+  # §3.2 "we annotated low-quality images with negative prompts": this share of dit examples is an
+  # LQ target (its own LQ↑, encoded) captioned with one of negative_prompts (the recipe sets it).
+  dit.negative_rate = 0.0
+  dit.negative_prompts = stages_lib.NEGATIVE_PROMPTS
 
   # --- Diffusion (supp. A, §4): DDPM ε-prediction, β 0.00085 -> 0.012, logit-normal t; DDIM + CFG.
   diff = config.diffusion = ml_collections.ConfigDict()
@@ -127,10 +117,15 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   diff.timestep_sampling = "logit_normal"  # | "uniform"
   diff.logit_mean = 0.0  # t/T = sigmoid(N(logit_mean, logit_std²)) (SD3's default m=0, s=1).
   diff.logit_std = 1.0
+  # This share of timesteps is drawn uniformly instead: logit-normal(0, 1) alone gives the first
+  # trailing DDIM step (t = 999) and the last (t = 39) ~0.07 % of samples each; with 0.3 every one of
+  # the 25 sampler intervals gets >= 1.25 % (tests/test_diffusion.py checks the histogram).
+  diff.uniform_fraction = 0.3
   diff.sample_steps = 25  # §4: DDIM with 25 denoising steps.
   diff.eta = 0.0  # DDIM η: 0 deterministic, 1 ancestral (DDPM-like).
   diff.cfg_scale = 3.5
-  diff.negative_prompt = ""  # the unconditional branch's prompt (§3.2 uses annotated negatives).
+  # The unconditional branch's prompt: the first negative prompt the dit stage trains with (§3.2).
+  diff.negative_prompt = stages_lib.NEGATIVE_PROMPTS[0]
   diff.strength = 1.0  # start from the LQ latent noised to strength·T; 1 = pure noise.
   diff.clip_x0 = 0.0  # clip predicted x0 to [-c, c]; 0 = off (latents are not bounded).
 
@@ -166,8 +161,7 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   opt.b1 = 0.9
   opt.b2 = 0.95
   opt.warmup_steps = 1000
-  opt.batch_size = 128
-  opt.num_steps = 250_000
+  opt.num_steps = 250_000  # the recipe's; global batch sizes are in config.data.buckets
   opt.grad_clip = 1.0  # global-norm clipping of the trainable parameters' gradient.
   opt.ema_decay = 0.9999  # EMA of the weights, used for evaluation and export.
   opt.grad_accum = 1  # micro-batches per update (the batch is split inside the step).
@@ -177,7 +171,8 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   # Stage prerequisites: by default stage S reads WORKDIR/<the stage before S>/export; a non-empty
   # entry here names that export folder instead.
   tr = config.train = ml_collections.ConfigDict()
-  tr.init_from = ml_collections.ConfigDict(dict.fromkeys(stages[:-1], ""))
+  prerequisites = [s.prerequisite for s in stages_lib.experiment(kind).stages if s.prerequisite]
+  tr.init_from = ml_collections.ConfigDict(dict.fromkeys(prerequisites, ""))
   tr.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices.
   tr.log_every = 50
   tr.image_every = 1000  # image grids HQ | LQ↑ | output; 0 = never.
@@ -189,10 +184,17 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   tr.async_checkpointing = True
   tr.max_nonfinite = 10  # this many non-finite updates in a row stop the run.
   tr.latent_stats_batches = 64  # batches measured after vae_fine for per-channel latent mean/std.
+  # Batches measured before vae_coarse for z_macro's RGB mean/std (§3.1: "calculated from the
+  # entire training dataset"; a sample of it here).
+  tr.macro_stats_batches = 64
   tr.peak_tflops = 0.0  # per-device peak (bf16) for the MFU estimate; 0 = guess from device kind.
-  tr.nan_steps = ()  # testing: steps whose batch is replaced by NaNs (fault-handling tests).
-  tr.kill_after_step = 0  # testing: SIGKILL itself once this step's checkpoint is on disk.
 
+  # --- Fault injection for the tests of the training loop; never set in an experiment.
+  debug = config.debug = ml_collections.ConfigDict()
+  debug.nan_steps = ()  # steps whose batch is replaced by NaNs.
+  debug.kill_after_step = 0  # SIGKILL the process once this step's checkpoint is on disk.
+
+  stages_lib.apply_recipe(config, stages_lib.experiment(kind).stage(stage))
   return config
 
 
@@ -202,7 +204,6 @@ def sdvae(config: ml_collections.ConfigDict) -> None:
   LDM's autoencoder with ``z_channels`` 64 and mult [1,2,4,4,4,4], its middle attention kept. No
   pixel-aware decoder: the DiT's latents decode with the SD-VAE's own decoder.
   """
-  config.vae.kind = "sdvae"
   config.vae.mid_attention = True
   config.pixel_decoder.fusion_levels = ()
 
@@ -222,19 +223,16 @@ def ablation_dit(config: ml_collections.ConfigDict) -> None:
   config.dit.depth = 20
   config.dit.hidden_size = 1152
   config.dit.num_heads = 18
-
-
-def prerequisite_stage(config: ml_collections.ConfigDict) -> str | None:
-  """The stage whose export ``config.stage`` starts from: the one before it in ``config.stages``."""
-  i = tuple(config.stages).index(config.stage)
-  return config.stages[i - 1] if i else None
+  config.dit.mlp_ratio = 4.0
 
 
 def tiny(config: ml_collections.ConfigDict) -> None:
   """Toy widths, depths and batches for the CPU (tests, demo, notebook), set in place.
 
   Compression (32x), latent channels and every stage stay as in the paper; the CPU has no fast
-  bf16, so everything computes in float32.
+  bf16, so everything computes in float32. LPIPS is off: no package ships the VGG16 weights it
+  needs (README, "Bringing real weights"), and a stage with the term on refuses to start without
+  them.
   """
   config.vae.ch = 16
   config.vae.num_res_blocks = 1
@@ -244,13 +242,16 @@ def tiny(config: ml_collections.ConfigDict) -> None:
   config.dit.depth = 2
   config.dit.hidden_size = 64
   config.dit.num_heads = 4
+  config.dit.mlp_ratio = 4.0
   config.dit.text_dim = 64
   config.dit.dtype = "float32"
   config.vae.frozen_dtype = "float32"  # CPU: XLA emulates bf16 convolutions (slower, not faster).
   config.diffusion.sample_steps = 4
   config.text.max_length = 32
   config.text.dtype = "float32"
-  config.data.buckets = ((64, 64, 4), (64, 96, 4))  # (height, width, batch size)
+  config.data.buckets = ((64, 64, 4), (64, 96, 4))  # (height, width, global batch size)
+  config.data.phases = ()
+  config.loss.lpips_weight = 0.0
   config.data.num_workers = 0
   config.data.size_probe_records = 16
   config.data.eval_size = (64, 64)
@@ -259,8 +260,8 @@ def tiny(config: ml_collections.ConfigDict) -> None:
   config.optim.lr = 1e-3
   config.optim.end_lr = 1e-4
   config.optim.warmup_steps = 10
-  config.optim.batch_size = 4
   config.optim.num_steps = 100
+  config.train.macro_stats_batches = 4
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

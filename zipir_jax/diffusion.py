@@ -101,20 +101,30 @@ def sample_timesteps(
   sampling: str = "logit_normal",
   logit_mean: float = 0.0,
   logit_std: float = 1.0,
+  uniform_fraction: float = 0.0,
 ) -> Array:
   """Training timesteps (B,) int32 in [0, T).
 
-  ``logit_normal``: u = sigmoid(N(m, s²)), t = floor(u·T), so P(t ≤ k) = Φ((logit((k+1)/T) − m)/s).
+  ``logit_normal``: u = sigmoid(N(m, s²)), t = floor(u·T), so P(t ≤ k) = Φ((logit((k+1)/T) − m)/s);
+  with ``uniform_fraction`` p > 0 each example instead draws t uniformly with probability p (the
+  logit-normal puts almost no mass at the ends of [0, T) where DDIM's first and last steps sample).
   ``uniform``: t uniform on {0, …, T−1} (DDPM).
   """
-  if sampling == "logit_normal":
-    u = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, (batch,)))
-    return jnp.clip(jnp.floor(u * num_train_steps), 0, num_train_steps - 1).astype(jnp.int32)
+  if not 0.0 <= uniform_fraction <= 1.0:
+    raise errors.ConfigError(f"diffusion.uniform_fraction={uniform_fraction}: must be in [0, 1]")
   if sampling == "uniform":
     return jax.random.randint(rng, (batch,), 0, num_train_steps, dtype=jnp.int32)
-  raise errors.ConfigError(
-    f"timestep sampling {sampling!r}; valid: {', '.join(TIMESTEP_SAMPLINGS)}"
-  )
+  if sampling != "logit_normal":
+    raise errors.ConfigError(
+      f"timestep sampling {sampling!r}; valid: {', '.join(TIMESTEP_SAMPLINGS)}"
+    )
+  rng_t, rng_mix, rng_uniform = jax.random.split(rng, 3) if uniform_fraction else (rng, None, None)
+  u = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng_t, (batch,)))
+  t = jnp.clip(jnp.floor(u * num_train_steps), 0, num_train_steps - 1).astype(jnp.int32)
+  if not uniform_fraction:
+    return t
+  uniform = jax.random.randint(rng_uniform, (batch,), 0, num_train_steps, dtype=jnp.int32)
+  return jnp.where(jax.random.bernoulli(rng_mix, uniform_fraction, (batch,)), uniform, t)
 
 
 def pad_text(emb: Array, mask: Array, length: int, batch: int) -> tuple[Array, Array]:
@@ -185,6 +195,7 @@ def training_loss(
   sampling: str = "logit_normal",
   logit_mean: float = 0.0,
   logit_std: float = 1.0,
+  uniform_fraction: float = 0.0,
 ) -> tuple[Array, dict[str, Array]]:
   """ε-prediction loss of one batch of HQ latents ``x0`` given LQ latents and captions.
 
@@ -192,7 +203,9 @@ def training_loss(
   """
   rng_t, rng_noise, rng_drop = jax.random.split(rng, 3)
   b = x0.shape[0]
-  t = sample_timesteps(rng_t, b, schedule.num_train_steps, sampling, logit_mean, logit_std)
+  t = sample_timesteps(
+    rng_t, b, schedule.num_train_steps, sampling, logit_mean, logit_std, uniform_fraction
+  )
   noise = jax.random.normal(rng_noise, x0.shape, jnp.float32)
   z_t = q_sample(schedule, x0.astype(jnp.float32), t, noise)
   emb, mask = drop_text(rng_drop, text_emb, text_mask, null_emb, null_mask, text_dropout)
@@ -389,12 +402,3 @@ def make_ddim_sampler(
     )
 
   return sample
-
-
-def sampler_from_config(
-  denoise_fn: DenoiseFn, diffusion: ml_collections.ConfigDict
-) -> Callable[..., Array]:
-  """:func:`make_ddim_sampler` with ``config.diffusion``'s schedule, step count and x0 clipping."""
-  return make_ddim_sampler(
-    denoise_fn, schedule_from_config(diffusion), diffusion.sample_steps, diffusion.clip_x0 or None
-  )

@@ -20,6 +20,9 @@ from typing import Any
 import jax
 import ml_collections
 
+from zipir_jax.models import autoencoder
+from zipir_jax.models import dit as dit_lib
+
 
 def _dot_flops(eqn) -> float:
   lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
@@ -82,15 +85,15 @@ def dit_forward_flops(
   token, the text projection and cross-attention keys/values per text token, the timestep MLP and
   every adaLN modulation once per sample. Attention adds ``4·seq·keys·d`` per layer.
   """
-  from zipir_jax.models import dit as dit_lib  # pylint: disable=g-import-not-at-top
-
   d, depth, p = config.dit.hidden_size, config.dit.depth, config.dit.patch_size
   tokens = (latent_hw[0] // p) * (latent_hw[1] // p)
   seq = tokens * (2 if config.dit.lq_fusion == "concat" else 1)
   text_len = config.text.max_length if text_len is None else text_len
   model = dit_lib.build_dit(config).clone(scan_layers=True)
   params = jax.eval_shape(
-    lambda: dit_lib.init_dit(model, jax.random.key(0), dit_lib.latent_channels(config))
+    lambda: dit_lib.init_dit(
+      model, jax.random.key(0), autoencoder.build_autoencoder(config).latent_channels
+    )
   )
   dense = 0.0
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):

@@ -1,22 +1,32 @@
-"""Autoencoder losses of the LP-VAE stages (§3.1: L1 + LPIPS + patch GAN, as in LDM [13]; small KL).
+"""Autoencoder losses of the LP-VAE stages (§3.1: L1 + LPIPS + patch GAN, as in [13] and LDM; KL).
 
-Pure functions on arrays. The training step composes them:
+Pure functions on arrays. The training step composes them as LDM's objective divided by N, the
+number of elements (pixels x channels) of one target image, so that no term's weight depends on
+the crop size:
 
-  nll   = l1_weight * |x - x̂| + lpips_weight * LPIPS(x, x̂)          (per pixel, then mean)
-  g     = -mean(D(x̂))                                                 (hinge generator loss)
-  loss  = nll + kl_weight * KL + d_weight * disc_factor(step) * g
+  nll   = l1_weight * mean|x - x̂| + lpips_weight * mean LPIPS(x, x̂)    (= LDM's per-example sum / N)
+  kl    = mean over the batch of KL(q(z|x) || N(0, I)) summed over latent elements
+  g     = -mean(D(x̂))                                                  (hinge generator loss)
+  loss  = nll + kl_weight * kl / N + d_weight * disc_factor(step) * g
   d_weight = disc_weight * ||∇_W nll|| / (||∇_W g|| + 1e-4),  W = decoder's last layer
   D-loss = disc_factor(step) * hinge(D(x), D(x̂))
+
+LDM weighs the per-example *sums* of reconstruction and KL with ``kl_weight`` 1e-6; dividing both by
+N keeps that balance and is resolution-independent (the KL sum and N both grow with H·W). The
+adaptive weight follows nll's scale, so the GAN term keeps LDM's balance too.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from zipir_jax import errors
 from zipir_jax.models import lpips
 from zipir_jax.models.vae_blocks import DiagonalGaussian
 
@@ -40,14 +50,24 @@ def reconstruction_loss(
 def perceptual_from_config(
   loss_config: ml_collections.ConfigDict,
 ) -> Callable[[Array, Array], Array] | None:
-  """LPIPS(x, y) -> (B,) from ``config.loss`` weight files, or None when no VGG16 file is given.
+  """LPIPS(x, y) -> (B,) from ``config.loss`` weight files; None when ``lpips_weight`` is 0.
 
   The VGG16 trunk is the user's (torchvision state dict, .pth or .safetensors); the heads default to
-  the file shipped in the lpips wheel. Nothing is downloaded.
+  the file shipped in the lpips wheel. Nothing is downloaded. A positive weight without the VGG16
+  file is refused: the paper's perceptual term is never switched off silently.
   """
-  if not loss_config.lpips_vgg16 or not loss_config.lpips_weight:
+  if not loss_config.lpips_weight:
     return None
-  variables = lpips.load(loss_config.lpips_vgg16, loss_config.lpips_heads or None)
+  path = loss_config.lpips_vgg16
+  if not path or not os.path.isfile(path):
+    where = f"{path!r} does not exist" if path else "is not set"
+    raise errors.ConfigError(
+      f"config.loss.lpips_weight={loss_config.lpips_weight} needs torchvision's VGG16 weights, but "
+      f"config.loss.lpips_vgg16 {where}. Make the file once with torchvision: torch.save("
+      "torchvision.models.vgg16(weights='IMAGENET1K_V1').state_dict(), 'vgg16.pth'), then pass "
+      "--config.loss.lpips_vgg16=vgg16.pth (or --config.loss.lpips_weight=0 to train without LPIPS)"
+    )
+  variables = lpips.load(path, loss_config.lpips_heads or None)
   model = lpips.LPIPS()
   return lambda x, y: model.apply(variables, x, y)
 
@@ -55,6 +75,11 @@ def perceptual_from_config(
 def kl_loss(posteriors: Mapping[str, DiagonalGaussian]) -> Array:
   """Sum over the learned latent levels (coarse, fine) of KL(q || N(0, I)), mean over the batch."""
   return sum(jnp.mean(p.kl()) for p in posteriors.values())
+
+
+def per_target_element(value: Array, target: Array) -> Array:
+  """``value`` (a per-example sum, e.g. the KL) divided by one target image's element count."""
+  return value / math.prod(target.shape[1:])
 
 
 def hinge_discriminator_loss(logits_real: Array, logits_fake: Array) -> Array:

@@ -60,3 +60,11 @@ def tiny_text_encoder(rng: Array, **overrides: Any) -> tuple[t5.T5Config, Any, A
 
   config = t5.tiny_byt5_config(**overrides)
   return config, t5.init_t5_encoder(config, rng), transformers.ByT5Tokenizer()
+
+
+def build_text_encoder(config: Any, rng: Array) -> tuple[t5.T5Config, Any, Any]:
+  """``(config, params, tokenizer)`` of an experiment's T5: the local Hugging Face folder
+  ``config.text.encoder_path``, else the tiny random ByT5-style one (``rng``) of tests and demo."""
+  if config.text.encoder_path:
+    return t5.load_t5_encoder(config.text.encoder_path, dtype=config.text.dtype)
+  return tiny_text_encoder(rng, d_model=config.dit.text_dim, dtype=config.text.dtype)

@@ -10,6 +10,21 @@ the device).
 
 import ml_collections
 
+# The dit stage's buckets (§3.2: "we mix crop patches ranging from 512² to 4096²"; §4: "we mix
+# resolutions and aspect ratios ... similar to [SDXL], using a batch size of 128"). The sizes and the
+# batch sizes of buckets larger than 1024² are ours: they keep the latent tokens per batch near
+# 128 x 1024² ≈ 131K.
+DIT_BUCKETS = (
+  (512, 512, 128),
+  (1024, 1024, 128),
+  (768, 1344, 128),
+  (1344, 768, 128),
+  (2048, 2048, 32),
+  (1536, 2688, 32),
+  (2688, 1536, 32),
+  (4096, 4096, 8),
+)
+
 
 def get_degradation_config() -> ml_collections.ConfigDict:
   """Real-ESRGAN second-order degradation (Wang et al. 2021, ``train_realesrgan_x4plus.yml``).
@@ -126,21 +141,14 @@ def get_data_config() -> ml_collections.ConfigDict:
   data.caption_key = ""  # TFDS feature holding the caption; "" -> empty captions.
   data.extensions = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
-  # ---- Multi-resolution buckets (§3.2: "we mix crop patches ranging from 512² to 4096²"; §4: "we
-  # mix resolutions and aspect ratios ... similar to [SDXL], using a batch size of 128").
-  # (height, width, global batch size); each process gets batch // process_count. Sides are
-  # multiples of 32 (the LP-VAE latent is H/32 x W/32). The sizes and the batch sizes of buckets
-  # larger than 1024² are ours: they keep the latent tokens per batch at 128 x 1024² ≈ 131K.
-  data.buckets = (
-    (512, 512, 128),
-    (1024, 1024, 128),
-    (768, 1344, 128),
-    (1344, 768, 128),
-    (2048, 2048, 32),
-    (1536, 2688, 32),
-    (2688, 1536, 32),
-    (4096, 4096, 8),
-  )
+  # ---- Multi-resolution buckets: (height, width, global batch size); each process gets
+  # batch // process_count. Sides are multiples of 32 (the LP-VAE latent is H/32 x W/32). Each
+  # training stage sets its own (training/stages.py: the paper's recipe per stage).
+  data.buckets = DIT_BUCKETS
+  # Later data phases of a stage: ((first step, buckets), ...), e.g. vae_fine's 1K-patch adaptation
+  # (§4). Each phase has its own iterator (checkpointed with the train state, so a run resumes
+  # mid-phase); () = one phase.
+  data.phases = ()
   # Relative frequency of each bucket's *batches*; () -> all equal. The schedule is a fixed
   # deterministic interleaving (grain's mix), identical on every process so shapes agree.
   data.bucket_weights = ()

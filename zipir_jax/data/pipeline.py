@@ -45,6 +45,7 @@ import grain
 import numpy as np
 from absl import flags, logging
 
+from zipir_jax import errors
 from zipir_jax.data import buckets as buckets_lib
 from zipir_jax.data import decode, degradations, eval_presets, sources
 
@@ -74,6 +75,9 @@ class TrainingExampleMaker(grain.transforms.RandomMap):
   alpha_background: int
   emit_lq: bool
   skip_log: decode.SkipLog
+  degrade: bool = True  # False: HQ crops only (the autoencoder stages need no LQ)
+  negative_rate: float = 0.0  # share of examples turned into (LQ↑ as target, negative prompt)
+  negative_prompts: tuple[str, ...] = ()
 
   def random_map(self, record: sources.Record, rng: np.random.Generator) -> dict[str, Any] | None:
     name = record["name"]
@@ -112,6 +116,8 @@ class TrainingExampleMaker(grain.transforms.RandomMap):
         f"header says {size[0]}x{size[1]} but decodes to {image.shape[0]}x{image.shape[1]}",
       )
       return None
+    if not self.degrade:
+      return {"hq": crop, "caption": record["caption"], "scale": np.float32(1.0)}
     pair = degradations.degrade(crop, rng, self.degradation)
     example = {
       "hq": pair.hq,
@@ -121,6 +127,11 @@ class TrainingExampleMaker(grain.transforms.RandomMap):
     }
     if self.emit_lq:
       example["lq"] = pair.lq
+    if self.negative_rate and rng.uniform() < self.negative_rate:
+      # §3.2's negative prompts: the example's own LQ↑ is the target and a negative prompt its
+      # caption, so CFG with that prompt as the unconditional branch steers away from LQ looks.
+      example["hq"] = pair.lq_up.copy()
+      example["caption"] = self.negative_prompts[int(rng.integers(len(self.negative_prompts)))]
     return example
 
   def _crop(
@@ -275,11 +286,15 @@ def create_train_dataset(
   process_index: int = 0,
   process_count: int = 1,
   source: Any = None,
+  degrade: bool = True,
+  negative_rate: float = 0.0,
+  negative_prompts: tuple[str, ...] = (),
 ) -> grain.IterDataset:
   """The training ``grain.IterDataset`` described in the module docstring.
 
   ``source`` overrides ``config.data.source`` (any object with ``__len__``/``__getitem__``
-  returning :mod:`sources` records).
+  returning :mod:`sources` records). ``degrade=False`` emits HQ crops only (no ``lq_up``);
+  ``negative_rate`` of the examples become (LQ↑ as ``hq``, a caption from ``negative_prompts``).
   """
   if not 0 <= process_index < process_count:
     raise ValueError(
@@ -289,6 +304,13 @@ def create_train_dataset(
     raise ValueError(
       f"config.data.output: expected 'float' or 'uint8', got {config_data['output']!r}"
     )
+  if not 0.0 <= negative_rate <= 1.0 or (negative_rate and not negative_prompts):
+    raise errors.ConfigError(
+      f"negative prompts: rate {negative_rate} must be in [0, 1] with a non-empty list of prompts "
+      f"(config.dit.negative_rate, config.dit.negative_prompts), got {tuple(negative_prompts)}"
+    )
+  if not degrade and config_data["emit_lq"]:
+    raise errors.ConfigError("config.data.emit_lq needs degraded examples (a stage with LQ↑)")
   source = sources.create_source(config_data) if source is None else source
   bucket_list = buckets_lib.parse_buckets(config_data["buckets"], process_count)
   weights = buckets_lib.bucket_weights(config_data["bucket_weights"], len(bucket_list))
@@ -328,6 +350,9 @@ def create_train_dataset(
       alpha_background=int(config_data["alpha_background"]),
       emit_lq=bool(config_data["emit_lq"]),
       skip_log=skip_log,
+      degrade=degrade,
+      negative_rate=float(negative_rate),
+      negative_prompts=tuple(negative_prompts),
     )
     ds = grain.MapDataset.source(source)
     if config_data["shuffle"]:
@@ -364,11 +389,13 @@ def create_train_iterator(
   process_index: int = 0,
   process_count: int = 1,
   source: Any = None,
+  **example_options: Any,
 ) -> grain.DatasetIterator:
   """Checkpointable iterator of training batches (``get_state``/``set_state``, Orbax-compatible).
 
   On a multi-host run pass ``jax.process_index()`` / ``jax.process_count()``; each process then
   yields its share (batch // process_count) of every global batch, with the same bucket schedule.
+  ``example_options``: :func:`create_train_dataset`'s ``degrade``, ``negative_*``.
   """
   return iter(
     create_train_dataset(
@@ -377,6 +404,7 @@ def create_train_iterator(
       process_index=process_index,
       process_count=process_count,
       source=source,
+      **example_options,
     )
   )
 

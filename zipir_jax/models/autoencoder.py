@@ -31,11 +31,6 @@ def compute_dtype(name: str) -> jnp.dtype:
   return valid[name]
 
 
-def encoder_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The encoder sub-networks that make the DiT's latent: E_c and E_f (or the SD-VAE's encoder)."""
-  return ("coarse_encoder", "fine_encoder") if config.vae.kind == "lpvae" else ("encoder",)
-
-
 def build_autoencoder(config: ml_collections.ConfigDict, dtype: str | None = None) -> LPVAE | SDVAE:
   """The experiment's VAE: the LP-VAE (§3.1) or the f32c64 SD-VAE baseline (Table 4).
 
@@ -51,8 +46,6 @@ def build_autoencoder(config: ml_collections.ConfigDict, dtype: str | None = Non
       num_res_blocks=vae.num_res_blocks,
       coarse_channels=vae.coarse_channels,
       fine_channels=vae.fine_channels,
-      macro_mean=tuple(vae.macro_mean),
-      macro_std=tuple(vae.macro_std),
       num_groups=vae.num_groups,
       dtype=dtype,
     )

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from zipir_jax import errors
+from zipir_jax.models import autoencoder, count_params
 
 Array = jax.Array
 Dtype = Any
@@ -555,14 +556,6 @@ def build_dit(config: ml_collections.ConfigDict) -> ZipDiT:
   )
 
 
-def latent_channels(config: ml_collections.ConfigDict) -> int:
-  """Channels of the VAE latent the DiT models: 3 + 9 + 52 = 64 for the LP-VAE (§3.1)."""
-  vae = config.vae
-  if vae.kind == "lpvae":
-    return 3 + vae.coarse_channels + vae.fine_channels
-  return vae.z_channels
-
-
 def dummy_inputs(
   model: ZipDiT,
   channels: int,
@@ -613,10 +606,6 @@ def as_denoise_fn(model: ZipDiT) -> Callable[..., Array]:
   return denoise_fn
 
 
-def _count(tree: Any) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-
-
 def param_breakdown(config: ml_collections.ConfigDict) -> dict[str, int]:
   """Exact parameter counts of the config's ZipDiT per component, by ``jax.eval_shape``.
 
@@ -624,24 +613,28 @@ def param_breakdown(config: ml_collections.ConfigDict) -> dict[str, int]:
   whole network.
   """
   model = build_dit(config).clone(scan_layers=True)
-  params = jax.eval_shape(lambda: init_dit(model, jax.random.key(0), latent_channels(config)))
+  params = jax.eval_shape(
+    lambda: init_dit(
+      model, jax.random.key(0), autoencoder.build_autoencoder(config).latent_channels
+    )
+  )
   blocks = params["blocks"]
   counts = {
-    "x_embedder (z_t patches)": _count(params["x_embedder"]),
-    "lq_embedder (LQ patches)": _count(params["lq_embedder"]),
-    "t_embedder (timestep MLP)": _count(params["t_embedder"]),
-    "text_projection (T5 -> hidden)": _count(
+    "x_embedder (z_t patches)": count_params(params["x_embedder"]),
+    "lq_embedder (LQ patches)": count_params(params["lq_embedder"]),
+    "t_embedder (timestep MLP)": count_params(params["t_embedder"]),
+    "text_projection (T5 -> hidden)": count_params(
       {k: v for k, v in params.items() if k.startswith("text_projection")}
     ),
-    "blocks: self-attention": _count(blocks["self_attn"]),
-    "blocks: cross-attention": _count(
+    "blocks: self-attention": count_params(blocks["self_attn"]),
+    "blocks: cross-attention": count_params(
       {k: v for k, v in blocks.items() if k.startswith("cross_attn")}
     ),
-    "blocks: MLP": _count({k: blocks[k] for k in ("fc1", "fc2")}),
-    "blocks: adaLN modulation": _count(blocks["adaLN_modulation"]),
-    "final_layer": _count(params["final_layer"]),
+    "blocks: MLP": count_params({k: blocks[k] for k in ("fc1", "fc2")}),
+    "blocks: adaLN modulation": count_params(blocks["adaLN_modulation"]),
+    "final_layer": count_params(params["final_layer"]),
   }
-  counts["total"] = _count(params)
+  counts["total"] = count_params(params)
   if sum(counts.values()) != 2 * counts["total"]:
     raise AssertionError(f"param_breakdown misses parameters: {sorted(params)} / {sorted(blocks)}")
   return counts

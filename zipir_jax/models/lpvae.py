@@ -2,12 +2,16 @@
 
 Three levels compress an image I (H x W, multiples of 32) into a 64-channel latent at H/32 x W/32:
 
-* ``z_macro  = (I↓32 - μ) / σ``              3 channels, no parameters (area down-sampling),
+* ``z_macro  = (I↓32 - μ) / σ``              3 channels, μ/σ the training data's RGB statistics,
 * ``z_coarse = E_c(I↓4)``                     9 channels, E_c with mult [1, 2, 4, 4],
 * ``z_fine   = E_f(I)``                       52 channels, E_f with mult [1, 2, 4, 4, 4, 4],
 
 concatenated as ``z = [z_macro | z_coarse | z_fine]``. D_c decodes ``[z_macro | z_coarse]`` (12 ch) to
 I↓4 and is used only while training E_c (stage ``vae_coarse``); D_f decodes all 64 channels to I.
+
+μ and σ are parameters of the ``macro`` sub-network, never trained: stage ``vae_coarse`` measures
+them on its data before its first step and every later export and bundle carries them, like the
+latent statistics. Until then they are ImageNet's.
 """
 
 from __future__ import annotations
@@ -46,16 +50,36 @@ def area_downsample(image: Array, factor: int) -> Array:
   return image.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
 
 
-def macro_latent(
-  image: Array, mean: Sequence[float], std: Sequence[float], factor: int = 32
-) -> Array:
+# RGB statistics of ImageNet in the model's [-1, 1] pixel range: z_macro's μ/σ before a
+# vae_coarse run replaces them with its training data's.
+IMAGENET_MEAN = (2 * 0.485 - 1, 2 * 0.456 - 1, 2 * 0.406 - 1)
+IMAGENET_STD = (2 * 0.229, 2 * 0.224, 2 * 0.225)
+
+
+def macro_latent(image: Array, mean: Array, std: Array, factor: int = 32) -> Array:
   """z_macro = (I↓32 - μ) / σ with the dataset's RGB statistics (§3.1)."""
   down = area_downsample(image.astype(jnp.float32), factor)
   return (down - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
+class MacroLevel(nn.Module):
+  """z_macro's statistics as (untrained) parameters ``mean`` and ``std``, one per RGB channel."""
+
+  factor: int = 32
+
+  @nn.compact
+  def __call__(self, image: Array) -> Array:
+    def constant(values):
+      init = lambda _, shape, dtype=jnp.float32: jnp.asarray(values, dtype).reshape(shape)
+      return nn.with_logical_partitioning(init, ("norm",))
+
+    mean = self.param("mean", constant(IMAGENET_MEAN), (MACRO_CHANNELS,))
+    std = self.param("std", constant(IMAGENET_STD), (MACRO_CHANNELS,))
+    return macro_latent(image, mean, std, self.factor)
+
+
 class LPVAE(nn.Module):
-  """E_c, E_f, D_c, D_f and the parameter-free macro level.
+  """E_c, E_f, D_c, D_f and the macro level (μ/σ only).
 
   Methods (use with ``module.apply(params, ..., method=...)``): ``encode``, ``encode_coarse``,
   ``decode``, ``decode_coarse``; ``__call__`` is encode + decode; ``init_all`` creates every
@@ -68,8 +92,6 @@ class LPVAE(nn.Module):
   num_res_blocks: int = 2
   coarse_channels: int = 9
   fine_channels: int = 52
-  macro_mean: Sequence[float] = (0.0, 0.0, 0.0)
-  macro_std: Sequence[float] = (1.0, 1.0, 1.0)
   num_groups: int = 32
   dtype: Any = jnp.float32
 
@@ -96,6 +118,7 @@ class LPVAE(nn.Module):
     common = dict(
       ch=self.ch, num_res_blocks=self.num_res_blocks, num_groups=self.num_groups, dtype=self.dtype
     )
+    self.macro = MacroLevel(self.factor)
     self.coarse_encoder = Encoder(
       ch_mult=self.coarse_ch_mult, out_channels=self.coarse_channels, **common
     )
@@ -114,7 +137,7 @@ class LPVAE(nn.Module):
       self.coarse_encoder(area_downsample(image, self.coarse_input_factor))
     )
     z_coarse = posterior.mode() if rng is None else posterior.sample(rng)
-    z_macro = macro_latent(image, self.macro_mean, self.macro_std, self.factor)
+    z_macro = self.macro(image)
     return jnp.concatenate([z_macro, z_coarse], axis=-1), {"coarse": posterior}
 
   def encode(

@@ -2,6 +2,7 @@ r"""Parameter counts per component and latent shapes, without allocating a singl
 
   python -m zipir_jax.models.summary --config=configs/zipir_3b.py [--size=2048 | --size=2048x1376]
   python -m zipir_jax.models.summary            # every config in configs/
+  python -m zipir_jax.models.summary --config=configs/zipir_3b.py --stages   # the training recipe
 
 Everything is computed with ``jax.eval_shape`` (abstract shapes only), so the 3 B model's summary
 runs on a laptop.
@@ -10,7 +11,6 @@ runs on a laptop.
 from __future__ import annotations
 
 import glob
-import math
 import os
 from collections.abc import Mapping
 
@@ -21,17 +21,15 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from zipir_jax import config_lib
-from zipir_jax.models import autoencoder, dit
+from zipir_jax.models import autoencoder, count_params, dit
+from zipir_jax.training import stages
 
 
 def define_flags() -> None:
   """Command-line flags (defined only when run as a program, so imports never clash)."""
   config_flags.DEFINE_config_file("config", None, "Experiment config (default: all).")
   flags.DEFINE_string("size", "2048", "Input size for the latent shapes: N or HxW.")
-
-
-def count_params(tree: Mapping) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  flags.DEFINE_bool("stages", False, "Print the training recipe, stage by stage, instead.")
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -111,8 +109,27 @@ def format_summary(name: str, config: ml_collections.ConfigDict, summary: Mappin
   return "\n".join(lines)
 
 
+def format_stages(config_file: str, config: ml_collections.ConfigDict) -> str:
+  """Every stage of ``config_file``'s experiment as ``stages.describe`` resolves it; the loaded
+  ``config`` (command-line overrides included) stands for its own stage."""
+  blocks = []
+  for name in stages.experiment(config.vae.kind).names:
+    stage_config = (
+      config if name == config.stage else config_lib.load_config(f"{config_file}:{name}")
+    )
+    blocks.append(f"== {config_file}:{name}\n" + stages.format_table(stages.describe(stage_config)))
+  return "\n\n".join(blocks)
+
+
 def main(argv):
   del argv
+  if flags.FLAGS.stages:
+    if flags.FLAGS.config is None:
+      raise app.UsageError("--stages needs --config=configs/<experiment>.py")
+    print(
+      format_stages(flags.FLAGS["config"].config_filename.partition(":")[0], flags.FLAGS.config)
+    )
+    return
   height, width = parse_size(flags.FLAGS.size)
   if flags.FLAGS.config is not None:
     items = [(flags.FLAGS["config"].config_filename, flags.FLAGS.config)]

@@ -7,15 +7,14 @@ Workdir layout (``--workdir=runs/tiny``; one folder per stage, so stages chain w
   runs/tiny/dit/bundle/                               the restoration bundle sample.py loads
   runs/tiny/<stage>/metrics.jsonl, images/            reporting
 
-Stage S reads the export of the stage before it in ``config.stages``
-(``config_lib.prerequisite_stage``) from ``WORKDIR/<that stage>/export`` unless
-``config.train.init_from.<that stage>`` names another folder. Each export carries forward what later
-stages need (frozen encoders, D_f, latent statistics).
+Stage S reads the export of its prerequisite stage (``stages.Stage.prerequisite``) from
+``WORKDIR/<that stage>/export`` unless ``config.train.init_from.<that stage>`` names another folder.
+Each export carries forward what later stages need (``stages.Stage.exports``: frozen encoders, D_f,
+z_macro and latent statistics).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -24,8 +23,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from zipir_jax import config_lib
 from zipir_jax.errors import MissingPrerequisiteError
+from zipir_jax.training import stages
 
 
 def stage_dir(workdir: str, stage: str) -> str:
@@ -37,18 +36,21 @@ def export_dir(workdir: str, stage: str) -> str:
 
 
 def prerequisite_path(config, workdir: str) -> str | None:
-  earlier = config_lib.prerequisite_stage(config)
+  earlier = stages.current(config).prerequisite
   if earlier is None:
     return None
   return os.path.abspath(config.train.init_from[earlier] or export_dir(workdir, earlier))
 
 
 def load_prerequisites(config, workdir: str, config_file: str = "configs/<model>.py") -> dict:
-  """Parameters exported by the earlier stage; refuses with the command that produces them."""
+  """Parameters exported by the earlier stage; refuses with the command that produces them, or
+  naming what the export lacks of what the stage reads (the dit stage's decoder is checked where it
+  is chosen, ``export.restoration_decoder``)."""
   path = prerequisite_path(config, workdir)
   if path is None:
     return {}
-  earlier = config_lib.prerequisite_stage(config)
+  stage = stages.current(config)
+  earlier = stage.prerequisite
   if not os.path.isdir(os.path.join(path, "params")):
     raise MissingPrerequisiteError(
       f"stage {config.stage!r} needs the {earlier!r} export at {path} (its params/ folder is "
@@ -56,7 +58,19 @@ def load_prerequisites(config, workdir: str, config_file: str = "configs/<model>
       f"--workdir={os.path.abspath(workdir)}\nor point --config.train.init_from.{earlier}=DIR at "
       f"an existing export."
     )
-  return restore_export(path)
+  prereqs = restore_export(path)
+  decoders = {"pixel_decoder", stages.experiment(config.vae.kind).plain_decoder}
+  needed = [
+    k
+    for k in stage.reads
+    if k not in prereqs and not (stage.exports == ("bundle",) and k in decoders)
+  ]
+  if needed:
+    raise MissingPrerequisiteError(
+      f"stage {stage.name!r} reads {', '.join(needed)} from the {earlier!r} export at {path}, "
+      f"which holds only {', '.join(sorted(prereqs))}: it was written by another stage or version"
+    )
+  return prereqs
 
 
 def save_export(path: str, config, params: dict) -> None:
@@ -116,8 +130,3 @@ def restore(
     ),
   )
   return restored["state"], step
-
-
-def read_export_config(path: str) -> dict:
-  with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-    return json.load(f)

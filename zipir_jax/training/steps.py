@@ -1,10 +1,11 @@
 """The pure training step of every stage, jitted once per stage with explicit shardings.
 
-VAE stages (§3.1; LDM autoencoder recipe): one generator update (L1 + LPIPS + KL + adaptively
-weighted hinge-GAN generator term), then one discriminator update on the same batch; the GAN terms and
-the discriminator's updates start at ``config.loss.disc_start``. The dit stage (§3.2) encodes HQ and
-LQ↑ with the frozen VAE encoders (E_c/E_f; the SD-VAE ablation's one encoder), normalises the
-latents with the measured per-channel statistics and takes the ε-prediction loss with caption dropout for classifier-free guidance.
+Autoencoder stages (§3.1; LDM's autoencoder recipe): one generator update (L1 + LPIPS + KL +
+adaptively weighted hinge-GAN generator term, as ``losses.py`` writes them), then one discriminator
+update on the same batch; the GAN terms and the discriminator's updates start at the stage's
+``stages.disc_start``. The dit stage (§3.2) encodes HQ and LQ↑ with the frozen VAE encoders into the
+normalised latent (``latents.py``) and takes the ε-prediction loss with caption dropout for
+classifier-free guidance.
 
 Gradient accumulation splits the batch into ``config.optim.grad_accum`` micro-batches inside the step
 (``lax.scan``); a non-finite loss or gradient leaves the whole state unchanged except the counters.
@@ -22,19 +23,12 @@ import optax
 
 from zipir_jax import diffusion, errors, latents, losses, parallel
 from zipir_jax import flops as flops_lib
-from zipir_jax.models import autoencoder
 from zipir_jax.models import dit as dit_lib
 from zipir_jax.models.lpvae import area_downsample
-from zipir_jax.training.state import GAN_STAGES, Models, TrainState, make_optimizer
+from zipir_jax.training import stages
+from zipir_jax.training.state import Models, TrainState, learning_rate, make_optimizer
 
 Array = jax.Array
-
-LAST_LAYER = {
-  "vae_coarse": ("coarse_decoder", "conv_out", "kernel"),
-  "vae_fine": ("fine_decoder", "conv_out", "kernel"),
-  "pixel_decoder": ("pixel_decoder", "decoder", "conv_out", "kernel"),
-  "vae": ("decoder", "conv_out", "kernel"),
-}
 
 
 def _get(tree, path):
@@ -49,33 +43,51 @@ def _replace(tree, path, value):
   return flax.traverse_util.unflatten_dict(flat)
 
 
-# ------------------------------------------------------------------ VAE stages
+# ------------------------------------------------------------------ autoencoder stages
 
 
-def gan_enabled(config) -> bool:
-  """Whether the discriminator starts within this run (delayed start, §3.1 / LDM)."""
-  return config.stage in GAN_STAGES and int(config.loss.disc_start) < int(config.optim.num_steps)
+def _reconstruct_coarse(models, params, frozen, hq, lq_up, rng):
+  """vae_coarse: [z_macro | z_coarse] from E_c on I↓4, decoded by D_c; the target is I↓4."""
+  vae, variables = models.vae, {"params": {**frozen, **params}}
+  z, post = vae.apply(variables, hq, rng, method="encode_coarse")
+  recon = vae.apply(variables, z, method="decode_coarse")
+  return area_downsample(hq, vae.coarse_input_factor), recon, post
+
+
+def _reconstruct_fine(models, params, frozen, hq, lq_up, rng):
+  """vae_fine: the full pyramid with E_c frozen; only the fine level's posterior is trained."""
+  variables = {"params": {**frozen, **params}}
+  z, post = models.vae.apply(variables, hq, rng, method="encode")
+  return hq, models.vae.apply(variables, z, method="decode"), {"fine": post["fine"]}
+
+
+def _reconstruct_sdvae(models, params, frozen, hq, lq_up, rng):
+  """vae (SD-VAE ablation): one encoder and decoder, trained together."""
+  z, post = models.vae.apply({"params": params}, hq, rng, method="encode")
+  return hq, models.vae.apply({"params": params}, z, method="decode"), post
+
+
+def _reconstruct_pixel(models, params, frozen, hq, lq_up, rng):
+  """pixel_decoder: D_f*(z(HQ), LQ↑) with the frozen encoders' posterior mode; no posterior."""
+  z, _ = models.frozen_vae.apply({"params": frozen}, hq, method="encode")
+  return hq, models.pixel_decoder.apply({"params": params["pixel_decoder"]}, z, lq_up), {}
+
+
+# Each autoencoder stage's own reconstruction (target, output, trained posteriors).
+RECONSTRUCT = {
+  "vae_coarse": _reconstruct_coarse,
+  "vae_fine": _reconstruct_fine,
+  "vae": _reconstruct_sdvae,
+  "pixel_decoder": _reconstruct_pixel,
+}
 
 
 def reconstruct(
   models: Models, params: dict, frozen: dict, batch: dict, rng: Array | None
 ) -> tuple[Array, Array, dict]:
-  """(target, reconstruction, posteriors of the trained levels) of a VAE stage."""
-  stage, vae, hq = models.config.stage, models.vae, batch["hq"]
-  if stage == "vae_coarse":
-    z, post = vae.apply({"params": params}, hq, rng, method="encode_coarse")
-    recon = vae.apply({"params": params}, z, method="decode_coarse")
-    return area_downsample(hq, vae.coarse_input_factor), recon, post
-  if stage == "vae_fine":
-    variables = {"params": {**frozen, **params}}
-    z, post = vae.apply(variables, hq, rng, method="encode")
-    return hq, vae.apply(variables, z, method="decode"), {"fine": post["fine"]}
-  if stage == "vae":  # the SD-VAE ablation: one encoder and decoder, trained together
-    z, post = vae.apply({"params": params}, hq, rng, method="encode")
-    return hq, vae.apply({"params": params}, z, method="decode"), post
-  z, _ = models.frozen_vae.apply({"params": frozen}, hq, method="encode")  # posterior mode
-  recon = models.pixel_decoder.apply({"params": params["pixel_decoder"]}, z, batch["lq_up"])
-  return hq, recon, {}
+  """(target, reconstruction, posteriors of the trained levels) of an autoencoder stage."""
+  fn = RECONSTRUCT[models.stage.name]
+  return fn(models, params, frozen, batch["hq"], batch.get("lq_up"), rng)
 
 
 def _discriminate(models: Models, disc: dict, image: Array) -> tuple[Array, dict]:
@@ -90,24 +102,30 @@ def _nll(models, target, recon):
   )
 
 
+def gan_enabled(config) -> bool:
+  """Whether the stage trains a discriminator in this run (its start is inside the run)."""
+  return stages.disc_start(config) is not None
+
+
 def generator_loss(
   params: dict, frozen: dict, disc: dict, batch: dict, rng: Array, step: Array, models: Models
 ) -> tuple[Array, dict]:
+  """The autoencoder stages' generator objective (``losses.py``'s formula) and its terms."""
   cfg = models.config.loss
-  stage = models.config.stage
   target, recon, post = reconstruct(models, params, frozen, batch, rng)
   nll = _nll(models, target, recon)
   kl = losses.kl_loss(post) if post else jnp.zeros(())
-  factor = losses.disc_factor(step, cfg.disc_start, cfg.disc_factor)
-  loss = nll + cfg.kl_weight * kl
+  loss = nll + cfg.kl_weight * losses.per_target_element(kl, target)
   metrics = {"nll": nll, "kl": kl}
-  if not gan_enabled(models.config):  # the GAN never starts in this run: no discriminator at all.
+  start = stages.disc_start(models.config)
+  if start is None:  # a stage without a GAN term (disc_weight=0): no discriminator at all.
     return loss, dict(metrics, loss=loss)
+  factor = losses.disc_factor(step, start, cfg.disc_factor)
   logits_fake, _ = _discriminate(models, disc, recon)
   g = losses.generator_loss(logits_fake)
 
   def adaptive(_):
-    path = LAST_LAYER[stage]
+    path = models.stage.last_layer
 
     def with_kernel(w):
       return reconstruct(models, _replace(params, path, w), frozen, batch, rng)[1]
@@ -136,12 +154,13 @@ def discriminator_loss(
 ) -> tuple[Array, dict]:
   cfg = models.config.loss
   target, recon, _ = reconstruct(models, params, frozen, batch, rng)
+  start = stages.disc_start(models.config)
   variables = {"params": disc_params, "batch_stats": disc["batch_stats"]}
   logits_real, stats = _discriminate(models, variables, target)
   logits_fake, stats = _discriminate(
     models, {**variables, "batch_stats": stats}, jax.lax.stop_gradient(recon)
   )
-  factor = losses.disc_factor(step, cfg.disc_start, cfg.disc_factor)
+  factor = losses.disc_factor(step, start, cfg.disc_factor)
   d_loss = factor * losses.hinge_discriminator_loss(logits_real, logits_fake)
   return d_loss, {
     "d_loss": d_loss,
@@ -156,7 +175,7 @@ def discriminator_loss(
 
 def encode_latents(models: Models, frozen: dict, image: Array) -> Array:
   """Frozen VAE encoders (posterior mode), normalised per channel with the measured stats."""
-  encoders = {k: frozen[k] for k in autoencoder.encoder_keys(models.config)}
+  encoders = stages.select(frozen, stages.experiment(models.config.vae.kind).encoders)
   return latents.encode(models.frozen_vae, encoders, image, frozen["latent_stats"])
 
 
@@ -182,6 +201,7 @@ def dit_loss(
     sampling=config.diffusion.timestep_sampling,
     logit_mean=config.diffusion.logit_mean,
     logit_std=config.diffusion.logit_std,
+    uniform_fraction=config.diffusion.uniform_fraction,
   )
   return loss, {"loss": loss}
 
@@ -240,8 +260,7 @@ def train_step(state: TrainState, batch: dict, *, models: Models) -> tuple[Train
   optim = config.optim
   k = int(optim.grad_accum)
   rng_g = jax.random.fold_in(state.rng, state.step)  # the step's randomness: resumable
-  stage = config.stage
-  if stage == "dit":
+  if models.stage.objective == "diffusion":
 
     def g_fn(p, b, r):
       return jax.value_and_grad(dit_loss, has_aux=True)(p, state.frozen, b, r, models)
@@ -277,7 +296,7 @@ def train_step(state: TrainState, batch: dict, *, models: Models) -> tuple[Train
       "params": optax.apply_updates(state.disc["params"], d_updates),
       "batch_stats": stats,
     }
-    active = state.step >= config.loss.disc_start  # delayed discriminator start
+    active = state.step >= stages.disc_start(config)  # delayed discriminator start
     d_finite = _all_finite(d_metrics["d_loss"], d_grads)
     finite = finite & d_finite
     keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
@@ -304,23 +323,9 @@ def train_step(state: TrainState, batch: dict, *, models: Models) -> tuple[Train
   metrics.update(
     finite=finite.astype(jnp.float32),
     skipped=out.skipped.astype(jnp.float32),
-    lr=make_lr(optim)(state.step),
+    lr=learning_rate(optim)(state.step),
   )
   return out, metrics
-
-
-def make_lr(optim):
-  from zipir_jax.training.state import learning_rate  # pylint: disable=g-import-not-at-top
-
-  return learning_rate(optim)
-
-
-def batch_keys(stage: str) -> tuple[str, ...]:
-  if stage == "dit":
-    return ("hq", "lq_up", "text_emb", "text_mask")
-  if stage == "pixel_decoder":
-    return ("hq", "lq_up")
-  return ("hq",)
 
 
 def model_flops(models: Models, state: TrainState, batch: dict) -> float:
@@ -330,7 +335,7 @@ def model_flops(models: Models, state: TrainState, batch: dict) -> float:
   and LQ↑; VAE stages: the step's matmuls and convolutions counted from its jaxpr.
   """
   config = models.config
-  if config.stage != "dit":
+  if models.stage.objective != "diffusion":
     return flops_lib.jaxpr_flops(functools.partial(train_step, models=models), state, batch)
   b, h, w, _ = batch["hq"].shape
   encode = flops_lib.jaxpr_flops(lambda img: encode_latents(models, state.frozen, img), batch["hq"])
@@ -344,7 +349,7 @@ def model_flops(models: Models, state: TrainState, batch: dict) -> float:
 
 def jit_train_step(models: Models, mesh, shardings: TrainState):
   """``train_step`` jitted once with explicit in/out shardings and the state donated."""
-  batch_sh = {k: parallel.batch_sharding(mesh) for k in batch_keys(models.config.stage)}
+  batch_sh = {k: parallel.batch_sharding(mesh) for k in models.stage.batch_keys}
   step = jax.jit(
     functools.partial(train_step, models=models),
     in_shardings=(shardings, batch_sh),
@@ -375,22 +380,20 @@ def preview(
 ) -> Array:
   """The stage's output for the HQ | LQ↑ | output grid, at HQ size, from the EMA weights.
 
-  VAE stages: the reconstruction. dit: a short restoration as restore.py does it — DDIM with CFG
+  Autoencoder stages: the reconstruction (nearest-up-sampled when the target is smaller: vae_coarse
+  reconstructs I↓4). dit: a short restoration as restore.py does it — DDIM with CFG
   from the LQ↑ latent (config.diffusion's scale, η, strength; the unconditional branch is the empty
   prompt the state holds, not config.diffusion.negative_prompt), noise fixed per run so previews
   compare across steps — decoded by D_f*, whose ``pixel_decoder`` params the caller passes (the dit
-  state does not hold them: ``loop.restoration_decoder`` takes them from the earlier export).
+  state does not hold them: ``export.restoration_decoder`` takes them from the earlier export).
   """
-  stage = models.config.stage
-  if stage == "dit":
+  if models.stage.objective == "diffusion":
     if pixel_decoder is None:
       raise ValueError("the dit preview decodes with D_f*: pass the pixel_decoder export's params")
     return _restore_preview(models, state, batch, pixel_decoder)
   _, recon, _ = reconstruct(models, state.ema_params, state.frozen, batch, None)
-  if stage == "vae_coarse":
-    f = models.vae.coarse_input_factor
-    recon = jnp.repeat(jnp.repeat(recon, f, axis=1), f, axis=2)
-  return recon
+  f = batch["hq"].shape[1] // recon.shape[1]
+  return jnp.repeat(jnp.repeat(recon, f, axis=1), f, axis=2) if f > 1 else recon
 
 
 def _restore_preview(models: Models, state: TrainState, batch: dict, pixel_decoder: dict) -> Array:

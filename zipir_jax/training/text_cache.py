@@ -1,12 +1,15 @@
-r"""Caption-embedding cache: T5 runs once per distinct caption instead of on every dit batch.
+r"""The dit stage's caption embeddings: from T5 on every batch, or from a cache built once.
+
+The cache runs T5 once per distinct caption instead of on every dit batch.
 
   python -m zipir_jax.training.text_cache --config=configs/zipir_3b.py:dit --output=DIR \
       [--config.data.path=...] [--overwrite] [--batch_size=64]
 
-Reads every record of the training source (``config.data``), encodes each distinct caption, and the
-empty one (the classifier-free-guidance null condition), with exactly the encoder the dit stage
-builds (:func:`zipir_jax.training.loop.dit_text_encoder`: ``config.text.encoder_path``, else the
-tiny random encoder drawn from the run's seed), and writes DIR. Train with
+Reads every record of the training source (``config.data``), encodes each distinct caption, the
+empty one (the classifier-free-guidance null condition) and the negative prompts the stage trains
+with (``config.dit.negative_prompts``), with exactly the encoder the dit stage builds
+(:func:`dit_text_encoder`: ``config.text.encoder_path``, else the tiny random encoder drawn from the
+run's seed), and writes DIR. Train with
 ``--config.text.embedding_cache=DIR``: the loop looks captions up instead of running T5, and refuses
 a cache built for another encoder, tokenizer, ``max_length`` or width, naming what differs.
 
@@ -40,11 +43,16 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+from tqdm import tqdm
 
-from zipir_jax import config_lib
+from zipir_jax import config_lib, errors
 from zipir_jax import text as text_lib
+from zipir_jax.data import sources
 from zipir_jax.errors import CaptionCacheError, MissingCaptionError
 from zipir_jax.models import t5
+from zipir_jax.training import stages
 
 FORMAT = "zipir-caption-cache"
 VERSION = 1
@@ -220,6 +228,26 @@ class CaptionCache:
     return np.asarray(self.embeddings[rows]), np.asarray(self.masks[rows], np.int32)
 
 
+def dit_text_encoder(config) -> tuple[t5.T5Config, Any, Any]:
+  """The dit stage's (T5 config, params, tokenizer); a cache is built with the same encoder.
+
+  The tiny random encoder is drawn from ``split(PRNGKey(config.seed))[1]`` (the train state takes
+  ``[0]``), so the cache and the run agree without sharing anything else.
+  """
+  return text_lib.build_text_encoder(config, jax.random.split(jax.random.PRNGKey(config.seed))[1])
+
+
+def caption_encoder(
+  config, text_config: t5.T5Config, params: Any, tokenizer: Any
+) -> Callable[[Sequence[str]], tuple[Any, Any]]:
+  """captions -> (embeddings, masks): ``config.text.embedding_cache``'s lookup, else T5 itself."""
+  if config.text.embedding_cache:
+    return load(config.text.embedding_cache, config, text_config, params, tokenizer).lookup
+  model = t5.T5Encoder(text_config)
+  length = int(config.text.max_length)
+  return lambda captions: text_lib.encode_prompts(captions, tokenizer, model, params, length)
+
+
 def load(
   folder: str, config, text_config: t5.T5Config, params: Any, tokenizer: Any
 ) -> CaptionCache:
@@ -235,8 +263,6 @@ def load(
 
 def collect_captions(source: Any, read_threads: int = 16, progress: bool = True) -> list[str]:
   """The distinct captions of ``source``'s readable records: "" first, then sorted."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
   found = {""}
   chunk = 1024  # records read at once: bounds the image bytes held in memory.
   with (
@@ -276,16 +302,16 @@ def build(
   overwrite: bool = False,
   progress: bool = True,
 ) -> CaptionCache:
-  """Encodes ``captions`` (plus "") and writes the cache folder ``output``; returns it opened.
+  """Encodes ``captions`` (plus "" and the negative prompts) and writes the cache folder ``output``;
+  returns it opened.
 
   Written into ``output.partial`` and renamed at the end: an interrupted build leaves no folder
   that looks complete, and with ``overwrite`` the old cache stays until the new one is whole.
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
   output = os.path.normpath(output)
   _check_output(output, overwrite)
-  captions = [""] + sorted(set(map(str, captions)) - {""})
+  extra = set(config.dit.negative_prompts) if config.dit.negative_rate else set()
+  captions = ["", *sorted((set(map(str, captions)) | extra) - {""})]
   identity = encoder_identity(config, text_config, params, tokenizer)
   length, width, dtype = identity["max_length"], identity["text_dim"], identity["dtype"]
   partial = output + ".partial"
@@ -345,13 +371,7 @@ def build_for_config(
   text_encoder: Callable[[Any], tuple[t5.T5Config, Any, Any]] | None = None,
 ) -> CaptionCache:
   """The command: every caption of ``config.data``'s source, encoded as the dit stage would."""
-  from zipir_jax.data import sources  # pylint: disable=g-import-not-at-top
-
-  if text_encoder is None:
-    # Imported here: loop imports this module (to read caches).
-    from zipir_jax.training import loop  # pylint: disable=g-import-not-at-top
-
-    text_encoder = loop.dit_text_encoder
+  text_encoder = text_encoder or dit_text_encoder
   _check_output(os.path.normpath(output), overwrite)  # before the slow part
   captions = collect_captions(sources.create_source(config.data), read_threads, progress)
   text_config, params, tokenizer = text_encoder(config)
@@ -370,13 +390,8 @@ def build_for_config(
 
 def main(argv: Sequence[str]) -> int:
   del argv
-  from absl import (
-    flags,  # pylint: disable=g-import-not-at-top
-    logging,  # pylint: disable=g-import-not-at-top
-  )
-
   config = flags.FLAGS.config
-  if config.stage != "dit":
+  if "text_emb" not in stages.current(config).batch_keys:
     logging.warning(
       "config stage is %r; the cache is for the dit stage (same data and text settings)",
       config.stage,
@@ -389,7 +404,7 @@ def main(argv: Sequence[str]) -> int:
       batch_size=flags.FLAGS.batch_size,
       read_threads=flags.FLAGS.read_threads,
     )
-  except CaptionCacheError as e:
+  except errors.ZipIRError as e:
     print(f"text_cache: {e}", file=sys.stderr)
     return 2
   print(
@@ -401,9 +416,6 @@ def main(argv: Sequence[str]) -> int:
 
 if __name__ == "__main__":
   # Flags only here: loop.py (and so train.py, which has its own --config) imports this module.
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
   config_flags.DEFINE_config_file(
     "config", None, "experiment config file[:stage] (dit)", lock_config=True
   )
