@@ -50,9 +50,14 @@ def test_each_file_kind_decodes_or_raises_its_reason(bad_files):
       assert decode.image_size(data) == (16, 16)
     else:
       with pytest.raises(decode.BadImageError) as info:
-        decode.image_size(data)
         decode.decode_image(data)
       assert info.value.kind == outcome, (name, info.value)
+      if outcome in ("truncated", "corrupt"):  # a sound header: only decoding the body fails
+        assert decode.image_size(data) == (96, 128), name
+      else:
+        with pytest.raises(decode.BadImageError) as info:
+          decode.image_size(data)
+        assert info.value.kind == outcome, (name, info.value)
 
 
 def test_sixteen_bit_is_scaled_not_truncated(bad_files):

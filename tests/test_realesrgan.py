@@ -166,8 +166,9 @@ def _edited_param(tmp_path, old: str, new: str, count: int = 1) -> pathlib.Path:
 )
 def test_ncnn_reader_rejects_other_graphs(tmp_path, old, new, pattern):
   _, bin_path = rrdbnet.packaged_model_paths()
+  param_path = _edited_param(tmp_path, old, new)
   with pytest.raises(rrdbnet.NcnnFormatError, match=pattern):
-    rrdbnet.read_ncnn(_edited_param(tmp_path, old, new), bin_path)
+    rrdbnet.read_ncnn(param_path, bin_path)
 
 
 # ------------------------------------------------------------------------------------------------

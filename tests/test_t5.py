@@ -266,8 +266,9 @@ def test_config_validation():
   assert not relu.is_gated and relu.activation == "relu"
   with pytest.raises(ValueError, match="feed_forward_proj='gated-tanh'"):
     t5.tiny_byt5_config(feed_forward_proj="gated-tanh")
+  umt5 = {**t5.hf_config_dict(t5.tiny_byt5_config()), "model_type": "umt5"}
   with pytest.raises(ValueError, match="model_type='umt5'"):
-    t5.T5Config.from_hf_dict({**t5.hf_config_dict(t5.tiny_byt5_config()), "model_type": "umt5"})
+    t5.T5Config.from_hf_dict(umt5)
 
 
 def test_hf_round_trip_and_logical_axes(tiny, tmp_path):
