@@ -126,8 +126,9 @@ def test_factory_and_input_errors():
     baselines.make_restorer("esrgan")
   with pytest.raises(TypeError):
     baselines.make_restorer("bicubic", tile=64)
+  model = rrdbnet.RRDBNet()
   with pytest.raises(ValueError, match="model and variables together"):
-    baselines.make_restorer("realesrgan", model=rrdbnet.RRDBNet())
+    baselines.make_restorer("realesrgan", model=model)
   bicubic = baselines.BicubicRestorer()
   with pytest.raises(ValueError, match=r"must be in \[0, 1\].*\(x \+ 1\) / 2"):
     bicubic(np.full((4, 4, 3), -0.5, np.float32), (8, 8))

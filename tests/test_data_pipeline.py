@@ -75,8 +75,9 @@ def test_uint8_output_and_fixed_scale_lq(folder):
   batch = next(pipeline.create_train_iterator(config, seed=0))
   assert batch["hq"].dtype == batch["lq"].dtype == np.uint8
   assert batch["lq"].shape == (4, 8, 8, 3) and batch["lq_up"].shape == (4, 64, 64, 3)
+  random_scale = _config(folder, emit_lq=True)
   with pytest.raises(ValueError, match="emit_lq needs a fixed scale"):
-    pipeline.create_train_dataset(_config(folder, emit_lq=True), seed=0)
+    pipeline.create_train_dataset(random_scale, seed=0)
 
 
 @pytest.mark.parametrize("policy", ["crop", "downscale"])

@@ -107,10 +107,11 @@ def test_patch_size_two_and_shape_errors(model, params):
     model.apply({"params": params}, z, t, lq[:, :, :4], text, mask)
   with pytest.raises(ValueError, match=r"text_dim=64.*\(2, 6, 32\)"):
     model.apply({"params": params}, z, t, lq, text[..., :32], mask)
+  bad_fusion, bad_remat = model.clone(lq_fusion="add"), model.clone(remat_policy="full")
   with pytest.raises(ValueError, match="valid: sum, concat"):
-    model.clone(lq_fusion="add").apply({"params": params}, z, t, lq, text, mask)
+    bad_fusion.apply({"params": params}, z, t, lq, text, mask)
   with pytest.raises(ValueError, match="valid: none, nothing_saveable"):
-    model.clone(remat_policy="full").apply({"params": params}, z, t, lq, text, mask)
+    bad_remat.apply({"params": params}, z, t, lq, text, mask)
 
 
 def test_sum_and_concat_fusion(model, params, forward):

@@ -6,6 +6,7 @@ tests/golden/t5_golden.npz comes from tests/golden/make_t5_golden.py (see its do
 import functools
 import json
 import pathlib
+import shutil
 
 import flax.linen as nn
 import jax
@@ -13,12 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+import sentencepiece
 import transformers
 
 from zipir_jax import text
 from zipir_jax.models import t5
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden" / "t5_golden.npz"
+# A T5 SentencePiece tokenizer folder (spiece.model + tokenizer_config.json, no tokenizer.json):
+# tests/golden/make_t5_spiece.py.
+SPIECE = GOLDEN.parent / "t5_spiece"
 CASES = ("v11", "v10")
 
 
@@ -104,6 +109,87 @@ def test_tokenize_pads_to_max_length():
   assert ids[0, 5] == ids[1, 0] == ids[2, 11] == tokenizer.eos_token_id
   with pytest.raises(TypeError, match="sequence of strings"):
     text.tokenize("hello", tokenizer, 12)
+
+
+# ------------------------------------------------------------------------------------------------
+# A SentencePiece T5 tokenizer (T5 / T5 v1.1 / Flan-T5), against sentencepiece itself.
+# ------------------------------------------------------------------------------------------------
+
+# Seen words, capitals and symbols it never saw (<unk>), the normaliser's full-width letters, ligature
+# and odd spaces, extra whitespace, the empty prompt, and one far longer than max_length.
+SPIECE_PROMPTS = [
+  "a photo of a cat",
+  "A Dog running ON the beach, at sunset!",
+  "ｃａｔ ﬁeld\u00a0and\u3000sky",
+  "  two   spaces  ",
+  "café 42 €",
+  "",
+  "a dog running across a sandy beach",  # exactly max_length - 1 pieces: no pad, EOS last
+  "the night sky full of stars above a dark forest " * 4,
+]
+
+
+def sentencepiece_batch(prompts, max_length):
+  """(ids, mask) the way T5 feeds prompts, from sentencepiece alone: pieces cut to leave room for
+  EOS, then EOS, then <pad> to ``max_length``."""
+  sp = sentencepiece.SentencePieceProcessor(model_file=str(SPIECE / "spiece.model"))
+  ids = np.full((len(prompts), max_length), sp.pad_id(), np.int32)
+  mask = np.zeros((len(prompts), max_length), np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens = sp.encode(prompt)[: max_length - 1] + [sp.eos_id()]
+    ids[row, : len(tokens)], mask[row, : len(tokens)] = tokens, 1
+  return ids, mask
+
+
+@pytest.fixture(scope="module")
+def spiece_folder(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("t5_spiece")
+  for name in ("spiece.model", "tokenizer_config.json"):
+    shutil.copy(SPIECE / name, folder / name)
+  return folder
+
+
+def test_sentencepiece_tokenizer_matches_sentencepiece(spiece_folder):
+  sp = sentencepiece.SentencePieceProcessor(model_file=str(spiece_folder / "spiece.model"))
+  assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.vocab_size()) == (0, 1, 2, 200)
+  tokenizer = t5.load_tokenizer(spiece_folder, vocab_size=384)
+  assert isinstance(tokenizer, transformers.T5Tokenizer)
+  assert not (spiece_folder / "tokenizer.json").exists()  # converted from spiece.model
+  # T5's 100 sentinels follow the SentencePiece vocabulary, <extra_id_0> last.
+  assert len(tokenizer) == 300
+  assert tokenizer.convert_tokens_to_ids(["<extra_id_0>", "<extra_id_99>"]) == [299, 200]
+  for prompt in SPIECE_PROMPTS:
+    assert tokenizer(prompt)["input_ids"] == sp.encode(prompt) + [1], prompt
+  max_length = len(sp.encode(SPIECE_PROMPTS[6])) + 1
+  ids, mask = text.tokenize(SPIECE_PROMPTS, tokenizer, max_length)
+  want_ids, want_mask = sentencepiece_batch(SPIECE_PROMPTS, max_length)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_array_equal(mask, want_mask)
+  # The cases the prompts are there for: <unk>, padding, an exact fit and a cut.
+  assert (ids == sp.unk_id()).any() and mask[6].all() and mask[7].all()
+  assert len(sp.encode(SPIECE_PROMPTS[7])) > max_length and ids[7, -1] == sp.eos_id()
+  with pytest.raises(t5.T5CheckpointError, match="300 tokens but the encoder's embedding table"):
+    t5.load_tokenizer(spiece_folder, vocab_size=256)
+
+
+def test_encode_prompts_with_a_sentencepiece_t5_folder(spiece_folder, tmp_path):
+  """A T5 v1.1-style folder (config, weights, spiece.model) through load_t5_encoder and
+  encode_prompts: the encoder sees sentencepiece's ids and mask."""
+  config, params, _ = text.tiny_text_encoder(jax.random.key(3))
+  t5.save_hf_encoder(tmp_path, config, params)
+  for name in ("spiece.model", "tokenizer_config.json"):
+    shutil.copy(spiece_folder / name, tmp_path / name)
+  loaded_config, loaded_params, tokenizer = t5.load_t5_encoder(tmp_path)
+  assert isinstance(tokenizer, transformers.T5Tokenizer)
+  model = t5.T5Encoder(loaded_config)
+  embeddings, mask = text.encode_prompts(SPIECE_PROMPTS, tokenizer, model, loaded_params, 16)
+  want_ids, want_mask = sentencepiece_batch(SPIECE_PROMPTS, 16)
+  np.testing.assert_array_equal(mask, want_mask)
+  want = _apply(config, params, want_ids, want_mask)
+  assert embeddings.shape == (len(SPIECE_PROMPTS), 16, config.d_model)
+  np.testing.assert_allclose(embeddings, want, atol=1e-6, rtol=0)  # measured 0.0
+  # Different prompts give different embeddings (the ids reach the encoder).
+  assert np.abs(want[0, 0] - want[1, 0]).max() > 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -266,8 +352,9 @@ def test_config_validation():
   assert not relu.is_gated and relu.activation == "relu"
   with pytest.raises(ValueError, match="feed_forward_proj='gated-tanh'"):
     t5.tiny_byt5_config(feed_forward_proj="gated-tanh")
+  umt5 = {**t5.hf_config_dict(t5.tiny_byt5_config()), "model_type": "umt5"}
   with pytest.raises(ValueError, match="model_type='umt5'"):
-    t5.T5Config.from_hf_dict({**t5.hf_config_dict(t5.tiny_byt5_config()), "model_type": "umt5"})
+    t5.T5Config.from_hf_dict(umt5)
 
 
 def test_hf_round_trip_and_logical_axes(tiny, tmp_path):

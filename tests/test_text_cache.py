@@ -125,8 +125,9 @@ def test_dit_batch_from_cache_equals_t5_batch(setup, tmp_path, dtype, tol):
 )
 def test_mismatched_cache_is_refused(setup, overrides, differ):
   config = dit_config(**{"text.embedding_cache": setup["cache"].folder, **overrides})
+  encoder = text_cache.dit_text_encoder(config)
   with pytest.raises(text_cache.CaptionCacheError) as e:
-    text_cache.caption_encoder(config, *text_cache.dit_text_encoder(config))
+    text_cache.caption_encoder(config, *encoder)
   assert differ in str(e.value) and setup["cache"].folder in str(e.value)
   assert "--overwrite" in str(e.value)
   if "seed" in overrides:  # other weights: named as such, with where each set came from

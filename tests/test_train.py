@@ -240,11 +240,12 @@ def test_sdvae_ablation_trains_vae_then_dit_into_a_bundle(env):
 
   config = "configs/tiny_sdvae.py"
   workdir = env["root"] / "sdvae"
+  dit_config = config_lib.load_config(f"{config}:dit")
   with pytest.raises(
     checkpointing.MissingPrerequisiteError,
     match=f"train.py --config={config}:vae --workdir={workdir}",
   ):
-    checkpointing.load_prerequisites(config_lib.load_config(f"{config}:dit"), str(workdir), config)
+    checkpointing.load_prerequisites(dit_config, str(workdir), config)
 
   ok(run_train(env, "vae", workdir, config=config))
   ok(run_train(env, "dit", workdir, config=config))
