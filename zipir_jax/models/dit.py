@@ -10,11 +10,12 @@ The network predicts the noise ε of the DDPM forward process from
   Guidance").
 
 ``lq_fusion="sum"`` adds the two embeddings of the same position (h·w tokens; the token count
-behind the paper's 250 ms/step, DESIGN.md); ``"concat"`` places both token sets side by side in the
+behind the paper's 250 ms/step, docs/DESIGN.md); ``"concat"`` places both token sets side by side in the
 sequence (2·h·w tokens) and reads ε from the noisy half. Where the paper is silent we take the
 well-known modern choices and say so: 2D rotary position embedding over (row, col) so any latent
 size works (both halves of a ``concat`` sequence share positions), RMS-normalised queries and keys
-(QK-norm, as in SD3 / Flux), GELU-tanh MLP with ratio 4, PixArt-α's caption projection (T5 width ->
+(QK-norm, as in SD3 / Flux), a GELU-tanh MLP (its width is the free dimension that sets the
+parameter count; docs/DESIGN.md), PixArt-α's caption projection (T5 width ->
 hidden, once), and adaLN-Zero (DiT) with nine modulation vectors, so every residual branch
 (self-attention, cross-attention, MLP) is gated and starts at zero. ``cross_attn_modulation=False``
 gives PixArt's six-vector layout instead: an affine LayerNorm before cross-attention and a
