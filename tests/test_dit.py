@@ -296,11 +296,17 @@ def test_parameter_breakdown(tiny_config, params):
   assert counts["total"] == sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   paper = config_lib.load_config("configs/zipir_3b.py")
   counts = dit.param_breakdown(paper)
-  expected = _expected_counts(2048, 16, 24, 4096)
+  expected = _expected_counts(2048, 16, 24, 4096, mlp_ratio=6.75)
   assert {k: v for k, v in counts.items() if k != "total"} == expected
-  assert counts["total"] == sum(expected.values()) == 2_543_775_808
-  # The choices that move the count (reported against the paper's "3.1 B", §4.3).
-  variant = config_lib.apply_overrides(paper, {"dit.cross_attn_modulation": False})
+  assert counts["total"] == sum(expected.values()) == 3_097_559_104
+  variant = config_lib.load_config("configs/zipir_2p5b.py")  # DiT's MLP ratio 4
+  assert (
+    dit.param_breakdown(variant)["total"]
+    == sum(_expected_counts(2048, 16, 24, 4096).values())
+    == 2_543_775_808
+  )
+  # The choices that move the count (reported against the paper's "3.1 B", Table 3).
+  variant = config_lib.apply_overrides(variant, {"dit.cross_attn_modulation": False})
   assert dit.param_breakdown(variant)["total"] == sum(
     _expected_counts(2048, 16, 24, 4096, cross_mod=False).values()
   )

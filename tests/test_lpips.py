@@ -152,16 +152,16 @@ def test_load_reads_trunk_file_and_default_heads(tmp_path, vgg_state_dict, varia
 def test_perceptual_loss_from_config_reads_the_files(tmp_path, golden, vgg_state_dict):
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
 
-  from zipir_jax import config_lib, losses  # pylint: disable=g-import-not-at-top
+  from zipir_jax import config_lib, errors, losses  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load_config("configs/tiny.py")
-  assert losses.perceptual_from_config(config.loss) is None  # no trunk file: LPIPS term off
+  assert losses.perceptual_from_config(config.loss) is None  # lpips_weight=0: LPIPS term off
   path = tmp_path / "vgg16.safetensors"
   safetensors.numpy.save_file(vgg_state_dict, str(path))
-  config_lib.apply_overrides(config, {"loss.lpips_vgg16": str(path)})
+  config_lib.apply_overrides(config, {"loss.lpips_vgg16": str(path), "loss.lpips_weight": 1.0})
   perceptual = losses.perceptual_from_config(config.loss)
   x0, x1 = _case(golden, "odd37x53")
   np.testing.assert_allclose(perceptual(x0, x1), golden["odd37x53/distance"], rtol=0, atol=1e-5)
   config_lib.apply_overrides(config, {"loss.lpips_vgg16": str(tmp_path / "missing.pth")})
-  with pytest.raises(FileNotFoundError, match=r"missing.pth"):
+  with pytest.raises(errors.ConfigError, match=r"missing\.pth' does not exist"):
     losses.perceptual_from_config(config.loss)

@@ -167,7 +167,8 @@ def test_existing_output_is_not_overwritten(setup, tmp_path):
   rebuilt = text_cache.build(
     rebuilt.folder, ["y", "x"], config, *setup["encoder"], overwrite=True, progress=False
   )
-  assert rebuilt.captions == ["", "x", "y"]
+  negatives = sorted(config.dit.negative_prompts)  # the dit stage's negative examples' captions
+  assert rebuilt.captions == ["", *sorted(["x", "y", *negatives])]
   assert sorted(os.listdir(tmp_path)) == ["c", "not_a_cache"]  # no .partial / .old left behind
 
 
