@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from zipir_jax import errors
+from zipir_jax import axis_rules, errors
 from zipir_jax.data import defaults as data_defaults
 
 # Progressive training (§3.1, §4): coarse LP-VAE, fine LP-VAE with E_c frozen, pixel-aware decoder
@@ -178,7 +178,14 @@ def base_config(stage: str, stages: Sequence[str]) -> ml_collections.ConfigDict:
   # entry here names that export folder instead.
   tr = config.train = ml_collections.ConfigDict()
   tr.init_from = ml_collections.ConfigDict(dict.fromkeys(stages[:-1], ""))
-  tr.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices.
+  # Mesh axes (data, fsdp, tensor): `mesh` within a TPU slice or GPU node (fast ICI/NVLink; -1 = the
+  # remaining devices of each), `dcn_mesh` across slices/nodes (slow DCN; its product = their
+  # number, -1 = all of them). Each axis is the product, e.g. mesh (1,8,1) x dcn_mesh (4,1,1): FSDP
+  # within nodes, data parallel across 4 nodes.
+  tr.mesh = (-1, 1, 1)
+  tr.dcn_mesh = (1, 1, 1)
+  # (logical axis name, mesh axes) pairs placing every parameter and activation (zipir_jax.parallel).
+  tr.logical_axis_rules = axis_rules.LOGICAL_AXIS_RULES
   tr.log_every = 50
   tr.image_every = 1000  # image grids HQ | LQ↑ | output; 0 = never.
   tr.preview_steps = (

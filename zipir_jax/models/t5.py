@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zipir_jax import weights
+from zipir_jax import parallel, weights
 from zipir_jax.errors import T5CheckpointError
 
 Array = jax.Array
@@ -225,7 +225,9 @@ class T5Attention(nn.Module):
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
-        kernel_init=_normal(stddev, ("embed", "heads", "kv")),
+        kernel_init=parallel.with_dense_general_partitioning(
+          nn.initializers.normal(stddev), ("embed", "heads", "kv")
+        ),
       )
 
     # Mesh-tf initialisation: the 1/sqrt(d_kv) that T5 leaves out of the logits lives in q's std.
@@ -242,7 +244,9 @@ class T5Attention(nn.Module):
       dtype=dtype,
       param_dtype=param_dtype,
       name="o",
-      kernel_init=_normal(inner**-0.5, ("heads", "kv", "embed")),
+      kernel_init=parallel.with_dense_general_partitioning(
+        nn.initializers.normal(inner**-0.5), ("heads", "kv", "embed")
+      ),
     )(out)
 
 

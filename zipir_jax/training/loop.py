@@ -117,7 +117,7 @@ def measure_latent_stats(models, params: dict, data_iter, mesh, num_batches: int
   total = None
   for _ in range(max(num_batches, 1)):
     batch = parallel.global_batch({"hq": next(data_iter)["hq"]}, mesh)
-    with mesh:
+    with parallel.use_mesh(mesh, models.config.train.logical_axis_rules):
       z = encode(params, batch["hq"]).astype(jnp.float32)
     s = jnp.stack(
       [
@@ -191,7 +191,7 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
   """Trains ``config.stage`` to ``config.optim.num_steps``; returns the final train state."""
   stage = state_lib.check_stage(config)
   sdir = checkpointing.stage_dir(workdir, stage)
-  mesh = parallel.create_mesh(tuple(config.train.mesh))
+  mesh = parallel.create_mesh(config.train.mesh, dcn_shape=config.train.dcn_mesh)
   logging.info("stage %s, mesh %s, %d processes", stage, dict(mesh.shape), jax.process_count())
   prereqs = checkpointing.load_prerequisites(config, workdir, config_file)
   models = state_lib.build_models(config)
@@ -280,7 +280,7 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
         scalars.update(throughput.report(done))
         writer.write_scalars(done, scalars)
       if config.train.image_every and done % int(config.train.image_every) == 0:
-        with mesh:
+        with parallel.use_mesh(mesh, config.train.logical_axis_rules):
           out = preview(state, batch, preview_decoder)
         local = host["hq"].shape[0]  # process 0's examples lead the global batch
         grid = reporting.image_grid(host["hq"], example["lq_up"], to_host(out)[:local])
