@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 
+from zipir_jax import errors
 from zipir_jax.data import buckets as buckets_lib
 from zipir_jax.data import decode, defaults, pipeline, prepare, sources, testing
 
@@ -151,21 +153,37 @@ def test_processes_get_disjoint_shares_with_the_same_bucket_schedule(folder):
   assert first_epoch_0.isdisjoint(first_epoch_1)
 
 
-def test_tfds_source_end_to_end():
+def _jpeg(image: np.ndarray) -> bytes:
+  ok, data = cv2.imencode(".jpg", image[..., ::-1])
+  assert ok
+  return data.tobytes()
+
+
+def test_tfds_source_reads_encoded_bytes_through_the_shared_decode_path():
+  """TFDS stores images encoded; with SkipDecoding the records carry those bytes, so the pipeline
+  probes headers and decodes at DCT scale as for folders, and skips a truncated one the same way."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  examples = [
-    {
-      "image": testing.natural_image(80 + 8 * i, 100, i),
-      "file_name": f"flower {i}".encode(),
-      "label": np.int64(i),
-    }
-    for i in range(5)
-  ]
-  examples.append(
-    {"image": np.zeros((10, 10, 3), np.uint8), "file_name": b"tiny", "label": np.int64(0)}
-  )
-  with tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: examples):
+  images = [testing.natural_image(80 + 8 * i, 100, i) for i in range(5)]
+  encoded = [_jpeg(x) for x in images]
+  encoded.append(encoded[0][: len(encoded[0]) // 2])  # truncated: skipped, not fatal
+  requested = []
+
+  def as_data_source(builder, split, decoders=None, **kwargs):
+    """What TFDS returns: encoded bytes where SkipDecoding is asked for, else decoded arrays."""
+    del builder, kwargs
+    requested.append((split, decoders))
+    skip = isinstance((decoders or {}).get("image"), tfds.decode.SkipDecoding)
+    return [
+      {
+        "image": data if skip else cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
+        "file_name": f"flower {i}".encode(),
+      }
+      for i, data in enumerate(encoded)
+    ]
+
+  with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+    source = sources.TfdsSource("oxford_flowers102", "train", caption_key="file_name")
     config = _config(
       "",
       source="tfds",
@@ -176,9 +194,28 @@ def test_tfds_source_end_to_end():
       buckets=((64, 64, 2),),
     )
     batches = _take(pipeline.create_train_iterator(config, seed=0), 4)
+  assert requested and all(  # every data source opened (test's and pipeline's) skips decoding
+    split == "train" and isinstance(d["image"], tfds.decode.SkipDecoding) for split, d in requested
+  )
+  record = source[1]
+  assert record["image"] == encoded[1] and record["caption"] == "flower 1"
+  assert decode.image_size(record["image"]) == (88, 100)  # the header alone gives the size
   captions = {c for b in batches for c in b["caption"]}
   assert captions <= {f"flower {i}" for i in range(5)} and len(captions) >= 3
   assert all(b["hq"].shape == (2, 64, 64, 3) for b in batches)
+
+
+def test_tfds_source_never_downloads_and_names_the_build_command(tmp_path):
+  with pytest.raises(errors.ConfigError) as info:
+    sources.TfdsSource("oxford_flowers102", "train", data_dir=str(tmp_path))
+  message = str(info.value)
+  assert (
+    "config.data.tfds_name='oxford_flowers102': no ArrayRecord copy in " + str(tmp_path) in message
+  )
+  assert f"tfds build oxford_flowers102 --data_dir={tmp_path} --file_format=array_record" in message
+  assert os.listdir(tmp_path) == []  # nothing downloaded or prepared
+  with pytest.raises(errors.ConfigError, match="'no_such_dataset': Dataset no_such_dataset not"):
+    sources.TfdsSource("no_such_dataset", "train", data_dir=str(tmp_path))
 
 
 def test_array_record_source_end_to_end(folder, tmp_path):
