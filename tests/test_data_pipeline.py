@@ -218,14 +218,81 @@ def test_tfds_source_never_downloads_and_names_the_build_command(tmp_path):
     sources.TfdsSource("no_such_dataset", "train", data_dir=str(tmp_path))
 
 
+def _prepare_folder(root):
+  """Two good photos (JPEG, PNG) and three files that must not enter the shards."""
+  good = testing.write_image_folder(root, [(64, 80), (72, 64)])
+  png = testing.write_image_folder(os.path.join(root, "png"), [(70, 90)], fmt="png")[0]
+  jpeg = open(good[0], "rb").read()
+  data = open(png, "rb").read()
+  bad = {
+    "truncated.jpg": jpeg[: len(jpeg) // 2],  # header intact: a header probe accepts it
+    "truncated.png": data[: len(data) * 9 // 10],
+    "notes.png": b"shopping list: eggs",
+  }
+  for name, content in bad.items():
+    with open(os.path.join(root, name), "wb") as f:
+      f.write(content)
+  return good + [png]
+
+
+def test_prepare_decodes_every_image_and_skips_truncated_ones_by_name(tmp_path, caplog):
+  root, out = str(tmp_path / "in"), str(tmp_path / "out")
+  good = _prepare_folder(root)
+  summary = prepare.prepare_array_record(root, out, num_shards=2, num_workers=2)
+  assert summary.written == 3 and summary.skipped == {"truncated": 2, "not_an_image": 1}
+  assert str(summary) == (
+    f"prepare: wrote 3 images to 2 shards in {out}; skipped 3 (not_an_image 1, truncated 2)"
+  )
+  for name in ("truncated.jpg", "truncated.png", "notes.png"):
+    assert any(name in r.getMessage() for r in caplog.records), name
+  source = sources.ArrayRecordSource(out)
+  records = {source[i]["name"]: source[i] for i in range(len(source))}
+  assert sorted(records) == sorted(os.path.relpath(p, root) for p in good)
+  for path in good:  # the original bytes, in the worker pool's deterministic order
+    assert records[os.path.relpath(path, root)]["image"] == open(path, "rb").read()
+
+
+def test_prepare_cli_exit_status_and_summary_line(tmp_path):
+  root = str(tmp_path / "in")
+  _prepare_folder(root)
+  command = [sys.executable, "-m", "zipir_jax.data.prepare"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  ok = subprocess.run(
+    [*command, "--num_workers=2", f"--input={root}", f"--output={tmp_path / 'out'}"],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
+  assert ok.returncode == 0, ok.stderr
+  assert ok.stdout.splitlines()[-1].startswith("prepare: wrote 3 images to 1 shards")
+  assert "Skipping " in ok.stderr and "truncated.jpg" in ok.stderr
+  bad = str(tmp_path / "bad")
+  os.makedirs(bad)
+  with open(os.path.join(bad, "broken.jpg"), "wb") as f:
+    f.write(b"\xff\xd8 not really")
+  failed = subprocess.run(
+    [*command, "--num_workers=1", f"--input={bad}", f"--output={tmp_path / 'none'}"],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
+  assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+  assert failed.stderr.splitlines()[-1] == (
+    f"prepare: wrote 0 images to 1 shards in {tmp_path / 'none'}; skipped 1 (not_an_image 1): "
+    f"no usable image under {bad!r}"
+  )
+
+
 def test_array_record_source_end_to_end(folder, tmp_path):
   out = str(tmp_path / "shards")
   bad_root = str(tmp_path / "with_bad")
   testing.write_image_folder(bad_root, SIZES[:4])
   with open(os.path.join(bad_root, "broken.jpg"), "wb") as f:
     f.write(b"not a jpeg")
-  counts = prepare.prepare_array_record(bad_root, out, num_shards=2)
-  assert counts == {"written": 4, "skipped": 1}
+  summary = prepare.prepare_array_record(bad_root, out, num_shards=2, num_workers=1)
+  assert summary.written == 4 and summary.skipped == {"not_an_image": 1}
   assert sorted(os.listdir(out)) == [
     "images-00000-of-00002.array_record",
     "images-00001-of-00002.array_record",
@@ -240,29 +307,6 @@ def test_array_record_source_end_to_end(folder, tmp_path):
     pipeline.create_train_iterator(_config(bad_root, buckets=config.buckets), seed=0)
   )
   assert set(folder_batch["caption"]) <= {f"image {i}" for i in range(4)}
-
-
-def test_prepare_command_line(tmp_path):
-  root = str(tmp_path / "in")
-  testing.write_image_folder(root, [(64, 64), (70, 80)])
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "zipir_jax.data.prepare",
-      "--input",
-      root,
-      "--output",
-      str(tmp_path / "out"),
-    ],
-    capture_output=True,
-    text=True,
-    timeout=120,
-    check=False,
-  )
-  assert result.returncode == 0, result.stderr
-  assert "wrote 2 images, skipped 0" in result.stdout
-  assert len(sources.ArrayRecordSource(str(tmp_path / "out"))) == 2
 
 
 def test_eval_dataset_is_deterministic(folder):

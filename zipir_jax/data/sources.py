@@ -66,6 +66,16 @@ def _read_caption(image_path: str) -> str:
     return ""
 
 
+def read_image_file(path: str) -> Record:
+  """One image file's record: its encoded bytes and the caption in ``x.txt`` beside ``x.jpg``."""
+  try:
+    with open(path, "rb") as f:
+      image = f.read()
+  except OSError as e:
+    return make_record(None, name=path, error=f"cannot read file ({e})")
+  return make_record(image, caption=_read_caption(path), name=path)
+
+
 class ImageFolderSource:
   """Every image file under a directory (recursive), in sorted path order."""
 
@@ -82,13 +92,7 @@ class ImageFolderSource:
     return len(self._paths)
 
   def __getitem__(self, index: int) -> Record:
-    path = self._paths[index]
-    try:
-      with open(path, "rb") as f:
-        image = f.read()
-    except OSError as e:
-      return make_record(None, name=path, error=f"cannot read file ({e})")
-    return make_record(image, caption=_read_caption(path), name=path)
+    return read_image_file(self._paths[index])
 
   def __repr__(self) -> str:
     return f"ImageFolderSource({self.root!r}, {len(self)} files)"
