@@ -33,3 +33,20 @@ def matmul_tflops(n: int = 8192, dtype=jnp.bfloat16, repeats: int = 50) -> float
   b = jax.random.normal(kb, (n, n), dtype)
   mm = jax.jit(lambda a, b: a @ b)
   return 2 * n**3 / median_time(lambda: mm(a, b), repeats, warmup=5) / 1e12
+
+
+def _status_bytes(field: str) -> int:
+  with open("/proc/self/status", encoding="ascii") as f:
+    return 1024 * next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss() -> int:
+  """Resets the process's peak RSS (Linux: clear_refs 5) and returns the current RSS in bytes."""
+  with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+    f.write("5")
+  return _status_bytes("VmRSS")
+
+
+def peak_rss() -> int:
+  """The process's peak RSS in bytes since start or the last :func:`reset_peak_rss`."""
+  return _status_bytes("VmHWM")

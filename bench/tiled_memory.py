@@ -29,21 +29,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bench import common
 from zipir_jax import config_lib
 from zipir_jax.models import autoencoder, tiling
 from zipir_jax.models.pixel_decoder import init_from_autoencoder
-
-
-def _status_kib(field: str) -> int:
-  with open("/proc/self/status", encoding="ascii") as f:
-    return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _reset_peak_rss() -> int:
-  """Resets the process's peak RSS (Linux: clear_refs 5) and returns the current RSS in bytes."""
-  with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-    f.write("5")
-  return _status_kib("VmRSS") * 1024
 
 
 def live_bytes() -> int:
@@ -142,9 +131,9 @@ def main() -> None:
         fn = parts[name]
         if args.rss:
           jax.block_until_ready(fn())  # compiles every strip program: not the image's memory
-          before = _reset_peak_rss()
+          before = common.reset_peak_rss()
           jax.block_until_ready(fn())
-          peak, where = _status_kib("VmHWM") * 1024 - before, "(peak RSS of the process)"
+          peak, where = common.peak_rss() - before, "(peak RSS of the process)"
         else:
           peak, where = peak_during(fn)
         print(

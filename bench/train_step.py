@@ -49,7 +49,6 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   del argv
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -64,7 +63,7 @@ def main(argv):
     raise SystemExit(f"bench/train_step.py measures the dit stage; got stage {config.stage!r}")
   if FLAGS.resolution % 32:
     raise SystemExit(f"--resolution={FLAGS.resolution} must be a multiple of 32")
-  mesh = parallel.create_mesh(tuple(config.train.mesh))
+  mesh = parallel.create_mesh(config.train.mesh, dcn_shape=config.train.dcn_mesh)
   models = state_lib.build_models(config)
   state, shardings = state_lib.create_train_state(models, mesh, jax.random.PRNGKey(0), {})
   step = steps.jit_train_step(models, mesh, shardings)
@@ -115,7 +114,7 @@ def main(argv):
   for dtype in dtypes:
     vae = autoencoder.build_autoencoder(config, dtype)
     m = dataclasses.replace(models, frozen_vae=vae)
-    with mesh, nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+    with parallel.use_mesh(mesh, config.train.logical_axis_rules):
       encode = jax.jit(
         lambda frozen, x, y, m=m: (
           steps.encode_latents(m, frozen, x),

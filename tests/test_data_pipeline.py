@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 
+from zipir_jax import errors
 from zipir_jax.data import buckets as buckets_lib
 from zipir_jax.data import decode, defaults, pipeline, prepare, sources, testing
 
@@ -152,21 +154,37 @@ def test_processes_get_disjoint_shares_with_the_same_bucket_schedule(folder):
   assert first_epoch_0.isdisjoint(first_epoch_1)
 
 
-def test_tfds_source_end_to_end():
+def _jpeg(image: np.ndarray) -> bytes:
+  ok, data = cv2.imencode(".jpg", image[..., ::-1])
+  assert ok
+  return data.tobytes()
+
+
+def test_tfds_source_reads_encoded_bytes_through_the_shared_decode_path():
+  """TFDS stores images encoded; with SkipDecoding the records carry those bytes, so the pipeline
+  probes headers and decodes at DCT scale as for folders, and skips a truncated one the same way."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  examples = [
-    {
-      "image": testing.natural_image(80 + 8 * i, 100, i),
-      "file_name": f"flower {i}".encode(),
-      "label": np.int64(i),
-    }
-    for i in range(5)
-  ]
-  examples.append(
-    {"image": np.zeros((10, 10, 3), np.uint8), "file_name": b"tiny", "label": np.int64(0)}
-  )
-  with tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: examples):
+  images = [testing.natural_image(80 + 8 * i, 100, i) for i in range(5)]
+  encoded = [_jpeg(x) for x in images]
+  encoded.append(encoded[0][: len(encoded[0]) // 2])  # truncated: skipped, not fatal
+  requested = []
+
+  def as_data_source(builder, split, decoders=None, **kwargs):
+    """What TFDS returns: encoded bytes where SkipDecoding is asked for, else decoded arrays."""
+    del builder, kwargs
+    requested.append((split, decoders))
+    skip = isinstance((decoders or {}).get("image"), tfds.decode.SkipDecoding)
+    return [
+      {
+        "image": data if skip else cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
+        "file_name": f"flower {i}".encode(),
+      }
+      for i, data in enumerate(encoded)
+    ]
+
+  with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+    source = sources.TfdsSource("oxford_flowers102", "train", caption_key="file_name")
     config = _config(
       "",
       source="tfds",
@@ -177,9 +195,95 @@ def test_tfds_source_end_to_end():
       buckets=((64, 64, 2),),
     )
     batches = _take(pipeline.create_train_iterator(config, seed=0), 4)
+  assert requested and all(  # every data source opened (test's and pipeline's) skips decoding
+    split == "train" and isinstance(d["image"], tfds.decode.SkipDecoding) for split, d in requested
+  )
+  record = source[1]
+  assert record["image"] == encoded[1] and record["caption"] == "flower 1"
+  assert decode.image_size(record["image"]) == (88, 100)  # the header alone gives the size
   captions = {c for b in batches for c in b["caption"]}
   assert captions <= {f"flower {i}" for i in range(5)} and len(captions) >= 3
   assert all(b["hq"].shape == (2, 64, 64, 3) for b in batches)
+
+
+def test_tfds_source_never_downloads_and_names_the_build_command(tmp_path):
+  with pytest.raises(errors.ConfigError) as info:
+    sources.TfdsSource("oxford_flowers102", "train", data_dir=str(tmp_path))
+  message = str(info.value)
+  assert (
+    "config.data.tfds_name='oxford_flowers102': no ArrayRecord copy in " + str(tmp_path) in message
+  )
+  assert f"tfds build oxford_flowers102 --data_dir={tmp_path} --file_format=array_record" in message
+  assert os.listdir(tmp_path) == []  # nothing downloaded or prepared
+  with pytest.raises(errors.ConfigError, match="'no_such_dataset': Dataset no_such_dataset not"):
+    sources.TfdsSource("no_such_dataset", "train", data_dir=str(tmp_path))
+
+
+def _prepare_folder(root):
+  """Two good photos (JPEG, PNG) and three files that must not enter the shards."""
+  good = testing.write_image_folder(root, [(64, 80), (72, 64)])
+  png = testing.write_image_folder(os.path.join(root, "png"), [(70, 90)], fmt="png")[0]
+  jpeg = open(good[0], "rb").read()
+  data = open(png, "rb").read()
+  bad = {
+    "truncated.jpg": jpeg[: len(jpeg) // 2],  # header intact: a header probe accepts it
+    "truncated.png": data[: len(data) * 9 // 10],
+    "notes.png": b"shopping list: eggs",
+  }
+  for name, content in bad.items():
+    with open(os.path.join(root, name), "wb") as f:
+      f.write(content)
+  return good + [png]
+
+
+def test_prepare_decodes_every_image_and_skips_truncated_ones_by_name(tmp_path, caplog):
+  root, out = str(tmp_path / "in"), str(tmp_path / "out")
+  good = _prepare_folder(root)
+  summary = prepare.prepare_array_record(root, out, num_shards=2, num_workers=2)
+  assert summary.written == 3 and summary.skipped == {"truncated": 2, "not_an_image": 1}
+  assert str(summary) == (
+    f"prepare: wrote 3 images to 2 shards in {out}; skipped 3 (not_an_image 1, truncated 2)"
+  )
+  for name in ("truncated.jpg", "truncated.png", "notes.png"):
+    assert any(name in r.getMessage() for r in caplog.records), name
+  source = sources.ArrayRecordSource(out)
+  records = {source[i]["name"]: source[i] for i in range(len(source))}
+  assert sorted(records) == sorted(os.path.relpath(p, root) for p in good)
+  for path in good:  # the original bytes, in the worker pool's deterministic order
+    assert records[os.path.relpath(path, root)]["image"] == open(path, "rb").read()
+
+
+def test_prepare_cli_exit_status_and_summary_line(tmp_path):
+  root = str(tmp_path / "in")
+  _prepare_folder(root)
+  command = [sys.executable, "-m", "zipir_jax.data.prepare"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  ok = subprocess.run(
+    [*command, "--num_workers=2", f"--input={root}", f"--output={tmp_path / 'out'}"],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
+  assert ok.returncode == 0, ok.stderr
+  assert ok.stdout.splitlines()[-1].startswith("prepare: wrote 3 images to 1 shards")
+  assert "Skipping " in ok.stderr and "truncated.jpg" in ok.stderr
+  bad = str(tmp_path / "bad")
+  os.makedirs(bad)
+  with open(os.path.join(bad, "broken.jpg"), "wb") as f:
+    f.write(b"\xff\xd8 not really")
+  failed = subprocess.run(
+    [*command, "--num_workers=1", f"--input={bad}", f"--output={tmp_path / 'none'}"],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
+  assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+  assert failed.stderr.splitlines()[-1] == (
+    f"prepare: wrote 0 images to 1 shards in {tmp_path / 'none'}; skipped 1 (not_an_image 1): "
+    f"no usable image under {bad!r}"
+  )
 
 
 def test_array_record_source_end_to_end(folder, tmp_path):
@@ -188,8 +292,8 @@ def test_array_record_source_end_to_end(folder, tmp_path):
   testing.write_image_folder(bad_root, SIZES[:4])
   with open(os.path.join(bad_root, "broken.jpg"), "wb") as f:
     f.write(b"not a jpeg")
-  counts = prepare.prepare_array_record(bad_root, out, num_shards=2)
-  assert counts == {"written": 4, "skipped": 1}
+  summary = prepare.prepare_array_record(bad_root, out, num_shards=2, num_workers=1)
+  assert summary.written == 4 and summary.skipped == {"not_an_image": 1}
   assert sorted(os.listdir(out)) == [
     "images-00000-of-00002.array_record",
     "images-00001-of-00002.array_record",
@@ -204,29 +308,6 @@ def test_array_record_source_end_to_end(folder, tmp_path):
     pipeline.create_train_iterator(_config(bad_root, buckets=config.buckets), seed=0)
   )
   assert set(folder_batch["caption"]) <= {f"image {i}" for i in range(4)}
-
-
-def test_prepare_command_line(tmp_path):
-  root = str(tmp_path / "in")
-  testing.write_image_folder(root, [(64, 64), (70, 80)])
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "zipir_jax.data.prepare",
-      "--input",
-      root,
-      "--output",
-      str(tmp_path / "out"),
-    ],
-    capture_output=True,
-    text=True,
-    timeout=120,
-    check=False,
-  )
-  assert result.returncode == 0, result.stderr
-  assert "wrote 2 images, skipped 0" in result.stdout
-  assert len(sources.ArrayRecordSource(str(tmp_path / "out"))) == 2
 
 
 def test_eval_dataset_is_deterministic(folder):

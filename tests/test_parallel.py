@@ -3,9 +3,13 @@
 * the dit-stage step on meshes (8,1,1), (2,4,1), (2,2,2) equals the single-device step, and with
   fsdp > 1 the parameters really are split;
 * a state saved on one mesh restores onto another;
-* two processes x 4 devices (jax.distributed, CPU collectives) give the single-process losses.
+* two processes x 4 devices (jax.distributed, CPU collectives), one node each — FSDP within a
+  process, data parallel across the two (config.train.dcn_mesh) — give the single-process losses;
+* a hybrid (DCN x ICI) mesh puts each slice's devices in one block, as jax lays out multislice, and
+  its shardings keep FSDP inside a slice.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -43,8 +47,10 @@ BATCH = {"hq": rs.uniform(-1, 1, (8, 64, 64, 3)).astype(np.float32),
          "text_emb": rs.normal(size=(8, L, D)).astype(np.float32),
          "text_mask": (np.arange(L)[None] < rs.randint(1, L, (8, 1))).astype(np.int32)}
 
-def run(shape, devices=None, num_steps=3, frozen=None):
-  mesh = parallel.create_mesh(shape, devices)
+RULES = config.train.logical_axis_rules
+
+def run(shape, devices=None, num_steps=3, frozen=None, dcn_shape=(1, 1, 1)):
+  mesh = parallel.create_mesh(shape, devices, dcn_shape=dcn_shape)
   # After the reference run, the frozen encoders come in as host arrays, as train.py's dit stage
   # gets them from the earlier stages' export: only the DiT is initialised (a smaller program).
   state, shardings = state_lib.create_train_state(models, mesh, jax.random.PRNGKey(0), frozen or {})
@@ -54,9 +60,8 @@ def run(shape, devices=None, num_steps=3, frozen=None):
   if mode == "proc":
     # Compile first, then meet: gloo's connect timeout is short, and on a loaded CPU one process can
     # finish compiling long before the other reaches the first collective.
-    import flax.linen as nn
     from jax._src import distributed
-    with mesh, nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+    with parallel.use_mesh(mesh, RULES):
       step.jitted.lower(state, parallel.global_batch(local, mesh)).compile()
     distributed.global_state.client.wait_at_barrier("compiled_" + str(shape), 600_000)
   losses = []
@@ -108,11 +113,14 @@ if mode == "mesh":
   step2 = steps.jit_train_step(models, mesh2, sh2)
   _, m = step2(restored, parallel.global_batch(BATCH, mesh2))
   report["after_restore"] = float(m["loss"])
-else:  # "proc": one of two processes with 4 devices each
+else:  # "proc": one of two processes ("nodes") with 4 devices each
   with open(FROZEN, "rb") as f:
     frozen = flax.serialization.msgpack_restore(f.read())
-  _, _, _, losses = run((-1, 1, 1), frozen=frozen)
-  report = {"losses": losses, "devices": jax.device_count(), "processes": jax.process_count()}
+  # FSDP over each process's 4 devices, data parallel across the 2 processes: the (2, 4, 1) mesh.
+  _, _, mesh, losses = run((1, -1, 1), frozen=frozen, dcn_shape=(2, 1, 1))
+  by_data = [sorted({d.process_index for d in row.flat}) for row in mesh.devices]
+  report = {"losses": losses, "devices": jax.device_count(), "processes": jax.process_count(),
+            "shape": list(mesh.devices.shape), "processes_by_data_index": by_data}
 if jax.process_index() == 0:
   with open(out, "w") as f:
     json.dump(report, f)
@@ -206,4 +214,147 @@ def check_two_processes_match_one(worker, mesh_report):
   assert not errors, errors
   multi = json.loads(out.read_text())
   assert multi["devices"] == 8 and multi["processes"] == 2
-  np.testing.assert_allclose(multi["losses"], mesh_report["(8, 1, 1)"], rtol=1e-5)
+  assert multi["shape"] == [2, 4, 1] and multi["processes_by_data_index"] == [[0], [1]]
+  np.testing.assert_allclose(multi["losses"], mesh_report["(2, 4, 1)"], rtol=1e-5)
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+  """What mesh_utils reads of a device: enough to lay out a pod without one."""
+
+  id: int
+  process_index: int
+  slice_index: int
+  platform: str = "cpu"
+  device_kind: str = "cpu"
+
+
+@pytest.mark.parametrize(
+  "ici, dcn",
+  [((1, 4, 1), (2, 1, 1)), ((2, 2, 1), (1, 2, 1)), ((1, 2, 2), (2, 1, 2)), ((2, 1, 1), (2, 2, 1))],
+)
+@pytest.mark.parametrize("granule", ["slice_index", "process_index"])
+def test_hybrid_grid_matches_jax_multislice_layout(ici, dcn, granule):
+  """Slices (TPU) or processes (GPU nodes) as granules: jax's own hybrid layout, device for device."""
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+
+  from zipir_jax import parallel  # pylint: disable=g-import-not-at-top
+
+  per, groups = int(np.prod(ici)), int(np.prod(dcn))
+  # Interleaved ids: grouping must follow the granule attribute, not the order of the list.
+  devices = [
+    FakeDevice(
+      id=i,
+      process_index=i % groups if granule == "process_index" else 0,
+      slice_index=i % groups if granule == "slice_index" else 0,
+    )
+    for i in range(per * groups)
+  ]
+  ours = parallel.hybrid_device_grid(ici, dcn, parallel.device_granules(devices, groups))
+  theirs = mesh_utils.create_hybrid_device_mesh(
+    ici, dcn, devices, process_is_granule=granule == "process_index"
+  )
+  assert ours.shape == tuple(i * d for i, d in zip(ici, dcn))
+  np.testing.assert_array_equal(
+    np.vectorize(lambda d: d.id)(ours), np.vectorize(lambda d: d.id)(theirs)
+  )
+
+
+HYBRID = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, numpy as np
+import flax.linen as nn
+from zipir_jax import axis_rules, errors, parallel
+RULES = axis_rules.LOGICAL_AXIS_RULES
+ids = lambda mesh: np.vectorize(lambda d: d.id)(mesh.devices).tolist()
+report = {}
+# One process, one slice: the 8 devices split in order into 2 "slices" of 4.
+dp_over_dcn = parallel.create_mesh((1, 2, 2), dcn_shape=(2, 1, 1))
+fsdp_over_dcn = parallel.create_mesh((2, 2, 1), dcn_shape=(1, 2, 1))
+report["dp_over_dcn"] = ids(dp_over_dcn)
+report["fsdp_over_dcn"] = ids(fsdp_over_dcn)
+report["all_slices"] = dict(parallel.create_mesh((-1, 1, 1), dcn_shape=(-1, 1, 1)).shape)
+# Shardings on the hybrid mesh: which devices hold which rows of a batch / a (embed, mlp) kernel.
+mesh = dp_over_dcn
+batch = parallel.global_batch({"x": np.arange(16.0).reshape(8, 2)}, mesh)["x"]
+report["batch_rows"] = {str(s.device.id): sorted({int(v) // 2 for v in np.asarray(s.data).ravel()})
+                        for s in batch.addressable_shards}
+boxed = {"kernel": nn.Partitioned(jax.ShapeDtypeStruct((8, 8), jnp.float32), ("embed", "mlp"))}
+sharding = parallel.logical_shardings(boxed, mesh, RULES)["kernel"]
+report["kernel_spec"] = [a if a is None or isinstance(a, str) else list(a) for a in sharding.spec]
+kernel = jax.device_put(np.arange(64.0).reshape(8, 8), sharding)
+report["kernel_blocks"] = {str(s.device.id): [s.index[0].start or 0, s.index[1].start or 0]
+                           for s in kernel.addressable_shards}
+# Under use_mesh the models' logical constraints take effect (under `with mesh:` they did not).
+def f(x):
+  return nn.with_logical_constraint(x * 2, ("batch", "activation_mlp"))
+with parallel.use_mesh(mesh, RULES):
+  y = jax.jit(f)(jnp.ones((8, 4)))
+report["constrained"] = [a if a is None or isinstance(a, str) else list(a) for a in y.sharding.spec]
+report["value_ok"] = bool(np.all(np.asarray(y) == 2))
+# A model with DenseGeneral heads (T5) applies under the mesh and computes what it does without.
+from zipir_jax.models import t5
+cfg = t5.tiny_byt5_config()
+params = t5.init_t5_encoder(cfg, jax.random.key(0))
+ids = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (8, 6)), jnp.int32)
+apply = jax.jit(t5.T5Encoder(cfg).apply)
+ref = apply({"params": params}, ids)
+with parallel.use_mesh(mesh, RULES):
+  out = jax.jit(t5.T5Encoder(cfg).apply)({"params": params}, ids)
+report["t5_max_diff"] = float(jnp.max(jnp.abs(out - ref)))
+errs = {}
+for name, call in {
+  "ici": lambda: parallel.create_mesh((8, 1, 1), dcn_shape=(2, 1, 1)),
+  "dcn": lambda: parallel.create_mesh((1, 1, 1), dcn_shape=(3, 1, 1)),
+  "rank": lambda: parallel.create_mesh((1, 1), dcn_shape=(1, 1, 1)),
+  "rules": lambda: parallel.axis_rules((("embed", "model"),)),
+}.items():
+  try:
+    call()
+    errs[name] = None
+  except errors.ConfigError as e:
+    errs[name] = str(e)
+report["errors"] = errs
+with open(sys.argv[1], "w") as f:
+  json.dump(report, f)
+"""
+
+
+def test_hybrid_mesh_layout_and_shardings_on_fake_devices(worker):
+  root, _, env = worker
+  script, out = root / "hybrid.py", root / "hybrid.json"
+  script.write_text(HYBRID)
+  result = subprocess.run(
+    [sys.executable, str(script), str(out)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-4000:]
+  report = json.loads(out.read_text())
+  # data = 2 slices x 1: slice 0 (devices 0-3) is data row 0, slice 1 is row 1.
+  assert report["dp_over_dcn"] == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+  # fsdp = 2 slices x 2: fsdp 0-1 inside slice 0, 2-3 inside slice 1.
+  assert report["fsdp_over_dcn"] == [[[0], [1], [4], [5]], [[2], [3], [6], [7]]]
+  assert report["all_slices"] == {"data": 8, "fsdp": 1, "tensor": 1}  # one process: one slice
+  # Batch over (data, fsdp): each slice holds its own half of the global batch.
+  rows = {int(d): r for d, r in report["batch_rows"].items()}
+  assert all(set(rows[d]) <= set(range(4)) for d in (0, 1, 2, 3))
+  assert all(set(rows[d]) <= set(range(4, 8)) for d in (4, 5, 6, 7))
+  assert all(len(r) == 2 for r in rows.values())  # 4 batch shards, each on 2 tensor devices
+  assert sorted({r for d in rows for r in rows[d]}) == list(range(8))
+  # (embed, mlp) over (fsdp, tensor): each slice holds the whole kernel (no gather over DCN).
+  assert report["kernel_spec"] == ["fsdp", "tensor"]
+  blocks = {int(d): tuple(b) for d, b in report["kernel_blocks"].items()}
+  for devices in ((0, 1, 2, 3), (4, 5, 6, 7)):
+    assert sorted(blocks[d] for d in devices) == [(0, 0), (0, 4), (4, 0), (4, 4)]
+  assert report["constrained"] == [["data", "fsdp"], "tensor"] and report["value_ok"]
+  assert report["t5_max_diff"] < 1e-5
+  errs = report["errors"]
+  assert "config.train.mesh=(8, 1, 1) needs 8 devices per slice/node; this run has 4" in errs["ici"]
+  assert "dcn_mesh asks for 3 slices/nodes; 8 devices do not split evenly" in errs["dcn"]
+  assert "config.train.mesh must be 3 integers" in errs["rank"]
+  assert "rule 'embed' maps to ['model']; mesh axes are data, fsdp, tensor" in errs["rules"]

@@ -255,6 +255,44 @@ def test_load_folder_end_to_end(golden, tmp_path):
   assert {x.dtype for x in jax.tree.leaves(bf16_params)} == {jnp.dtype(jnp.bfloat16)}
 
 
+def test_load_reads_encoder_tensors_one_by_one_into_the_compute_dtype(
+  golden, tmp_path, monkeypatch
+):
+  """T5-XXL's float32 encoder would take 19 GB of host memory: each tensor is cast as it is read,
+  decoder tensors and the tied encoder.embed_tokens copy are never read."""
+  _, state, _ = _case(golden, "v11")
+  decoder = {"decoder.block.0.layer.0.SelfAttention.q.weight": np.ones((24, 32), np.float32)}
+  tied = {"encoder.embed_tokens.weight": state["shared.weight"]}
+  _write_hf_folder(tmp_path, golden, {**state, **decoder, **tied})
+  real_open, read = safetensors.safe_open, []
+
+  class Recording:
+    def __init__(self, *args, **kwargs):
+      self._file = real_open(*args, **kwargs)
+
+    def __enter__(self):
+      self._file.__enter__()
+      return self
+
+    def __exit__(self, *exc):
+      return self._file.__exit__(*exc)
+
+    def keys(self):
+      return self._file.keys()
+
+    def get_tensor(self, key):
+      read.append(key)
+      return self._file.get_tensor(key)
+
+  monkeypatch.setattr(safetensors, "safe_open", Recording)
+  config, params, _ = t5.load_t5_encoder(tmp_path, dtype="bfloat16")
+  assert config.dtype == config.param_dtype == "bfloat16"
+  assert sorted(read) == sorted(state)  # the encoder, once each; nothing else
+  expected = t5.convert_hf_state_dict(state, config)  # float32 tensors cast by the conversion
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+  jax.tree.map(np.testing.assert_array_equal, params, expected)
+
+
 def test_load_sharded_encoder_decoder_checkpoint(golden, tmp_path):
   """Full T5ForConditionalGeneration layout: shards, an index, decoder tensors to skip."""
   config, state, hf_config = _case(golden, "v11")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from zipir_jax import axis_rules
 from zipir_jax.data import defaults as data_defaults
 from zipir_jax.training import stages as stages_lib
 
@@ -173,7 +174,14 @@ def base_config(
   tr = config.train = ml_collections.ConfigDict()
   prerequisites = [s.prerequisite for s in stages_lib.experiment(kind).stages if s.prerequisite]
   tr.init_from = ml_collections.ConfigDict(dict.fromkeys(prerequisites, ""))
-  tr.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices.
+  # Mesh axes (data, fsdp, tensor): `mesh` within a TPU slice or GPU node (fast ICI/NVLink; -1 = the
+  # remaining devices of each), `dcn_mesh` across slices/nodes (slow DCN; its product = their
+  # number, -1 = all of them). Each axis is the product, e.g. mesh (1,8,1) x dcn_mesh (4,1,1): FSDP
+  # within nodes, data parallel across 4 nodes.
+  tr.mesh = (-1, 1, 1)
+  tr.dcn_mesh = (1, 1, 1)
+  # (logical axis name, mesh axes) pairs placing every parameter and activation (zipir_jax.parallel).
+  tr.logical_axis_rules = axis_rules.LOGICAL_AXIS_RULES
   tr.log_every = 50
   tr.image_every = 1000  # image grids HQ | LQ↑ | output; 0 = never.
   tr.preview_steps = (

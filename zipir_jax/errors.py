@@ -40,6 +40,10 @@ class NonFiniteError(ZipIRError, RuntimeError):
   """Too many non-finite updates in a row; the last good checkpoint is on disk."""
 
 
+class DataError(ZipIRError, ValueError):
+  """Training data that cannot be used: an input folder missing or without one usable image."""
+
+
 class BadImageError(ZipIRError, ValueError):
   """An image that cannot be used; ``kind`` is a short machine-readable reason."""
 

@@ -134,10 +134,12 @@ def get_data_config() -> ml_collections.ConfigDict:
   # folder: root directory (recursive). array_record: a directory of *.array_record shards
   # written by `python -m zipir_jax.data.prepare`, a single file, or a glob.
   data.path = ""
+  # tfds: a dataset built beforehand, never downloaded here:
+  # `tfds build NAME --data_dir=DIR --file_format=array_record` (random access needs ArrayRecord).
   data.tfds_name = ""  # e.g. "my_dataset:1.0.0"
   data.tfds_split = "train"
   data.tfds_data_dir = ""  # "" -> TFDS default.
-  data.image_key = "image"  # TFDS feature holding the image (encoded bytes or uint8 HWC array).
+  data.image_key = "image"  # TFDS image feature; read undecoded, decoded by data/decode.py.
   data.caption_key = ""  # TFDS feature holding the caption; "" -> empty captions.
   data.extensions = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 

@@ -7,8 +7,9 @@ even be read, and the pipeline skips it with that reason.
 
 * :class:`ImageFolderSource`: a directory tree of jpg/png/webp/bmp/tiff files; ``x.txt`` beside
   ``x.jpg`` is its caption.
-* :class:`TfdsSource`: any TFDS dataset through ``tfds.data_source`` (ArrayRecord format, no
-  TensorFlow needed); image and caption feature names come from the config.
+* :class:`TfdsSource`: a TFDS dataset already built in ArrayRecord format, through
+  ``tfds.data_source`` (no TensorFlow, nothing downloaded); image and caption feature names come
+  from the config.
 * :class:`ArrayRecordSource`: shards written by ``python -m zipir_jax.data.prepare``.
 """
 
@@ -22,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from zipir_jax import errors
 
 Record = dict[str, Any]
 
@@ -63,6 +66,16 @@ def _read_caption(image_path: str) -> str:
     return ""
 
 
+def read_image_file(path: str) -> Record:
+  """One image file's record: its encoded bytes and the caption in ``x.txt`` beside ``x.jpg``."""
+  try:
+    with open(path, "rb") as f:
+      image = f.read()
+  except OSError as e:
+    return make_record(None, name=path, error=f"cannot read file ({e})")
+  return make_record(image, caption=_read_caption(path), name=path)
+
+
 class ImageFolderSource:
   """Every image file under a directory (recursive), in sorted path order."""
 
@@ -79,13 +92,7 @@ class ImageFolderSource:
     return len(self._paths)
 
   def __getitem__(self, index: int) -> Record:
-    path = self._paths[index]
-    try:
-      with open(path, "rb") as f:
-        image = f.read()
-    except OSError as e:
-      return make_record(None, name=path, error=f"cannot read file ({e})")
-    return make_record(image, caption=_read_caption(path), name=path)
+    return read_image_file(self._paths[index])
 
   def __repr__(self) -> str:
     return f"ImageFolderSource({self.root!r}, {len(self)} files)"
@@ -116,11 +123,21 @@ def _to_text(value: Any) -> str:
   return str(value)
 
 
+def _nested(key: str, value: Any) -> dict[str, Any]:
+  """{'a': {'b': value}} for the feature path 'a/b'."""
+  for part in reversed(key.split("/")):
+    value = {part: value}
+  return value
+
+
 class TfdsSource:
   """A TFDS dataset through ``tfds.data_source`` (random access, no TensorFlow).
 
-  TFDS decodes image features itself (OpenCV); a record it cannot decode becomes an error record so
-  the pipeline skips it instead of crashing.
+  The dataset must already be built in ArrayRecord format (``tfds build NAME --data_dir=DIR
+  --file_format=array_record``): nothing is downloaded at training time, and a missing dataset is
+  a :class:`~zipir_jax.errors.ConfigError` naming that command. The image feature is not decoded
+  by TFDS (``SkipDecoding``): records carry its encoded bytes, like the folder and ArrayRecord
+  sources, so the pipeline probes the header for the size and decodes at reduced DCT scale.
   """
 
   def __init__(
@@ -137,7 +154,33 @@ class TfdsSource:
       raise ValueError("TfdsSource: config.data.tfds_name is empty")
     self.name, self.split = name, split
     self.image_key, self.caption_key = image_key, caption_key
-    self._source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+    where = data_dir or f"the TFDS default ({tfds.core.constants.DATA_DIR}, or $TFDS_DATA_DIR)"
+    try:
+      self._source = tfds.data_source(
+        name,
+        split=split,
+        data_dir=data_dir or None,
+        download=False,
+        decoders=_nested(image_key, tfds.decode.SkipDecoding()),
+      )
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise errors.ConfigError(
+        f"config.data.tfds_name={name!r}: {str(e).splitlines()[0]} (not a registered TFDS "
+        "dataset; a custom one must be importable or built under config.data.tfds_data_dir)"
+      ) from None
+    except (NotImplementedError, AssertionError, FileNotFoundError) as e:
+      # Not built there, or built as TFRecord (no random access), or another version.
+      raise errors.ConfigError(
+        f"config.data.tfds_name={name!r}: no ArrayRecord copy in {where} "
+        f"(config.data.tfds_data_dir); build it once with `tfds build {name} "
+        f"--data_dir={data_dir or '<dir>'} --file_format=array_record` (TFDS says: "
+        f"{str(e).splitlines()[0]})"
+      ) from None
+    except (KeyError, ValueError) as e:  # an unknown split or feature
+      raise errors.ConfigError(
+        f"config.data.tfds_name={name!r}, tfds_split={split!r}, image_key={image_key!r}: "
+        f"{str(e).splitlines()[0]}"
+      ) from None
 
   def __len__(self) -> int:
     return len(self._source)

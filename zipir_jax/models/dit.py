@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from zipir_jax import errors
+from zipir_jax import errors, parallel
 from zipir_jax.models import autoencoder, count_params
 
 Array = jax.Array
@@ -97,8 +97,10 @@ def _to_heads(features: tuple[int, int], in_axis: str, dtype: Dtype, name: str) 
     axis=-1,
     dtype=dtype,
     param_dtype=jnp.float32,
-    kernel_init=nn.with_logical_partitioning(init, (in_axis, "heads", "kv")),
-    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv")),
+    kernel_init=parallel.with_dense_general_partitioning(init, (in_axis, "heads", "kv")),
+    bias_init=parallel.with_dense_general_partitioning(
+      nn.initializers.zeros_init(), ("heads", "kv")
+    ),
     name=name,
   )
 
@@ -111,7 +113,7 @@ def _from_heads(features: int, zero_init: bool, dtype: Dtype, name: str) -> nn.D
     axis=(-2, -1),
     dtype=dtype,
     param_dtype=jnp.float32,
-    kernel_init=nn.with_logical_partitioning(init, ("heads", "kv", "embed")),
+    kernel_init=parallel.with_dense_general_partitioning(init, ("heads", "kv", "embed")),
     bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
     name=name,
   )

@@ -13,9 +13,10 @@ scale into the initialisation); a learned relative-position bias over bidirectio
 that only the first block owns and every block adds; no scaling of the input embedding (HF's tied
 ``d_model**-0.5`` factor applies to the decoder's LM head only, which an encoder never runs).
 
-Numerics: matmuls run in ``config.dtype`` (bfloat16 for the 4.7 B T5-XXL encoder); the residual
-stream, layer norms, attention logits and softmax stay in float32, which costs little at prompt
-lengths and keeps bfloat16 outputs close to the float32 reference.
+Numerics: matmuls run in ``config.dtype`` (bfloat16 for the 4.7 B T5-XXL encoder), and checkpoints
+load with parameters in that dtype too; the residual stream, layer norms, attention logits and
+softmax stay in float32, which costs little at prompt lengths and keeps bfloat16 outputs close to
+the float32 reference.
 
 Hugging Face checkpoints load with ``load_t5_encoder(folder)``; the key-name conversion
 (``convert_hf_state_dict``) is the one the equivalence test exercises.
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zipir_jax import weights
+from zipir_jax import parallel, weights
 from zipir_jax.errors import T5CheckpointError
 
 Array = jax.Array
@@ -225,7 +226,9 @@ class T5Attention(nn.Module):
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
-        kernel_init=_normal(stddev, ("embed", "heads", "kv")),
+        kernel_init=parallel.with_dense_general_partitioning(
+          nn.initializers.normal(stddev), ("embed", "heads", "kv")
+        ),
       )
 
     # Mesh-tf initialisation: the 1/sqrt(d_kv) that T5 leaves out of the logits lives in q's std.
@@ -242,7 +245,9 @@ class T5Attention(nn.Module):
       dtype=dtype,
       param_dtype=param_dtype,
       name="o",
-      kernel_init=_normal(inner**-0.5, ("heads", "kv", "embed")),
+      kernel_init=parallel.with_dense_general_partitioning(
+        nn.initializers.normal(inner**-0.5), ("heads", "kv", "embed")
+      ),
     )(out)
 
 
@@ -397,6 +402,7 @@ def convert_hf_state_dict(
   torch ``Linear`` weights are (out, in); Flax kernels are (in, out), with the attention's
   ``heads * d_kv`` axis split into ``(heads, kv)``. Decoder and LM-head keys are ignored; a
   missing, misshapen or unknown encoder key is an error naming ``source``, the key and shapes.
+  Tensors already in ``config.param_dtype`` are not copied: the parameters are views of them.
   """
   shapes = expected_hf_shapes(config)
   state = dict(state_dict)
@@ -420,7 +426,7 @@ def convert_hf_state_dict(
       raise T5CheckpointError(
         f"{source}: key '{key}' has shape {value.shape}, expected {shapes[key]} from the config"
       )
-    return value.astype(param_dtype)
+    return value.astype(param_dtype, copy=False)
 
   h, k = config.num_heads, config.d_kv
   params: dict[str, Any] = {
@@ -481,11 +487,55 @@ def _weight_files(folder: str) -> list[str]:
   raise FileNotFoundError(f"{folder}: no T5 weights found; expected one of {wanted}")
 
 
-def read_hf_encoder_state_dict(folder: PathLike) -> dict[str, np.ndarray]:
-  """The encoder tensors of a HF T5 folder; decoder tensors are dropped shard by shard."""
+def _safetensors_keys(path: str) -> list[str]:
+  import safetensors  # pylint: disable=g-import-not-at-top
+
+  try:
+    with safetensors.safe_open(path, framework="numpy", backend="pread") as f:
+      return list(f.keys())
+  except Exception as e:  # safetensors raises its own SafetensorError for corrupt files.
+    raise T5CheckpointError(
+      f"{path}: cannot read safetensors file ({type(e).__name__}: {e})"
+    ) from e
+
+
+def read_hf_encoder_state_dict(folder: PathLike, dtype: str | None = None) -> dict[str, np.ndarray]:
+  """The encoder tensors of a HF T5 folder, each cast to ``dtype`` (None: as stored) as it is read.
+
+  Safetensors files are read one tensor at a time with ``pread`` (no mapping of the file stays
+  resident) and decoder tensors not at all, so the host peak is the encoder in ``dtype`` plus one
+  tensor as stored: 9.5 GB for T5-XXL's encoder in bfloat16, not 19 GB of float32.
+  ``pytorch_model.bin`` files are read whole (:mod:`zipir_jax.weights`): peak about the file's size
+  plus the encoder in ``dtype``.
+  """
+  import safetensors  # pylint: disable=g-import-not-at-top
+
+  target = None if dtype is None else np.dtype(jnp.dtype(dtype))
+  cast = (lambda x: x) if target is None else (lambda x: x.astype(target, copy=False))
+  files = _weight_files(os.fspath(folder))
+  tensors = [p for p in files if p.endswith(weights.SAFETENSORS_SUFFIXES)]
+  keys = {p: _safetensors_keys(p) for p in tensors}
+  # encoder.embed_tokens is tied to shared in T5: read it only when shared is absent.
+  tied = any("shared.weight" in k for k in keys.values())
   state: dict[str, np.ndarray] = {}
-  for path in _weight_files(os.fspath(folder)):
-    state.update((k, v) for k, v in weights.load_state_dict(path).items() if is_encoder_key(k))
+  for path in files:
+    if path not in keys:  # pytorch_model.bin: one pickle, read whole.
+      loaded = weights.load_state_dict(path)
+      state.update((k, cast(loaded.pop(k))) for k in list(loaded) if is_encoder_key(k))
+      continue
+    wanted = [
+      k
+      for k in keys[path]
+      if is_encoder_key(k) and not (tied and k == "encoder.embed_tokens.weight")
+    ]
+    try:
+      with safetensors.safe_open(path, framework="numpy", backend="pread") as f:
+        for k in wanted:
+          state[k] = cast(f.get_tensor(k))
+    except Exception as e:  # SafetensorError: a truncated or corrupt file.
+      raise T5CheckpointError(
+        f"{path}: cannot read safetensors file ({type(e).__name__}: {e})"
+      ) from e
   return state
 
 
@@ -531,22 +581,24 @@ def load_tokenizer(folder: PathLike, vocab_size: int | None = None) -> Any:
 
 
 def load_t5_encoder(
-  folder: PathLike, dtype: str = "float32", param_dtype: str = "float32"
+  folder: PathLike, dtype: str = "float32", param_dtype: str | None = None
 ) -> tuple[T5Config, dict[str, Any], Any]:
   """Loads ``(config, params, tokenizer)`` from a local HF T5 / T5 v1.1 / Flan-T5 / ByT5 folder.
 
   The folder holds ``config.json``, the weights (``model.safetensors``, sharded safetensors with
   ``model.safetensors.index.json``, or ``pytorch_model.bin``; full encoder-decoder checkpoints
-  work, their decoder is skipped) and the tokenizer files.
+  work, their decoder is skipped) and the tokenizer files. ``param_dtype`` (None: ``dtype``) is
+  the parameters' dtype; each tensor is cast to it as it is read (:func:`read_hf_encoder_state_dict`).
   """
   folder = os.fspath(folder)
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"{folder}: T5 checkpoint folder not found")
   config = T5Config.from_json(
-    os.path.join(folder, "config.json"), dtype=dtype, param_dtype=param_dtype
+    os.path.join(folder, "config.json"), dtype=dtype, param_dtype=param_dtype or dtype
   )
   tokenizer = load_tokenizer(folder, config.vocab_size)  # Cheap checks before reading GBs.
-  params = convert_hf_state_dict(read_hf_encoder_state_dict(folder), config, source=folder)
+  state = read_hf_encoder_state_dict(folder, config.param_dtype)
+  params = convert_hf_state_dict(state, config, source=folder)
   return config, params, tokenizer
 
 

@@ -65,7 +65,7 @@ def measure_latent_stats(
   total = np.zeros((3, models.vae.latent_channels), np.float64)
   for _ in range(max(num_batches, 1)):
     batch = parallel.global_batch({"hq": next(batches)["hq"]}, mesh)
-    with mesh:
+    with parallel.use_mesh(mesh, models.config.train.logical_axis_rules):
       z = encode(encoders, batch["hq"]).astype(jnp.float32)
     s = jnp.stack(
       [

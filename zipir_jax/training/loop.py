@@ -91,7 +91,7 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
   """Trains ``config.stage`` to ``config.optim.num_steps``; returns the final train state."""
   stage = state_lib.check_config(config)
   sdir = checkpointing.stage_dir(workdir, stage.name)
-  mesh = parallel.create_mesh(tuple(config.train.mesh))
+  mesh = parallel.create_mesh(config.train.mesh, dcn_shape=config.train.dcn_mesh)
   logging.info("stage %s, mesh %s, %d processes", stage.name, dict(mesh.shape), jax.process_count())
   logging.info("recipe:\n%s", stages.format_table(stages.describe(config)))
   prereqs = checkpointing.load_prerequisites(config, workdir, config_file)
@@ -190,7 +190,7 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
         scalars.update(throughput.report(done))
         writer.write_scalars(done, scalars)
       if config.train.image_every and done % int(config.train.image_every) == 0:
-        with mesh:
+        with parallel.use_mesh(mesh, config.train.logical_axis_rules):
           out = preview(state, batch, preview_decoder)
         local = host["hq"].shape[0]  # process 0's examples lead the global batch
         lq = [example["lq_up"]] if "lq_up" in example else []  # HQ | LQ↑ | output

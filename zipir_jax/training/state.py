@@ -208,7 +208,7 @@ def state_shardings(
   stage, optim = models.stage, models.config.optim
   if boxed is None:
     boxed = jax.eval_shape(lambda: boxed_init(models, jax.random.PRNGKey(0)))
-  named = parallel.logical_shardings(boxed, mesh)
+  named = parallel.logical_shardings(boxed, mesh, models.config.train.logical_axis_rules)
   repl = parallel.replicated(mesh)
   params = stages.select(named, stage.trains)
   frozen = stages.select(named, stage.freezes)
@@ -259,7 +259,7 @@ def create_train_state(
   device ever holds the whole model. ``shardings``: from :func:`abstract_state`, if already made."""
   if shardings is None:
     _, shardings = abstract_state(models, mesh, rng, prerequisites)
-  with mesh:
+  with parallel.use_mesh(mesh, models.config.train.logical_axis_rules):
     state = jax.jit(lambda r, p: init_state(models, r, p), out_shardings=shardings)(
       rng, prerequisites
     )

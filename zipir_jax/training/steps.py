@@ -358,11 +358,11 @@ def jit_train_step(models: Models, mesh, shardings: TrainState):
   )
 
   def run(state, batch):
-    with mesh, nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+    with parallel.use_mesh(mesh, models.config.train.logical_axis_rules):
       return step(state, batch)
 
   def flops(state, batch):  # model FLOPs of one step, for the MFU reports
-    with mesh, nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+    with parallel.use_mesh(mesh, models.config.train.logical_axis_rules):
       return model_flops(models, state, batch)
 
   run.jitted, run.flops = step, flops
@@ -401,7 +401,8 @@ def _restore_preview(models: Models, state: TrainState, batch: dict, pixel_decod
   diff = config.diffusion
   num_steps = int(config.train.preview_steps) or min(PREVIEW_SAMPLE_STEPS, int(diff.sample_steps))
   null = frozen["null_text"]
-  with nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):  # as in the train step
+  rules = parallel.axis_rules(config.train.logical_axis_rules)
+  with nn.logical_axis_rules(rules):  # as in the train step
     lq_latent = encode_latents(models, frozen, batch["lq_up"])
     z = diffusion.ddim_sample(
       dit_lib.as_denoise_fn(models.dit),
