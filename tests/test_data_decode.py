@@ -53,6 +53,8 @@ def test_each_file_kind_decodes_or_raises_its_reason(bad_files):
         decode.image_size(data)
         decode.decode_image(data)
       assert info.value.kind == outcome, (name, info.value)
+      # Plain words for a person, not the repr of a Python object ("<_io.BytesIO at 0x…>").
+      assert " at 0x" not in str(info.value) and "_io." not in str(info.value), str(info.value)
 
 
 def test_sixteen_bit_is_scaled_not_truncated(bad_files):
