@@ -290,6 +290,70 @@ def guided_eps(
   return eps_cond + (cfg_scale - 1.0) * (eps_cond - eps_uncond)
 
 
+def ddim_start(
+  schedule: NoiseSchedule,
+  lq_latent: Array,
+  rng: Array,
+  num_steps: int,
+  strength: float | Array = 1.0,
+  init_noise: Array | None = None,
+) -> tuple[Array, Array, Array, Array]:
+  """The chain's start: ``(z, ts, ts_prev, rng_steps)`` for :func:`ddim_guided_step`.
+
+  ``z`` is ``init_noise`` (default N(0, I) from ``rng``) at strength 1, else the LQ latent noised to
+  the first timestep with that noise; ``ts``/``ts_prev`` come from :func:`ddim_timesteps`.
+  """
+  rng_init, rng_steps = jax.random.split(rng)
+  lq_latent = lq_latent.astype(jnp.float32)
+  b = lq_latent.shape[0]
+  noise = (
+    jax.random.normal(rng_init, lq_latent.shape, jnp.float32)
+    if init_noise is None
+    else init_noise.astype(jnp.float32)
+  )
+  ts, ts_prev = ddim_timesteps(schedule.num_train_steps, num_steps, strength)
+  noised_lq = q_sample(schedule, lq_latent, jnp.full((b,), ts[0]), noise)
+  z = jnp.where(jnp.asarray(strength) >= 1.0, noise, noised_lq)
+  return z, ts, ts_prev, rng_steps
+
+
+def ddim_guided_step(
+  denoise_fn: DenoiseFn,
+  params: Any,
+  schedule: NoiseSchedule,
+  i: int | Array,
+  z: Array,
+  ts: Array,
+  ts_prev: Array,
+  rng_steps: Array,
+  lq_latent: Array,
+  text_emb: Array,
+  text_mask: Array,
+  negative_emb: Array,
+  negative_mask: Array,
+  *,
+  cfg_scale: float | Array = 3.5,
+  eta: float | Array = 0.0,
+  clip_x0: float | None = None,
+) -> Array:
+  """Step ``i`` of the chain: guided ε at ``ts[i]``, then the DDIM update to ``ts_prev[i]``."""
+  eps = guided_eps(
+    denoise_fn,
+    params,
+    z,
+    ts[i],
+    lq_latent.astype(jnp.float32),
+    text_emb,
+    text_mask,
+    negative_emb,
+    negative_mask,
+    cfg_scale,
+  )
+  return ddim_step(
+    schedule, z, eps, ts[i], ts_prev[i], eta, jax.random.fold_in(rng_steps, i), clip_x0
+  )
+
+
 def ddim_sample(
   denoise_fn: DenoiseFn,
   params: Any,
@@ -310,53 +374,112 @@ def ddim_sample(
 ) -> Array:
   """Restored latents (B, h, w, C) float32 by DDIM with CFG; a pure, jittable function.
 
-  Starts from ``init_noise`` (default N(0, I) from ``rng``) at strength 1, else from the LQ latent
-  noised to the first timestep with that noise; ``lax.fori_loop`` over ``num_steps`` (static) steps.
+  :func:`ddim_start`, then ``lax.fori_loop`` over ``num_steps`` (static) :func:`ddim_guided_step`.
   The negative prompt's embedding (batch 1 or B) and the caption's are padded to a common length.
   """
-  rng_init, rng_steps = jax.random.split(rng)
-  lq_latent = lq_latent.astype(jnp.float32)
-  b = lq_latent.shape[0]
-  noise = (
-    jax.random.normal(rng_init, lq_latent.shape, jnp.float32)
-    if init_noise is None
-    else init_noise.astype(jnp.float32)
-  )
-  ts, ts_prev = ddim_timesteps(schedule.num_train_steps, num_steps, strength)
-  noised_lq = q_sample(schedule, lq_latent, jnp.full((b,), ts[0]), noise)
-  z = jnp.where(jnp.asarray(strength) >= 1.0, noise, noised_lq)
+  z, ts, ts_prev, rng_steps = ddim_start(schedule, lq_latent, rng, num_steps, strength, init_noise)
 
   def step(i, z):
-    eps = guided_eps(
+    return ddim_guided_step(
       denoise_fn,
       params,
+      schedule,
+      i,
       z,
-      ts[i],
+      ts,
+      ts_prev,
+      rng_steps,
       lq_latent,
       text_emb,
       text_mask,
       negative_emb,
       negative_mask,
-      cfg_scale,
-    )
-    return ddim_step(
-      schedule, z, eps, ts[i], ts_prev[i], eta, jax.random.fold_in(rng_steps, i), clip_x0
+      cfg_scale=cfg_scale,
+      eta=eta,
+      clip_x0=clip_x0,
     )
 
   return jax.lax.fori_loop(0, num_steps, step, z)
 
 
+StepCallback = Callable[[int, int, Array], None]
+
+
 def make_ddim_sampler(
   denoise_fn: DenoiseFn, schedule: NoiseSchedule, num_steps: int = 25, clip_x0: float | None = None
 ) -> Callable[..., Array]:
-  """One jitted sampling program for a network and step count.
+  """The DDIM sampler of a network and step count, compiled once per input shapes.
 
   Returns ``sample(params, lq_latent, text_emb, text_mask, negative_emb, negative_mask, rng,
-  cfg_scale=3.5, eta=0.0, strength=1.0, init_noise=None) -> latents``; cfg_scale, η and strength
-  are traced, so changing them (or the inputs, at the same shapes) never recompiles.
+  cfg_scale=3.5, eta=0.0, strength=1.0, init_noise=None, callback=None) -> latents``; cfg_scale,
+  η and strength are traced, so changing them (or the inputs, at the same shapes) never
+  recompiles. Without ``callback`` the whole chain is one program (:func:`ddim_sample`). With
+  ``callback(step, t, latents)`` a Python loop runs one jitted :func:`ddim_guided_step` per step
+  and calls it after each with the step index, the timestep just denoised and the new latents
+  (on the device, not waited for): progress bars and previews, same arithmetic.
   """
 
   @jax.jit
+  def one_program(
+    params, lq_latent, text_emb, text_mask, neg_emb, neg_mask, rng, cfg, eta, strength, init_noise
+  ):
+    return ddim_sample(
+      denoise_fn,
+      params,
+      schedule,
+      lq_latent,
+      text_emb,
+      text_mask,
+      neg_emb,
+      neg_mask,
+      rng,
+      num_steps=num_steps,
+      cfg_scale=cfg,
+      eta=eta,
+      strength=strength,
+      clip_x0=clip_x0,
+      init_noise=init_noise,
+    )
+
+  @jax.jit
+  def start(lq_latent, rng, strength, init_noise):
+    return ddim_start(schedule, lq_latent, rng, num_steps, strength, init_noise)
+
+  @jax.jit
+  def step(
+    params,
+    i,
+    z,
+    ts,
+    ts_prev,
+    rng_steps,
+    lq_latent,
+    text_emb,
+    text_mask,
+    neg_emb,
+    neg_mask,
+    cfg,
+    eta,
+  ):
+    return ddim_guided_step(
+      denoise_fn,
+      params,
+      schedule,
+      i,
+      z,
+      ts,
+      ts_prev,
+      rng_steps,
+      lq_latent,
+      text_emb,
+      text_mask,
+      neg_emb,
+      neg_mask,
+      cfg_scale=cfg,
+      eta=eta,
+      clip_x0=clip_x0,
+    )
+
   def sample(
     params,
     lq_latent,
@@ -369,25 +492,20 @@ def make_ddim_sampler(
     eta=0.0,
     strength=1.0,
     init_noise=None,
+    callback: StepCallback | None = None,
   ):
-    return ddim_sample(
-      denoise_fn,
-      params,
-      schedule,
-      lq_latent,
-      text_emb,
-      text_mask,
-      negative_emb,
-      negative_mask,
-      rng,
-      num_steps=num_steps,
-      cfg_scale=jnp.asarray(cfg_scale),
-      eta=jnp.asarray(eta),
-      strength=jnp.asarray(strength),
-      clip_x0=clip_x0,
-      init_noise=init_noise,
-    )
+    cfg_scale, eta, strength = (jnp.asarray(v, jnp.float32) for v in (cfg_scale, eta, strength))
+    text = (text_emb, text_mask, negative_emb, negative_mask)
+    if callback is None:
+      return one_program(params, lq_latent, *text, rng, cfg_scale, eta, strength, init_noise)
+    z, ts, ts_prev, rng_steps = start(lq_latent, rng, strength, init_noise)
+    timesteps = np.asarray(ts)
+    for i in range(num_steps):
+      z = step(params, jnp.int32(i), z, ts, ts_prev, rng_steps, lq_latent, *text, cfg_scale, eta)
+      callback(i, int(timesteps[i]), z)
+    return z
 
+  sample.program = one_program  # the compiled one-program sampler (its cache, its HLO)
   return sample
 
 
