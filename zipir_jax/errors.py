@@ -48,6 +48,14 @@ class BadImageError(ZipIRError, ValueError):
     self.kind = kind
 
 
+class OptionError(ZipIRError, ValueError):
+  """A restoration option outside what it can be (an unknown colour fix, strength above 1)."""
+
+
+class OutputNameError(ZipIRError, ValueError):
+  """Two inputs of one run would be written to the same output file."""
+
+
 class CheckpointError(ZipIRError, ValueError):
   """A weight file is corrupt, truncated or not in a supported format."""
 
