@@ -36,6 +36,10 @@ class BundleError(ZipIRError, ValueError):
   """A bundle folder is missing a part or does not match its config."""
 
 
+class BundleNotFoundError(ZipIRError, FileNotFoundError):
+  """No bundle folder where one was named."""
+
+
 class NonFiniteError(ZipIRError, RuntimeError):
   """Too many non-finite updates in a row; the last good checkpoint is on disk."""
 
