@@ -15,6 +15,7 @@ the noisiest timestep and the last one lands on ᾱ = 1. A fidelity control ``st
 the LQ latent noised to strength·T (1 = pure noise) and spreads the same number of steps over
 [0, strength·T]. The whole loop is one ``lax.fori_loop`` inside one ``jax.jit``: it compiles once
 per (batch, latent shape, text length, step count); cfg_scale, η and strength are traced values.
+With a per-step callback (progress bars, previews) the same step runs jitted from a Python loop.
 
 Everything here is a pure function of arrays and a frozen :class:`NoiseSchedule`; the network
 enters as ``denoise_fn(params, z_t, t, lq_latent, text_emb, text_mask) -> eps``
