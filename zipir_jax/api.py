@@ -22,7 +22,6 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 from PIL import Image
 
@@ -142,8 +141,9 @@ class ZipIRPipeline:
     ``strength`` (1 = from noise, < 1 from the noised LQ latent), ``eta``, ``seed``, ``color_fix``
     (none | wavelet | adain), ``fusion_weight``; each defaults to the bundle's config.
     ``progress``: a bar over the DDIM steps (tqdm; shown once a batch runs past a second).
-    ``callback(step, t, latents)`` runs after each DDIM step with the DiT's normalised latents
-    (``zipir_jax.latents.decode`` maps them to pixels). With neither, sampling is one program.
+    ``callback(step, t, latents)`` runs after each DDIM step with the DiT's normalised latents as
+    a numpy array (``zipir_jax.latents.decode`` maps them to pixels). Both run on the host from
+    inside the one compiled sampling program (:func:`~zipir_jax.diffusion.make_ddim_sampler`).
     """
     if output_type not in OUTPUT_TYPES:
       raise OptionError(f"output_type={output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
@@ -228,13 +228,12 @@ def _step_bar(progress: bool, steps: int, out_size: tuple[int, int], batch: int)
 
 
 def _on_step(bar: Any, callback: StepCallback | None) -> StepCallback | None:
-  """The sampler's per-step hook: the bar (after the step really ran) and the user's callback."""
+  """The sampler's per-step hook: the bar, then the user's callback."""
   if bar is None and callback is None:
     return None
 
-  def on_step(step: int, t: int, latents: jax.Array) -> None:
+  def on_step(step: int, t: int, latents: np.ndarray) -> None:
     if bar is not None:
-      jax.block_until_ready(latents)
       bar.update(1)
     if callback is not None:
       callback(step, t, latents)
