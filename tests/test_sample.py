@@ -61,6 +61,7 @@ def test_folder_with_good_and_bad_images(tmp_path, tiny_bundle_dir):
   assert " at 0x" not in result.stderr  # plain words, no Python object reprs
   assert f"restored {len(good)} of {len(expected)} images" in result.stdout
   assert not re.search(r"^[IW]\d{4} ", result.stderr, re.M), result.stderr[-2000:]  # no absl logs
+  assert "PyTorch was not found" not in result.stderr  # nor transformers' import notice
 
   # A second run never replaces what the first wrote, unless told to, and does not take the
   # outputs inside the input folder for inputs. --verbosity=1 shows the libraries' INFO lines.

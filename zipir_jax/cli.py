@@ -6,6 +6,7 @@ Light (no JAX): a program calls these before its heavy imports.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from zipir_jax.errors import ZipIRError
@@ -34,6 +35,9 @@ def quiet_library_logs(verbosity: int | None = None) -> None:
   logging.getLogger().setLevel(logging.WARNING)
   for name in LIBRARY_LOGGERS:
     logging.getLogger(name).setLevel(logging.WARNING)
+  # transformers logs through its own handler, read once at import: "PyTorch was not found" is
+  # by design here (the T5 encoder runs in JAX).
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def fail(error: str | BaseException, status: int = 2) -> int:
