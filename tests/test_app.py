@@ -2,6 +2,7 @@
 the right size; upload a broken file, see the error as text. Chromium and chromedriver come from
 the Debian packages; selenium drives them by path, so nothing is downloaded."""
 
+import io
 import os
 import shutil
 import tempfile
@@ -123,29 +124,40 @@ def test_page_restores_an_upload_and_shows_errors_as_text(browser, server, tmp_p
   assert "Traceback" not in browser.page_source and " at 0x" not in error
 
 
-def test_bad_values_are_one_line_answers(server):
+def _post(url, parts):
+  """A multipart/form-data POST of (name, file name or None, bytes) parts: (status, text)."""
   boundary = "zipirboundary"
-  parts = [
-    ("image", "a.png", b"x"),
-    ("steps", None, b"two"),
-  ]
   body = (
     b"".join(
-      f'--{boundary}\r\nContent-Disposition: form-data; name="{n}"'.encode()
-      + (f'; filename="{f}"'.encode() if f else b"")
+      f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'.encode()
+      + (f'; filename="{filename}"'.encode() if filename else b"")
       + b"\r\n\r\n"
-      + v
+      + value
       + b"\r\n"
-      for n, f, v in parts
+      for name, filename, value in parts
     )
     + f"--{boundary}--\r\n".encode()
   )
   request = urllib.request.Request(
-    server + "restore",
-    data=body,
-    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
   )
-  with pytest.raises(urllib.error.HTTPError) as info:
-    urllib.request.urlopen(request, timeout=60)
-  assert info.value.code == 400
-  assert info.value.read().decode() == "steps='two': not an integer"
+  try:
+    with urllib.request.urlopen(request, timeout=60) as response:
+      return response.status, response.read()
+  except urllib.error.HTTPError as e:
+    return e.code, e.read().decode()
+
+
+def test_bad_values_and_tiny_images_are_one_line_answers(server):
+  assert _post(server + "restore", [("image", "a.png", b"x"), ("steps", None, b"two")]) == (
+    400,
+    "steps='two': not an integer",
+  )
+  tiny = io.BytesIO()
+  Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tiny, format="PNG")
+  assert _post(
+    server + "restore", [("image", "tiny.png", tiny.getvalue()), ("scale", None, b"2")]
+  ) == (
+    400,
+    "tiny.png: 4x6 is too small (sides of at least 8 px)",
+  )

@@ -43,6 +43,7 @@ PAGE = """<!doctype html>
  #views {{ display: flex; gap: 1em; margin-top: 1em; }}
  #views figure {{ margin: 0; flex: 1; }}
  #views img {{ width: 100%; image-rendering: pixelated; background: #eee; }}
+ #views img:not([src]) {{ display: none; }}
  #error {{ color: #b00020; white-space: pre-wrap; }}
 </style></head>
 <body>
@@ -146,8 +147,10 @@ def _number(fields: dict, name: str, kind: type, default: Any = None) -> Any:
     ) from None
 
 
-def restore_upload(pipe: Any, fields: dict[str, tuple[str | None, bytes]]) -> tuple[bytes, str]:
-  """The form's image restored with its settings: (PNG bytes, output file name)."""
+def restore_upload(
+  pipe: Any, fields: dict[str, tuple[str | None, bytes]]
+) -> tuple[bytes, str, tuple[int, int]]:
+  """The form's image restored with its settings: (PNG bytes, output file name, (W, H))."""
   filename, data = fields.get("image", (None, b""))
   if not filename:
     raise OptionError("no image: choose a file to upload")
@@ -173,7 +176,7 @@ def restore_upload(pipe: Any, fields: dict[str, tuple[str | None, bytes]]) -> tu
   from zipir_jax import api  # pylint: disable=g-import-not-at-top
 
   api.restore_options(**options)  # options first: a bad value is named before any decoding
-  image = image_io.decode_named(data, filename)
+  image = pipe.prepare(image_io.decode_named(data, filename), filename)
   restored = pipe(
     image,
     scale=None if size else _number(fields, "scale", float),
@@ -186,7 +189,7 @@ def restore_upload(pipe: Any, fields: dict[str, tuple[str | None, bytes]]) -> tu
   buffer = io.BytesIO()
   restored.save(buffer, format="PNG")
   stem = filename.rsplit("/", 1)[-1].rsplit("\\", 1)[-1].rsplit(".", 1)[0] or "image"
-  return buffer.getvalue(), f"{stem}_zipir.png"
+  return buffer.getvalue(), f"{stem}_zipir.png", restored.size
 
 
 def make_server(
@@ -228,10 +231,7 @@ def make_server(
         fields = parse_form(self.headers.get("Content-Type", ""), self.rfile.read(length))
         with lock:
           start = time.time()
-          png, name = restore_upload(pipe, fields)
-        from PIL import Image  # pylint: disable=g-import-not-at-top
-
-        w, h = Image.open(io.BytesIO(png)).size
+          png, name, (w, h) = restore_upload(pipe, fields)
         self.log_message("restored %s to %dx%d in %.1f s", name, w, h, time.time() - start)
         self._send(HTTPStatus.OK, png, "image/png", {"X-Filename": name, "X-Size": f"{w}x{h}"})
       except ZipIRError as e:  # the user's mistake: say it in their words
