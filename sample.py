@@ -3,22 +3,22 @@ r"""Restores images with a trained ZipIR bundle.
   python sample.py --checkpoint=BUNDLE --input=photos/ --output=restored/ --scale=8 \
       --prompt="a photo of a cat" --negative_prompt="blurry, noisy" --cfg=3.5 --steps=25
 
---input is a file, a folder (recursive) or a glob. The prompt of an image is, in this order, the
-text of a sidecar ``<image>.txt``, the content of --prompt_file, or --prompt. Outputs are PNGs named
-after their inputs; existing files are never replaced without --overwrite. An unreadable, corrupt
-or too small input is reported by name and skipped while the rest are restored; the exit status is
-1 if any image failed, 2 if nothing could start (e.g. a missing or mismatched checkpoint).
+--input is a file, a folder (recursive) or a glob; an --output folder inside it is not read. The
+prompt of an image is, in this order, the text of a sidecar ``<image>.txt``, the content of
+--prompt_file, or --prompt. Outputs are PNGs named after their inputs, decided for the whole run
+before any work (``zipir_jax.image_io.output_paths``: ``photo.jpg`` -> ``photo.png``; inputs that
+share a stem keep their extension, ``photo.jpg.png``); an existing file is never replaced without
+--overwrite, and an input never. An unreadable, corrupt or too small input is reported by name and
+skipped while the rest are restored; the summary counts the files written. Exit status: 1 if any
+image failed, 2 if nothing could start (e.g. a missing or mismatched checkpoint). Library log lines
+are off unless --verbosity=1. Restoration goes through ``zipir_jax.api.ZipIRPipeline``.
 """
 
 from __future__ import annotations
 
-import collections
-import glob
 import os
 import sys
-import time
 
-import numpy as np
 from absl import app, flags
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Bundle folder exported by training.")
@@ -38,8 +38,8 @@ _STRENGTH = flags.DEFINE_float(
   "1 = from pure noise; < 1 starts from the noised LQ latent (more fidelity, less generation).",
 )
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (0 = deterministic).")
-_COLOR_FIX = flags.DEFINE_enum(
-  "color_fix", None, ["none", "wavelet", "adain"], "Colour correction towards the LQ input."
+_COLOR_FIX = flags.DEFINE_string(
+  "color_fix", None, "Colour correction towards the LQ input: none, wavelet or adain."
 )
 _BATCH = flags.DEFINE_integer("batch_size", 1, "Images of the same size restored together.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype of all networks.")
@@ -57,44 +57,6 @@ _CACHE = flags.DEFINE_string(
   "cache (default $JAX_COMPILATION_CACHE_DIR or ~/.cache/zipir_jax/xla; "
   "'' disables).",
 )
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-
-def list_inputs(spec: str) -> list[str]:
-  """Image paths named by a file, a folder (recursive) or a glob, sorted."""
-  if os.path.isdir(spec):
-    paths = [os.path.join(root, f) for root, _, files in os.walk(spec) for f in files]
-  elif os.path.isfile(spec):
-    return [spec]
-  else:
-    paths = glob.glob(spec, recursive=True)
-  return sorted(p for p in paths if p.lower().endswith(IMAGE_SUFFIXES))
-
-
-def output_path(path: str, input_spec: str, output: str) -> str:
-  """Mirrors the input's place under a folder input; PNG named after the input."""
-  base = input_spec if os.path.isdir(input_spec) else os.path.dirname(path)
-  rel = os.path.relpath(path, base) if base else os.path.basename(path)
-  return os.path.join(output, os.path.splitext(rel)[0] + ".png")
-
-
-def prompt_for(path: str, default: str) -> str:
-  sidecar = os.path.splitext(path)[0] + ".txt"
-  if os.path.isfile(sidecar):
-    with open(sidecar, encoding="utf-8") as f:
-      return f.read().strip()
-  return default
-
-
-def write_png(path: str, image: np.ndarray) -> None:
-  """Atomic write: a crash never leaves a half-written PNG under the final name."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".partial.png"
-  Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(tmp)
-  os.replace(tmp, path)
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -114,91 +76,102 @@ def main(argv):
     raise app.UsageError("give exactly one of --scale or --size")
   if _PROMPT_FILE.value and _PROMPT.value:
     raise app.UsageError("give --prompt or --prompt_file, not both")
+  if _BATCH.value < 1:
+    raise app.UsageError(f"--batch_size={_BATCH.value}: must be at least 1")
+  size = parse_size(_SIZE.value) if _SIZE.value else None
   default_prompt = _PROMPT.value
   if _PROMPT_FILE.value:
     with open(_PROMPT_FILE.value, encoding="utf-8") as f:
       default_prompt = f.read().strip()
 
-  # Heavy imports after flag checks, so usage errors are instant.
+  from zipir_jax import cli, image_io  # pylint: disable=g-import-not-at-top  # light: no JAX
+
+  cli.quiet_library_logs()
+  # The whole run's output names, before any work: two inputs never share an output.
+  paths = image_io.list_images(_INPUT.value, exclude=_OUTPUT.value)
+  if not paths:
+    return cli.fail(
+      f"no images ({', '.join(image_io.IMAGE_SUFFIXES)}) found at {_INPUT.value}", status=2
+    )
+  try:
+    outputs = image_io.output_paths(paths, _INPUT.value, _OUTPUT.value)
+  except cli.USER_ERRORS as e:
+    return cli.fail(e, status=2)
+  failures: dict[str, str] = {}
+  inputs = {os.path.realpath(p) for p in paths}
+  for path in paths:
+    out = outputs[path]
+    if os.path.realpath(out) in inputs:
+      failures[path] = f"its output {out} is an input file, which is never replaced"
+    elif os.path.exists(out) and not _OVERWRITE.value:
+      failures[path] = f"output {out} exists (use --overwrite to replace it)"
+
+  if len(failures) == len(paths):  # nothing to restore: no need to load the weights
+    return _summary(0, paths, failures)
+
+  # Heavy imports after the cheap checks, so mistakes are reported at once.
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
-  from zipir_jax import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
-  from zipir_jax import restore
-  from zipir_jax.data.decode import decode_image  # pylint: disable=g-import-not-at-top
+  from zipir_jax import api, restore  # pylint: disable=g-import-not-at-top
 
   restore.enable_compilation_cache(_CACHE.value)
-  paths = list_inputs(_INPUT.value)
-  if not paths:
-    print(
-      f"error: no images ({', '.join(IMAGE_SUFFIXES)}) found at {_INPUT.value}", file=sys.stderr
-    )
-    return 2
-  try:
-    bundle = bundle_lib.load_bundle(_CHECKPOINT.value)
-    if _PLAIN_DECODER.value:
-      bundle = bundle_lib.with_plain_decoder(bundle, _PLAIN_DECODER.value)
-  except (OSError, ValueError) as e:
-    print(f"error: cannot load checkpoint: {e}", file=sys.stderr)
-    return 2
-  if _DTYPE.value:
-    with bundle.config.unlocked():
-      bundle.config.vae.dtype = bundle.config.dit.dtype = _DTYPE.value
-  restorer = restore.Restorer(bundle)
-  del bundle  # the Restorer holds its own device copy; this frees the float32 DiT
-  options = restore.RestoreOptions(
+  options = dict(
     steps=_STEPS.value,
-    cfg_scale=_CFG.value,
+    cfg=_CFG.value,
     negative_prompt=_NEGATIVE.value,
-    eta=_ETA.value,
     strength=_STRENGTH.value,
-    color_fix=_COLOR_FIX.value,
+    eta=_ETA.value,
     seed=_SEED.value,
+    color_fix=_COLOR_FIX.value,
   )
-  size = parse_size(_SIZE.value) if _SIZE.value else None
+  try:
+    api.restore_options(**options)  # checked before the weights load
+  except cli.USER_ERRORS as e:
+    return cli.fail(e, status=2)
+  try:
+    pipe = api.ZipIRPipeline.from_pretrained(
+      _CHECKPOINT.value, dtype=_DTYPE.value, plain_decoder=_PLAIN_DECODER.value
+    )
+  except cli.USER_ERRORS as e:
+    return cli.fail(f"cannot load checkpoint: {e}", status=2)
 
-  failures: dict[str, str] = {}
-  groups = collections.defaultdict(list)  # (LQ shape, output size) -> [(path, image, prompt)]
+  todo = []  # (input path, image, prompt)
   for path in paths:
-    out = output_path(path, _INPUT.value, _OUTPUT.value)
-    if os.path.exists(out) and not _OVERWRITE.value:
-      failures[path] = f"output {out} exists (use --overwrite to replace it)"
+    if path in failures:
       continue
     try:
-      with open(path, "rb") as f:
-        image = decode_image(f.read())
-      out_size = restore.target_size(image.shape[:2], _SCALE.value, size)
-      if min(image.shape[:2]) < restorer.config.restore.min_lq_size:
-        raise ValueError(
-          f"too small ({image.shape[0]}x{image.shape[1]}; sides of at least "
-          f"{restorer.config.restore.min_lq_size} px)"
-        )
-    except (OSError, ValueError) as e:
-      failures[path] = str(e)
-      continue
-    groups[(image.shape, out_size)].append((path, image, prompt_for(path, default_prompt)))
+      todo.append((path, pipe.prepare(path), image_io.sidecar_prompt(path, default_prompt)))
+    except cli.USER_ERRORS as e:
+      failures[path] = str(e).removeprefix(f"{path}: ")
 
-  todo = sum(len(g) for g in groups.values())
-  with tqdm(total=todo, unit="img", file=sys.stdout, disable=todo == 0) as progress:
-    for (_, out_size), items in groups.items():
-      for start in range(0, len(items), _BATCH.value):
-        batch = items[start : start + _BATCH.value]
-        t0 = time.time()
-        try:
-          restored = restorer.restore(
-            [im for _, im, _ in batch], out_size, [p for _, _, p in batch], options
-          )
-        except ValueError as e:
-          failures.update({path: str(e) for path, _, _ in batch})
-          progress.update(len(batch))
+  written: set[str] = set()
+  with tqdm(total=len(todo), unit="img", disable=not todo) as progress:
+    try:
+      for index, image in pipe.iter_restore(
+        [image for _, image, _ in todo],
+        scale=_SCALE.value,
+        size=size,
+        prompt=[prompt for _, _, prompt in todo],
+        batch_size=_BATCH.value,
+        **options,
+      ):
+        path = todo[index][0]
+        out = outputs[path]
+        if out in written:  # impossible by output_paths; checked because losing work is worse
+          failures[path] = f"{out} was already written by this run; not replaced"
           continue
-        for (path, _, _), image in zip(batch, restored):
-          write_png(output_path(path, _INPUT.value, _OUTPUT.value), image)
-        per_image = (time.time() - t0) / len(batch)
-        progress.set_postfix_str(f"{per_image:.2f} s/img, {out_size[0]}x{out_size[1]}")
-        progress.update(len(batch))
+        image_io.write_png(out, image)
+        written.add(out)
+        progress.update(1)
+    except cli.USER_ERRORS as e:  # a batch the checks above did not foresee: report, keep the rest
+      failures.update({p: str(e) for p, _, _ in todo if outputs[p] not in written})
 
-  done = len(paths) - len(failures)
-  print(f"restored {done} of {len(paths)} images into {_OUTPUT.value}")
+  return _summary(len(written), paths, failures)
+
+
+def _summary(written: int, paths: list[str], failures: dict[str, str]) -> int:
+  """Prints the count of files written and one line per failed input; the exit status."""
+  print(f"restored {written} of {len(paths)} images into {_OUTPUT.value}")
   for path, reason in failures.items():
     print(f"FAILED {path}: {reason}", file=sys.stderr)
   return 1 if failures else 0

@@ -96,6 +96,7 @@ train train_big_${s1}_nothing_saveable $big $s1 8 --config.dit.remat_policy=noth
 train train_big_$s2 $big $s2 2
 step restore_$s4 220 $py bench/restore.py --config=$big --sizes=$s4 --dtype=$dt --repeats=2 --total_repeats=1
 step restore_$s2 200 $py bench/restore.py --config=$big --sizes=$s2 --dtype=$dt --repeats=5 --total_repeats=3
+step sampler_progress_$s2 150 $py bench/sampler_progress.py --config=$big --size=$s2 --dtype=$dt --steps=25 --repeats=3
 step profile_mid_$s1 120 $py bench/train_step.py --config=$mid:dit --resolution=$s1 --batch=8 --steps=2 \
   --config.dit.remat_policy=$remat --profile_dir="$out/profile_mid_$s1"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true

@@ -52,6 +52,8 @@ def test_each_file_kind_decodes_or_raises_its_reason(bad_files):
       with pytest.raises(decode.BadImageError) as info:
         decode.decode_image(data)
       assert info.value.kind == outcome, (name, info.value)
+      # Plain words for a person, not the repr of a Python object ("<_io.BytesIO at 0x…>").
+      assert " at 0x" not in str(info.value) and "_io." not in str(info.value), str(info.value)
       if outcome in ("truncated", "corrupt"):  # a sound header: only decoding the body fails
         assert decode.image_size(data) == (96, 128), name
       else:

@@ -244,7 +244,7 @@ def test_25_step_sampler_compiles_once_with_the_dit(model, params):
       strength=1.0 - 0.3 * seed,
     )
     assert out.shape == (1, 4, 7, C) and np.all(np.isfinite(out))
-  assert traces == [(2, 4, 7, C)] and sample._cache_size() == 1
+  assert traces == [(2, 4, 7, C)] and sample.program._cache_size() == 1
 
 
 def test_attention_backend_selection(monkeypatch):

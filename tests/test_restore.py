@@ -76,6 +76,22 @@ def test_restorer_holds_one_device_copy_with_the_dit_in_the_compute_dtype(tiny_b
   assert set(dtypes.values()) == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
 
 
+def test_dropping_a_restorer_frees_its_device_weights(tiny_bundle_dir):
+  """The jitted encode/decode/sampler programs close over networks, not over the Restorer: once
+  it is dropped (after it ran, so every cache holds its programs) its weights leave the device."""
+  restorer = restore.Restorer(bundle_lib.load_bundle(str(tiny_bundle_dir)))
+  restorer.restore([_lq(0)], (84, 120), ["a cat"], restore.RestoreOptions(steps=2))
+  weights = jax.tree.leaves(restorer.params)
+  refs = [weakref.ref(x) for x in weights]
+  held = sum(x.nbytes for x in weights)
+  live = lambda: sum(x.nbytes for x in jax.live_arrays())
+  before = live()
+  del restorer, weights
+  gc.collect()
+  assert not [r for r in refs if r() is not None]
+  assert before - live() >= held
+
+
 def test_each_prompt_is_encoded_once(restorer, monkeypatch):
   from zipir_jax import text
 

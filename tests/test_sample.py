@@ -1,6 +1,7 @@
 """sample.py end to end: a folder of good and bad images, overwrite protection, checkpoint errors."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -29,7 +30,10 @@ def _run(*args):
 
 
 def test_folder_with_good_and_bad_images(tmp_path, tiny_bundle_dir):
-  inputs, outputs = tmp_path / "in", tmp_path / "out"
+  """One output per good input (photo.webp/.bmp/.tiff share a stem), written into a folder inside
+  the input folder, which a second run does not read back; library INFO logs only on request."""
+  inputs = tmp_path / "in"
+  outputs = inputs / "restored"
   expected = testing.write_bad_files(str(inputs), size=(24, 32))
   (inputs / "photo.txt").write_text("a photo")  # sidecar caption of photo.{webp,bmp,tiff}
   result = _run(
@@ -41,19 +45,26 @@ def test_folder_with_good_and_bad_images(tmp_path, tiny_bundle_dir):
   )
   assert result.returncode == 1, result.stderr[-2000:]
   good = [p for p, outcome in expected.items() if os.path.basename(p) not in BAD]
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in good]
+  names = {  # the documented rule: stems used once name the output; shared ones keep the suffix
+    os.path.basename(p): (stem if stems.count(stem) == 1 else os.path.basename(p)) + ".png"
+    for p, stem in zip(good, stems)
+  }
+  assert {"photo.webp.png", "photo.bmp.png", "photo.tiff.png"} <= set(names.values())
+  assert sorted(p.name for p in outputs.iterdir()) == sorted(names.values())
   for path in good:
-    out = outputs / (os.path.splitext(os.path.basename(path))[0] + ".png")
-    assert out.exists(), (path, result.stderr[-2000:])
-    with Image.open(out) as image:
+    with Image.open(outputs / names[os.path.basename(path)]) as image:
       h, w = (16, 16) if "too_small" in path else (24, 32)
       assert image.size == (4 * w, 4 * h) and image.mode == "RGB"
   for name in BAD:
     assert f"FAILED {inputs / name}:" in result.stderr
-    assert not (outputs / (os.path.splitext(name)[0] + ".png")).exists()
+  assert " at 0x" not in result.stderr  # plain words, no Python object reprs
   assert f"restored {len(good)} of {len(expected)} images" in result.stdout
-  assert not list(outputs.glob("*.partial.png"))
+  assert not re.search(r"^[IW]\d{4} ", result.stderr, re.M), result.stderr[-2000:]  # no absl logs
+  assert "PyTorch was not found" not in result.stderr  # nor transformers' import notice
 
-  # A second run never replaces what the first wrote, unless told to.
+  # A second run never replaces what the first wrote, unless told to, and does not take the
+  # outputs inside the input folder for inputs. --verbosity=1 shows the libraries' INFO lines.
   before = {p: p.stat().st_mtime_ns for p in outputs.glob("*.png")}
   again = _run(
     f"--checkpoint={tiny_bundle_dir}",
@@ -61,9 +72,12 @@ def test_folder_with_good_and_bad_images(tmp_path, tiny_bundle_dir):
     f"--output={outputs}",
     "--scale=4",
     "--steps=2",
+    "--verbosity=1",
   )
   assert again.returncode == 1 and "exists (use --overwrite" in again.stderr
+  assert f"restored 0 of {len(expected)} images" in again.stdout
   assert {p: p.stat().st_mtime_ns for p in outputs.glob("*.png")} == before
+  assert "orbax" in again.stderr.lower()
 
 
 def test_size_flag_single_file_overwrite_and_plain_decoder(
@@ -133,3 +147,14 @@ def test_missing_checkpoint_and_usage_errors(tmp_path):
     "--scale=4",
   )
   assert none.returncode == 2 and "no images" in none.stderr
+  # An output that would be an input file is refused, --overwrite or not (nothing loads).
+  onto_input = _run(
+    f"--checkpoint={tmp_path / 'nope'}",
+    f"--input={path}",
+    f"--output={tmp_path}",
+    "--scale=4",
+    "--overwrite",
+  )
+  assert onto_input.returncode == 1 and f"FAILED {path}: its output" in onto_input.stderr
+  assert "restored 0 of 1 images" in onto_input.stdout
+  assert np.asarray(Image.open(path)).max() == 0  # untouched

@@ -10,3 +10,12 @@ Conventions, stated once for the whole package:
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+  """``from zipir_jax import ZipIRPipeline`` without importing JAX for ``import zipir_jax.X``."""
+  if name == "ZipIRPipeline":
+    from zipir_jax.api import ZipIRPipeline  # pylint: disable=g-import-not-at-top
+
+    return ZipIRPipeline
+  raise AttributeError(f"module 'zipir_jax' has no attribute {name!r}")

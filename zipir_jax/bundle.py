@@ -10,6 +10,13 @@
 
 Training exports this (EMA weights); :func:`load_bundle` checks every part against the networks
 the config builds, so a missing or mismatched part fails with its name before any compilation.
+
+A bundle to share (no Orbax, no pickles; any safetensors reader opens it) holds the same parts as
+one ``<part>.safetensors`` per network beside ``config.json`` and ``text_encoder/`` (which it
+always contains): ``vae``, ``pixel_decoder``, ``dit`` and ``latent_stats``, keys the parameter
+paths joined by ``/``. :func:`load_bundle` reads either layout.
+
+  python -m zipir_jax.bundle export BUNDLE OUT --format=safetensors
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import ml_collections
 import numpy as np
 
 from zipir_jax import text
-from zipir_jax.errors import BundleError
+from zipir_jax.errors import BundleError, BundleNotFoundError
 from zipir_jax.models import autoencoder, t5
 from zipir_jax.models import dit as dit_lib
 from zipir_jax.models.pixel_decoder import init_from_autoencoder
@@ -170,15 +177,21 @@ def load_bundle(path: str) -> Bundle:
 
   path = os.path.abspath(path)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path}: checkpoint bundle folder not found")
+    raise BundleNotFoundError(f"{path}: checkpoint bundle folder not found")
   config = _read_config(path)
   params_path = os.path.join(path, "params")
-  if not os.path.isdir(params_path):
-    raise BundleError(f"{path}: bundle has no params/ folder (network weights)")
-  try:
-    params = ocp.StandardCheckpointer().restore(params_path)
-  except Exception as e:  # Orbax raises several types for unreadable checkpoints.
-    raise BundleError(f"{params_path}: cannot read the weights ({type(e).__name__}: {e})") from e
+  if os.path.isfile(os.path.join(path, f"{PARTS[0]}.safetensors")):
+    params = _read_safetensors_params(path)
+  elif not os.path.isdir(params_path):
+    raise BundleError(
+      f"{path}: bundle has no params/ folder (network weights) and no "
+      f"{PARTS[0]}.safetensors (the shared layout)"
+    )
+  else:
+    try:
+      params = ocp.StandardCheckpointer().restore(params_path)
+    except Exception as e:  # Orbax raises several types for unreadable checkpoints.
+      raise BundleError(f"{params_path}: cannot read the weights ({type(e).__name__}: {e})") from e
   check_params(config, params, path)
   text_path = config.text.encoder_path or os.path.join(path, "text_encoder")
   if not os.path.isdir(text_path):
@@ -235,3 +248,82 @@ def with_plain_decoder(bundle: Bundle, export_path: str) -> Bundle:
   params = dict(bundle.params, pixel_decoder={"decoder": export[key]})
   check_params(config, params, export_path)
   return dataclasses.replace(bundle, config=config, params=params)
+
+
+def _read_safetensors_params(path: str) -> dict[str, Any]:
+  """The parameters of a shared bundle: one ``<part>.safetensors`` per part, keys joined by /."""
+  from zipir_jax import weights  # pylint: disable=g-import-not-at-top
+
+  params = {}
+  for part in PARTS:
+    file = os.path.join(path, f"{part}.safetensors")
+    if not os.path.isfile(file):
+      raise BundleError(f"{path}: shared bundle has no {part}.safetensors")
+    try:
+      flat = weights.load_safetensors(file)
+    except ValueError as e:
+      raise BundleError(str(e)) from e
+    params[part] = flax.traverse_util.unflatten_dict(flat, sep="/")
+  return params
+
+
+def save_safetensors(path: str, bundle: Bundle) -> None:
+  """Writes ``bundle`` in the shared layout: config.json, ``<part>.safetensors``, text_encoder/.
+
+  The text encoder is always written into the folder (``config.text.encoder_path`` is cleared),
+  so the folder is complete on its own.
+  """
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
+  path = os.path.abspath(path)
+  if os.path.exists(path) and os.listdir(path):
+    raise BundleError(f"{path}: folder exists and is not empty; choose another folder")
+  check_params(bundle.config, bundle.params, path)
+  os.makedirs(path, exist_ok=True)
+  config = copy.deepcopy(bundle.config)
+  with config.unlocked():
+    config.text.encoder_path = ""
+  with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json(indent=2))
+  for part in PARTS:
+    flat = flax.traverse_util.flatten_dict(bundle.params[part], sep="/")
+    safetensors.numpy.save_file(
+      {k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()},
+      os.path.join(path, f"{part}.safetensors"),
+      metadata={"format": "zipir_jax", "config": config.name, "part": part},
+    )
+  t5.save_hf_encoder(
+    os.path.join(path, "text_encoder"), bundle.text_config, bundle.text_params, bundle.tokenizer
+  )
+
+
+EXPORT_FORMATS = {"safetensors": save_safetensors, "orbax": save_bundle}
+
+
+def main(argv: list[str] | None = None) -> int:
+  """``python -m zipir_jax.bundle export BUNDLE OUT --format=safetensors|orbax``."""
+  import argparse  # pylint: disable=g-import-not-at-top
+
+  from zipir_jax import cli  # pylint: disable=g-import-not-at-top
+
+  parser = argparse.ArgumentParser(
+    prog="python -m zipir_jax.bundle", description=__doc__.split("\n")[0]
+  )
+  commands = parser.add_subparsers(dest="command", required=True)
+  export = commands.add_parser("export", help="write a bundle (either layout) in another layout")
+  export.add_argument("bundle", help="bundle folder to read")
+  export.add_argument("out", help="new folder to write")
+  export.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="safetensors")
+  export.add_argument("--verbosity", type=int, default=0, help="1: library INFO logs")
+  args = parser.parse_args(argv)
+  cli.quiet_library_logs(args.verbosity)
+  try:
+    EXPORT_FORMATS[args.format](args.out, load_bundle(args.bundle))
+  except cli.USER_ERRORS as e:
+    return cli.fail(e, status=2)
+  print(f"wrote {os.path.abspath(args.out)} ({args.format})")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

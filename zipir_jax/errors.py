@@ -36,6 +36,10 @@ class BundleError(ZipIRError, ValueError):
   """A bundle folder is missing a part or does not match its config."""
 
 
+class BundleNotFoundError(ZipIRError, FileNotFoundError):
+  """No bundle folder where one was named."""
+
+
 class NonFiniteError(ZipIRError, RuntimeError):
   """Too many non-finite updates in a row; the last good checkpoint is on disk."""
 
@@ -50,6 +54,14 @@ class BadImageError(ZipIRError, ValueError):
   def __init__(self, kind: str, message: str):
     super().__init__(message)
     self.kind = kind
+
+
+class OptionError(ZipIRError, ValueError):
+  """A restoration option outside what it can be (an unknown colour fix, strength above 1)."""
+
+
+class OutputNameError(ZipIRError, ValueError):
+  """Two inputs of one run would be written to the same output file."""
 
 
 class CheckpointError(ZipIRError, ValueError):

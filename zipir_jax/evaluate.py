@@ -25,8 +25,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from absl import app, flags
 
+from zipir_jax import cli, image_io
+
 METHODS = ("zipir", "bicubic", "lanczos", "realesrgan")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 COLUMNS = (("PSNR", "↑"), ("SSIM", "↑"), ("LPIPS", "↓"), ("FID", "↓"), ("pFID", "↓"), ("KID", "↓"))
 
 
@@ -48,7 +49,7 @@ def load_hq_images(
     os.path.join(r, f)
     for r, _, files in os.walk(folder)
     for f in files
-    if f.lower().endswith(IMAGE_SUFFIXES)
+    if f.lower().endswith(image_io.IMAGE_SUFFIXES)
   )
   items = []
   for path in paths:
@@ -63,10 +64,7 @@ def load_hq_images(
     if min(image.shape[:2]) < size:
       log(f"skipped {path}: {image.shape[0]}x{image.shape[1]} is smaller than --size={size}")
       continue
-    caption_path = os.path.splitext(path)[0] + ".txt"
-    caption = (
-      open(caption_path, encoding="utf-8").read().strip() if os.path.isfile(caption_path) else ""
-    )
+    caption = image_io.sidecar_prompt(path, "")
     name = os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, "__")
     items.append((name, np.ascontiguousarray(center_crop(image, size)), caption))
   if not items:
@@ -112,11 +110,12 @@ def make_method(
   if name == "zipir":
     if not checkpoint:
       raise ValueError("--method=zipir needs --checkpoint=BUNDLE")
-    from zipir_jax import bundle, restore  # pylint: disable=g-import-not-at-top
+    from zipir_jax import api  # pylint: disable=g-import-not-at-top
 
-    restorer = restore.Restorer(bundle.load_bundle(checkpoint))
-    options = restore.RestoreOptions(steps=steps, seed=seed)
-    return lambda lq, size, caption: restorer.restore([lq], size, [caption], options)[0]
+    pipe = api.ZipIRPipeline.from_pretrained(checkpoint)
+    return lambda lq, size, caption: pipe(
+      lq, size=size, prompt=caption, steps=steps, seed=seed, output_type="np"
+    )
   from zipir_jax import baselines  # pylint: disable=g-import-not-at-top
 
   restorer = baselines.make_restorer(name)
@@ -345,6 +344,7 @@ def define_flags() -> None:
 def main(argv):
   del argv
   f = flags.FLAGS
+  cli.quiet_library_logs()
   if not f.data or not f.output:
     raise app.UsageError("--data and --output are required")
   methods = [m.strip() for m in f.method.split(",") if m.strip()]
@@ -371,9 +371,8 @@ def main(argv):
       log=lambda m: print(m, file=sys.stderr),
       restored=restored,
     )
-  except (OSError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except (OSError, ValueError) as e:  # ZipIRErrors are ValueErrors or OSErrors
+    return cli.fail(e, status=2)
   print(results["table"])
   print(f"wrote {os.path.join(f.output, 'metrics.json')} and table.md")
   return 0

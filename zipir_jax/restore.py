@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 from zipir_jax import diffusion, latents, text
 from zipir_jax.bundle import Bundle
 from zipir_jax.data import degradations
+from zipir_jax.errors import BadImageError, OptionError
 from zipir_jax.models import autoencoder, t5, tiling
 from zipir_jax.models import dit as dit_lib
 
@@ -52,7 +52,10 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class RestoreOptions:
-  """Sampling controls; ``None`` takes the config's default (``config.diffusion``/``restore``)."""
+  """Sampling controls; ``None`` takes the config's default (``config.diffusion``/``restore``).
+
+  Checked when made, so a wrong value fails before any weights load or image decodes.
+  """
 
   steps: int | None = None
   cfg_scale: float | None = None
@@ -62,6 +65,31 @@ class RestoreOptions:
   color_fix: str | None = None
   fusion_weight: float | None = None
   seed: int = 0
+
+  def __post_init__(self):
+    if self.color_fix is not None:
+      check_color_fix(self.color_fix)
+    if self.steps is not None and self.steps < 1:
+      raise OptionError(f"steps={self.steps}: DDIM needs at least 1 step")
+    if self.strength is not None and not 0.0 < self.strength <= 1.0:
+      raise OptionError(f"strength={self.strength}: must be in (0, 1] (1 starts from pure noise)")
+    if self.eta is not None and self.eta < 0:
+      raise OptionError(f"eta={self.eta}: must be >= 0 (0 is deterministic DDIM)")
+
+
+def check_color_fix(method: str) -> str:
+  """``method`` if it is a known colour fix, else an OptionError naming the valid ones."""
+  if method not in COLOR_FIXES:
+    raise OptionError(f"unknown colour fix {method!r}; valid: {', '.join(COLOR_FIXES)}")
+  return method
+
+
+def check_lq_size(hw: tuple[int, int], min_size: int, name: str = "image") -> None:
+  """Refuses an LQ image with a side below ``config.restore.min_lq_size`` (too little to restore)."""
+  if min(hw) < min_size:
+    raise BadImageError(
+      "too_small", f"{name}: {hw[0]}x{hw[1]} is too small (sides of at least {min_size} px)"
+    )
 
 
 def target_size(
@@ -127,35 +155,41 @@ def wavelet_color_fix(image: Array, reference: Array) -> Array:
 
 
 def color_fix(image: Array, reference: Array, method: str) -> Array:
-  if method == "none":
-    return image
+  """``image`` with the colour of ``reference`` (LQ↑) by ``method`` (one of COLOR_FIXES)."""
+  check_color_fix(method)
   if method == "adain":
     return adain_color_fix(image, reference)
   if method == "wavelet":
     return wavelet_color_fix(image, reference)
-  raise ValueError(f"unknown colour fix {method!r}; valid: {', '.join(COLOR_FIXES)}")
+  return image
 
 
 def to_unit_float(image: np.ndarray, name: str = "image") -> np.ndarray:
   """uint8 / uint16 / float [0, 1] HWC RGB -> float32 [0, 1]."""
   if image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f"{name}: expected an HxWx3 RGB image, got shape {image.shape}")
+    raise BadImageError(
+      "bad_array", f"{name}: expected an HxWx3 RGB image, got an array of shape {image.shape}"
+    )
   if image.dtype == np.uint8:
     return image.astype(np.float32) / 255.0
   if image.dtype == np.uint16:
     return image.astype(np.float32) / 65535.0
   if np.issubdtype(image.dtype, np.floating):
     return np.clip(image.astype(np.float32), 0.0, 1.0)
-  raise ValueError(f"{name}: unsupported pixel type {image.dtype}")
+  raise BadImageError("bad_array", f"{name}: unsupported pixel type {image.dtype}")
 
 
 class Restorer:
-  """Restores batches of same-size LQ images with a loaded :class:`~zipir_jax.bundle.Bundle`."""
+  """Restores batches of same-size LQ images with a loaded :class:`~zipir_jax.bundle.Bundle`.
+
+  Its jitted programs are closures over the networks (no weights inside) built here, so dropping
+  the Restorer frees its device copy of the weights: nothing global keeps it alive.
+  """
 
   def __init__(self, bundle: Bundle):
     self.config = config = bundle.config
-    self.vae = autoencoder.build_autoencoder(config)
-    self.pixel_decoder = autoencoder.build_pixel_decoder(config)
+    self.vae = vae = autoencoder.build_autoencoder(config)
+    self.pixel_decoder = pixel_decoder = autoencoder.build_pixel_decoder(config)
     self.dit = dit_lib.build_dit(config)
     self.text_model = t5.T5Encoder(bundle.text_config)
     self._samplers: dict[int, Any] = {}
@@ -169,6 +203,18 @@ class Restorer:
     )
     self.bundle = dataclasses.replace(bundle, params=jax.device_put(params))
     self._text_cache: collections.OrderedDict[str, tuple[Array, Array]] = collections.OrderedDict()
+
+    def encode(params: Any, lq_up: Array) -> Array:
+      """LQ↑ -> normalised latent (the DiT's condition); the posterior mode, no sampling."""
+      return latents.encode(vae, params["vae"], lq_up, params["latent_stats"])
+
+    def decode(params: Any, z: Array, lq_up: Array, fusion_weight: Array) -> Array:
+      return latents.decode(
+        pixel_decoder, params["pixel_decoder"], z, lq_up, params["latent_stats"], fusion_weight
+      )
+
+    self._encode_fn, self._decode_fn = encode, decode
+    self._encode_jit, self._decode_jit = jax.jit(encode), jax.jit(decode)
 
   @property
   def params(self) -> dict[str, Any]:
@@ -210,18 +256,6 @@ class Restorer:
       self._text_cache.popitem(last=False)
     return jnp.stack([e for e, _ in rows]), jnp.stack([m for _, m in rows])
 
-  def _encode_fn(self, params: Any, lq_up: Array) -> Array:
-    """LQ↑ -> normalised latent (the DiT's condition); the posterior mode, no sampling."""
-    return latents.encode(self.vae, params["vae"], lq_up, params["latent_stats"])
-
-  def _decode_fn(self, params: Any, z: Array, lq_up: Array, fusion_weight: Array) -> Array:
-    return latents.decode(
-      self.pixel_decoder, params["pixel_decoder"], z, lq_up, params["latent_stats"], fusion_weight
-    )
-
-  _encode_jit = functools.partial(jax.jit, static_argnums=0)(_encode_fn)
-  _decode_jit = functools.partial(jax.jit, static_argnums=0)(_decode_fn)
-
   def tiled(self, height: int, width: int) -> bool:
     """Whether images of this (padded) size run the VAE networks tiled (see models/tiling.py)."""
     return height * width >= self.config.restore.tile_min_pixels
@@ -254,23 +288,22 @@ class Restorer:
     out_size: tuple[int, int],
     prompts: Sequence[str] | None = None,
     options: RestoreOptions = RestoreOptions(),
+    callback: diffusion.StepCallback | None = None,
   ) -> np.ndarray:
-    """Restores same-size LQ images (HWC RGB) to ``out_size``; returns float32 [0, 1] NHWC."""
+    """Restores same-size LQ images (HWC RGB) to ``out_size``; returns float32 [0, 1] NHWC.
+
+    ``callback(step, t, latents)``, if given, runs after every DDIM step (see
+    :func:`~zipir_jax.diffusion.make_ddim_sampler`); without it the sampler is one program.
+    """
     cfg, diff = self.config, self.config.diffusion
     steps = options.steps or diff.sample_steps
-    method = options.color_fix or cfg.restore.color_fix
-    if method not in COLOR_FIXES:
-      raise ValueError(f"unknown colour fix {method!r}; valid: {', '.join(COLOR_FIXES)}")
+    method = check_color_fix(options.color_fix or cfg.restore.color_fix)
     lq = [to_unit_float(np.asarray(im), f"image {i}") for i, im in enumerate(images)]
     if len({im.shape for im in lq}) != 1:
       raise ValueError(
         f"a batch must hold images of one size, got {sorted({im.shape for im in lq})}"
       )
-    if min(lq[0].shape[:2]) < cfg.restore.min_lq_size:
-      raise ValueError(
-        f"LQ image of {lq[0].shape[0]}x{lq[0].shape[1]} is too small (sides of at "
-        f"least {cfg.restore.min_lq_size} px)"
-      )
+    check_lq_size(lq[0].shape[:2], cfg.restore.min_lq_size, "LQ image")
     prompts = list(prompts) if prompts is not None else [""] * len(lq)
     if len(prompts) != len(lq):
       raise ValueError(f"{len(prompts)} prompts for {len(lq)} images")
@@ -299,6 +332,7 @@ class Restorer:
       cfg_scale=diff.cfg_scale if options.cfg_scale is None else options.cfg_scale,
       eta=diff.eta if options.eta is None else options.eta,
       strength=diff.strength if options.strength is None else options.strength,
+      callback=callback,
     )
 
     # 5. Decode with D_f* (LQ↑ supplies pixel detail), 6. crop, 7. colour fix.

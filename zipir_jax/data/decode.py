@@ -1,4 +1,4 @@
-"""Robust image decoding for training data, and the log of skipped files.
+"""Robust image decoding for training data and restoration inputs, and the log of skipped files.
 
 Real image collections contain corrupt, truncated and empty files, CMYK JPEGs, 16-bit PNGs, palette
 and gray images, alpha channels and EXIF-rotated photos. :func:`decode_image` turns every decodable
@@ -33,12 +33,22 @@ def _open(data: bytes) -> Image.Image:
     raise BadImageError("empty", "empty file (0 bytes)")
   try:
     return Image.open(io.BytesIO(data))
-  except Image.UnidentifiedImageError as e:
-    raise BadImageError("not_an_image", f"not a recognised image format ({e})") from e
+  except Image.UnidentifiedImageError as e:  # PIL's message is the repr of our BytesIO.
+    raise BadImageError(
+      "not_an_image", "not an image, or in a format that cannot be read (JPEG, PNG, WebP, …)"
+    ) from e
   except Image.DecompressionBombError as e:
     raise BadImageError("too_large", str(e)) from e
   except (OSError, SyntaxError, ValueError) as e:
-    raise BadImageError("corrupt", f"corrupt image header ({e})") from e
+    raise _unreadable(e, "damaged image header") from e
+
+
+def _unreadable(error: Exception, what: str) -> BadImageError:
+  """A decoder's exception as a BadImageError in plain words: truncated files said so."""
+  message = str(error)
+  if "truncated" in message.lower():
+    return BadImageError("truncated", f"the file is cut short (truncated: {message})")
+  return BadImageError("corrupt", f"{what} ({message})")
 
 
 def image_size(image: bytes | np.ndarray) -> tuple[int, int]:
@@ -63,9 +73,9 @@ def _orientation(im: Image.Image) -> int:
 
 
 def decode_image(
-  image: bytes | np.ndarray, *, alpha_background: int = 255, min_scale: float = 1.0
+  image: bytes | np.ndarray | Image.Image, *, alpha_background: int = 255, min_scale: float = 1.0
 ) -> np.ndarray:
-  """Decodes encoded bytes (or normalises a decoded array) to uint8 HxWx3 RGB.
+  """Decodes encoded bytes (or normalises a decoded array or PIL image) to uint8 HxWx3 RGB.
 
   Complete JPEGs go through OpenCV (fast path); everything else, and any JPEG OpenCV rejects,
   through PIL, which also names the reason a file is bad. ``min_scale`` < 1 lets JPEG decoding use
@@ -74,11 +84,17 @@ def decode_image(
   """
   if isinstance(image, np.ndarray):
     return _array_to_rgb(image, alpha_background)
+  if isinstance(image, Image.Image):
+    return _load_pil(image, alpha_background, 1.0)
   if _is_complete_jpeg(image):
     decoded = _decode_jpeg_opencv(image, min_scale)
     if decoded is not None:
       return decoded
-  im = _open(image)
+  return _load_pil(_open(image), alpha_background, min_scale)
+
+
+def _load_pil(im: Image.Image, alpha_background: int, min_scale: float) -> np.ndarray:
+  """A PIL image (lazily opened or already loaded) to uint8 HxWx3 RGB, EXIF orientation applied."""
   try:
     if min_scale < 1.0 and im.format == "JPEG":
       w, h = im.size
@@ -92,9 +108,7 @@ def decode_image(
   except Image.DecompressionBombError as e:
     raise BadImageError("too_large", str(e)) from e
   except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
-    message = str(e)
-    kind = "truncated" if "truncated" in message.lower() else "corrupt"
-    raise BadImageError(kind, f"cannot decode ({message})") from e
+    raise _unreadable(e, "damaged image data") from e
 
 
 def _is_complete_jpeg(data: bytes) -> bool:
