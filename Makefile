@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PYTEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench clean-venv
+.PHONY: demo test learn lint format bench clean-venv
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 
 demo: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m zipir_jax.demo --output demo_out
+
+# Does it learn? Trains a small config through every stage, scores held-out photos (about 1 h on CPU).
+learn: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) bench/learning.py --output learning_out
 
 test: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=15 tests

@@ -22,8 +22,11 @@ def import_graph() -> dict[str, set[str]]:
       if isinstance(node, ast.Import):
         targets |= {a.name for a in node.names}
       elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-        # `from zipir_jax.models import dit` imports zipir_jax.models.dit, a module
-        targets |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+        # `from zipir_jax.models import dit` imports the module zipir_jax.models.dit; a name that is
+        # no module (`from zipir_jax.models import count_params`) comes from the package itself.
+        for a in node.names:
+          sub = f"{node.module}.{a.name}"
+          targets.add(sub if sub in modules else node.module)
     graph[name] = {t for t in targets if t in modules and t != name}
   return graph
 

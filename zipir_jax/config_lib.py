@@ -272,6 +272,23 @@ def tiny(config: ml_collections.ConfigDict) -> None:
   config.train.macro_stats_batches = 4
 
 
+def learning(config: ml_collections.ConfigDict) -> None:
+  """bench/learning.py's sizes on top of :func:`tiny`, set in place (configs/learning*.py)."""
+  config.vae.ch = 32
+  config.vae.num_groups = 8
+  config.discriminator.ch = 32
+  config.dit.depth = 4
+  config.dit.hidden_size = 128
+  config.dit.num_heads = 4
+  config.data.buckets = ((128, 128, 8),)
+  config.data.degradation.scale_range = (8.0, 8.0)
+  config.optim.lr = 5e-4
+  config.optim.end_lr = 5e-5
+  config.optim.warmup_steps = 50
+  config.loss.disc_weight = 0.0
+  config.train.latent_stats_batches = 16
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """Loads ``path/to/config.py[:stage]`` the way ``--config=`` does (for tests and notebooks)."""
   path, _, arg = spec.partition(":")

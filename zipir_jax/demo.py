@@ -98,8 +98,8 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
   )
 
 
-def gather_photos(root: str) -> tuple[str, str]:
-  """Writes train photos (full size) and held-out SIZE² crops, each with a caption .txt."""
+def gather_photos(root: str, size: int = SIZE) -> tuple[str, str]:
+  """Writes train photos (full size) and held-out ``size``² crops, each with a caption .txt."""
   train, heldout = os.path.join(root, "train"), os.path.join(root, "heldout")
   for folder, photos, crop in ((train, TRAIN_PHOTOS, False), (heldout, HELDOUT_PHOTOS, True)):
     os.makedirs(folder, exist_ok=True)
@@ -107,7 +107,7 @@ def gather_photos(root: str) -> tuple[str, str]:
       path = os.path.join(folder, f"{name}.png")
       if not os.path.exists(path):
         image = load_photo(package, name)
-        Image.fromarray(center_crop(image, SIZE) if crop else image).save(path)
+        Image.fromarray(center_crop(image, size) if crop else image).save(path)
       with open(os.path.join(folder, f"{name}.txt"), "w", encoding="utf-8") as f:
         f.write(caption + "\n")
   return train, heldout
