@@ -212,8 +212,7 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
     measured = {}
     if "latent_stats" in stage.measures:
       encoders = stages.select(
-        export.to_host(state.ema_params) | export.to_host(state.frozen),
-        stages.experiment(config.vae.kind).encoders,
+        state.ema_params | state.frozen, stages.experiment(config.vae.kind).encoders
       )
       measured["latent_stats"] = export.measure_latent_stats(
         models, encoders, data_iter, mesh, int(config.train.latent_stats_batches)
