@@ -54,10 +54,8 @@ def run(shape, devices=None, num_steps=3, frozen=None):
   if mode == "proc":
     # Compile first, then meet: gloo's connect timeout is short, and on a loaded CPU one process can
     # finish compiling long before the other reaches the first collective.
-    import flax.linen as nn
     from jax._src import distributed
-    with mesh, nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-      step.jitted.lower(state, parallel.global_batch(local, mesh)).compile()
+    step.compile(state, parallel.global_batch(local, mesh))  # the executable the steps then run
     distributed.global_state.client.wait_at_barrier("compiled_" + str(shape), 600_000)
   losses = []
   for _ in range(num_steps):
