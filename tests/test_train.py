@@ -234,7 +234,8 @@ def test_sdvae_ablation_trains_vae_then_dit_into_a_bundle(env):
     checkpointing.load_prerequisites(dit_config, str(workdir), config)
 
   ok(run_train(env, "vae", workdir, "--config.train.device_memory_gib=64", config=config))
-  ok(run_train(env, "dit", workdir, config=config))
+  ok(run_train(env, "dit", workdir, "--config.train.profile_steps=(2,1)", config=config))
+  check_profile_of_step_2(workdir / "dit" / "profile")
   vae_metrics = read_metrics(workdir / "vae" / "metrics.jsonl")
   assert all(m["kl"] > 0 and np.isfinite(m["loss"]) for m in vae_metrics) and len(vae_metrics) == 2
   assert np.isfinite([m["loss"] for m in read_metrics(workdir / "dit" / "metrics.jsonl")]).all()
@@ -274,6 +275,22 @@ def test_sdvae_ablation_trains_vae_then_dit_into_a_bundle(env):
   np.testing.assert_allclose(
     restorer.decode(restorer.params, z, lq, jnp.float32(1.0)), want, atol=1e-5
   )
+
+
+def check_profile_of_step_2(folder):
+  """config.train.profile_steps=(2,1): a jax.profiler trace where TensorBoard's profile plugin
+  looks (plugins/profile/<run>/<host>.xplane.pb), holding step 2 of the train step and no other."""
+  import jax
+
+  (path,) = folder.glob("plugins/profile/*/*.xplane.pb")
+  events = [
+    e
+    for plane in jax.profiler.ProfileData.from_file(str(path)).planes
+    for line in plane.lines
+    for e in line.events
+  ]
+  assert {dict(e.stats).get("step_num") for e in events if e.name == "train"} == {2}
+  assert any("train_step" in e.name for e in events)
 
 
 def test_nonfinite_batches_are_skipped_then_stop(env):

@@ -191,6 +191,9 @@ def base_config(
   # Memory one device may use: the train step is checked against it before step 1 (and refused,
   # naming the remedies, when it cannot fit); 0 = the device's own allocator limit (none on CPU).
   tr.device_memory_gib = 0.0
+  # (first step, number of steps) to trace with jax.profiler into WORKDIR/<stage>/profile (open with
+  # TensorBoard's profile plugin); () = no trace.
+  tr.profile_steps = ()
 
   # --- Fault injection for the tests of the training loop; never set in an experiment.
   debug = config.debug = ml_collections.ConfigDict()

@@ -184,6 +184,19 @@ def compile_and_check_fit(config, stage, train_step, state, mesh, first_phase: i
   param_io.sync_processes("train step compiled")
 
 
+def profile_window(config) -> tuple[int, int] | None:
+  """(first, last) step of ``config.train.profile_steps`` (first step, number of steps), or None."""
+  spec = tuple(config.train.profile_steps)
+  if not spec:
+    return None
+  if len(spec) != 2 or any(not isinstance(v, int) or v < 1 for v in spec):
+    raise ConfigError(
+      f"config.train.profile_steps={spec}: expected (first step, number of steps), both at least "
+      "1, or () for no trace"
+    )
+  return spec[0], spec[0] + spec[1] - 1
+
+
 def _initial_inputs(config, stage: stages.Stage, prereqs: dict, text) -> dict[str, Any]:
   """What replaces random initialisation: the prerequisite export's parts, the null text (dit) and
   a placeholder for z_macro's statistics (measured before a fresh vae_coarse run)."""
@@ -222,6 +235,7 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
   the step cannot fit the device.
   """
   stage = state_lib.check_config(config)
+  profile = profile_window(config)
   sdir = checkpointing.stage_dir(workdir, stage.name)
   mesh = parallel.create_mesh(tuple(config.train.mesh))
   logging.info("stage %s, mesh %s, %d processes", stage.name, dict(mesh.shape), jax.process_count())
@@ -229,7 +243,7 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
   manager = checkpointing.create_manager(os.path.join(sdir, "checkpoints"), config.train)
   latest = manager.latest_step()
   preemption = PreemptionNotice(manager, latest or 0)
-  writer = None
+  writer, tracing = None, False
   try:
     prereqs = checkpointing.load_prerequisites(config, workdir, config_file)
     models = state_lib.build_models(config)
@@ -282,6 +296,9 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
     writer = reporting.create_writer(sdir, start_step=start)
     nan_steps = {int(s) for s in config.debug.nan_steps}
     log_every = int(config.train.log_every)
+    profile_dir = os.path.join(sdir, "profile")
+    if jax.process_count() > 1:  # one trace per process (hosts may share a name)
+      profile_dir = os.path.join(profile_dir, f"process_{jax.process_index()}")
     interval = throughput = None
     in_flight = collections.deque()
     preemption.listen()
@@ -307,7 +324,11 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
         throughput = reporting.Throughput(
           total, step, train_step.flops(state, batch) if peak else None, peak
         )
-      state, metrics = train_step(state, batch)
+      if profile and step + 1 == max(profile[0], start + 1) <= profile[1]:
+        jax.profiler.start_trace(profile_dir)
+        tracing = True
+      with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):  # steps in a trace
+        state, metrics = train_step(state, batch)
       done = step + 1
       if interval is None:
         interval = reporting.IntervalMetrics(metrics, parallel.replicated(mesh))
@@ -316,6 +337,11 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
       in_flight.append(metrics)
       if len(in_flight) > MAX_STEPS_AHEAD:
         jax.block_until_ready(in_flight.popleft())
+      if tracing and done == profile[1]:
+        jax.block_until_ready((state, metrics))
+        jax.profiler.stop_trace()
+        tracing = False
+        logging.info("profile of steps %d..%d: %s", profile[0], done, profile_dir)
 
       stop = preemption.reached(done)
       log_now = done % log_every == 0 or done == total
@@ -358,6 +384,8 @@ def train_and_evaluate(config, workdir: str, config_file: str = "configs/<model>
     logging.info("stage %s done at step %d; export: %s", stage.name, last, path)
     return state
   finally:
+    if tracing:
+      jax.profiler.stop_trace()
     preemption.close()
     manager.wait_until_finished()
     manager.close()
