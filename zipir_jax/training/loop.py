@@ -27,7 +27,7 @@ step N.
   ``jax.distributed.initialize`` on and the processes agree, through the coordination service, on
   the step to stop after (``CheckpointManager.reached_preemption``: the step after the one the
   fastest process had reached), so every process checkpoints the same step; no collective runs for
-  it per step.
+  it per step. A notice received while the run sets up stops it after its first step.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class PreemptionNotice:
     self._signalled = True
 
   def reached(self, step: int) -> bool:
-    """True once, on every process, for the step after which they all stop."""
+    """Whether to checkpoint and stop after ``step``: on several processes, the same step on all."""
     if jax.process_count() == 1:
       return self._signalled
     return self._manager.reached_preemption(step)
