@@ -40,6 +40,22 @@ def read_events(folder):
   return accumulator
 
 
+def train_command(data, stage, workdir, *overrides, num_steps=2, config="configs/tiny.py"):
+  """`make demo`'s own train.py command (so its flags are checked here) + the tests' settings;
+  ``overrides`` replace the flags of the same name (a tuple flag given twice is concatenated)."""
+  from zipir_jax import demo
+
+  command = [
+    *demo.stage_command(stage, str(workdir), str(data), num_steps, config),
+    "--config.train.log_every=1",  # the demo's bucket is the tests' ((64,64,4),)
+    "--config.train.image_every=0",
+    "--config.train.latent_stats_batches=2",
+    "--config.train.async_checkpointing=False",
+  ]
+  replaced = {o.partition("=")[0] for o in overrides}
+  return [a for a in command if a.partition("=")[0] not in replaced] + list(overrides)
+
+
 def perturbed(params, seed: int, scale: float = 0.05):
   """``params`` + Gaussian noise (numpy arrays): opens what initialisation leaves at exactly 0 or 1
   (biases, norm shifts, zero-initialised gates and output layers). In numpy, because eager jax ops

@@ -7,18 +7,24 @@
   process, data parallel across the two (config.train.dcn_mesh) — give the single-process losses;
 * a hybrid (DCN x ICI) mesh puts each slice's devices in one block, as jax lays out multislice, and
   its shardings keep FSDP inside a slice.
+* train.py's dit stage on two processes x 4 devices, the parameters split across both: a SIGTERM to
+  one process stops both at the same step with a checkpoint and exit status 75, the same command
+  resumes, and the bundle every process writes its shards of holds exactly the trained weights.
 """
 
 import dataclasses
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+from conftest import train_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -61,8 +67,7 @@ def run(shape, devices=None, num_steps=3, frozen=None, dcn_shape=(1, 1, 1)):
     # Compile first, then meet: gloo's connect timeout is short, and on a loaded CPU one process can
     # finish compiling long before the other reaches the first collective.
     from jax._src import distributed
-    with parallel.use_mesh(mesh, RULES):
-      step.jitted.lower(state, parallel.global_batch(local, mesh)).compile()
+    step.compile(state, parallel.global_batch(local, mesh))  # the executable the steps then run
     distributed.global_state.client.wait_at_barrier("compiled_" + str(shape), 600_000)
   losses = []
   for _ in range(num_steps):
@@ -191,21 +196,34 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _start_two(argv_of, env, logs=None):
+  """The two processes of one jax.distributed run on this machine (a fresh coordinator port):
+  ``argv_of(address, i)`` is process i's command line; output to ``logs[i]``, else to pipes."""
+  address = f"localhost:{_free_port()}"
+  procs = []
+  for i in range(2):
+    out = open(logs[i], "w", encoding="utf-8") if logs else subprocess.PIPE
+    procs.append(
+      subprocess.Popen(
+        argv_of(address, i),
+        cwd=ROOT,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT if logs else subprocess.PIPE,
+        text=True,
+      )
+    )
+    if logs:
+      out.close()  # the child holds its own descriptor
+  return procs
+
+
 def check_two_processes_match_one(worker, mesh_report):
   root, script, env = worker
-  address = f"localhost:{_free_port()}"
   out = root / "proc.json"
-  procs = [
-    subprocess.Popen(
-      [sys.executable, str(script), "proc", str(out), address, str(i)],
-      cwd=ROOT,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
+  procs = _start_two(
+    lambda address, i: [sys.executable, str(script), "proc", str(out), address, str(i)], env
+  )
   errors = []
   for p in procs:
     _, err = p.communicate(timeout=600)
@@ -358,3 +376,85 @@ def test_hybrid_mesh_layout_and_shardings_on_fake_devices(worker):
   assert "dcn_mesh asks for 3 slices/nodes; 8 devices do not split evenly" in errs["dcn"]
   assert "config.train.mesh must be 3 integers" in errs["rank"]
   assert "rule 'embed' maps to ['model']; mesh axes are data, fsdp, tensor" in errs["rules"]
+
+
+def test_two_processes_stop_together_at_sigterm_resume_and_export_one_bundle(worker, tmp_path):
+  """train.py's dit stage from the command line on 2 processes x 4 CPU devices, FSDP over all 8
+  (the DiT's matrices and most encoder kernels are split across both processes). A SIGTERM to
+  process 1 while the run sets up is a preemption notice: both processes take step 1, checkpoint it
+  and exit 75, without exporting. The same command resumes from it and exports: each process writes its shards
+  of the bundle, which loads in this 1-device process with exactly the checkpoint's weights and
+  restores the same image as those weights do in one process."""
+  import jax
+
+  from zipir_jax import bundle as bundle_lib
+  from zipir_jax import config_lib, param_io, restore
+  from zipir_jax.data import testing
+  from zipir_jax.training import export, stages
+
+  # LLVM -O0: the step compiles 3x faster, and each process compiles it (on CPU, jax's persistent
+  # cache key differs between the processes of a run, and only process 0 writes).
+  flags = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+  env = dict(worker[2], XLA_FLAGS=flags)
+  data, workdir = tmp_path / "data", tmp_path / "work"
+  testing.write_image_folder(str(data), [(80, 80), (96, 128), (72, 100), (128, 96), (100, 100)])
+  config = config_lib.load_config("configs/tiny.py:dit")
+  prerequisite = export.random_prerequisite(config, str(workdir), jax.random.key(0))
+
+  def argv_of(address, i):
+    return train_command(
+      data,
+      "dit",
+      workdir,
+      "--config.data.buckets=((64,64,8),)",
+      "--config.train.mesh=(1,8,1)",
+      f"--coordinator={address}",
+      "--num_processes=2",
+      f"--process_id={i}",
+      num_steps=1,
+    )
+
+  logs = [tmp_path / f"preempted{i}.log" for i in range(2)]
+  procs = _start_two(argv_of, env, logs)
+  try:
+    deadline = time.monotonic() + 300
+    while "stage dit, mesh" not in logs[1].read_text():  # jax.distributed is up; setup begins
+      assert all(p.poll() is None for p in procs), [log.read_text()[-3000:] for log in logs]
+      assert time.monotonic() < deadline, "process 1 did not start in 300 s"
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=600) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  outputs = [log.read_text() for log in logs]
+  assert codes == [75, 75], [out[-3000:] for out in outputs]
+  assert all("preempted: checkpoint of step 1 written" in out for out in outputs)
+  checkpoints = workdir / "dit" / "checkpoints"
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["1"]  # complete, no tmp folder
+  assert not (workdir / "dit" / "bundle").exists()
+
+  logs = [tmp_path / f"resumed{i}.log" for i in range(2)]
+  procs = _start_two(argv_of, env, logs)
+  codes = [p.wait(timeout=600) for p in procs]
+  outputs = [log.read_text() for log in logs]
+  assert codes == [0, 0], [out[-3000:] for out in outputs]
+  assert all("resumed dit from step 1 " in out for out in outputs)
+
+  loaded = bundle_lib.load_bundle(str(workdir / "dit" / "bundle"))  # 1 device here, not 8
+  final = param_io.restore(str(checkpoints / "1" / "state"))
+  decoder = param_io.restore(os.path.join(prerequisite, "params"))["pixel_decoder"]
+  trained = {
+    "vae": {k: final["frozen"][k] for k in stages.experiment(config.vae.kind).encoders},
+    "pixel_decoder": decoder,
+    "dit": final["ema_params"]["dit"],
+    "latent_stats": final["frozen"]["latent_stats"],
+  }
+  jax.tree.map(np.testing.assert_array_equal, loaded.params, trained)
+  reference = bundle_lib.Bundle(
+    loaded.config, trained, loaded.text_config, loaded.text_params, loaded.tokenizer
+  )
+  lq = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  images = [restore.Restorer(b).restore([lq], (64, 64), ["a cat"]) for b in (loaded, reference)]
+  np.testing.assert_array_equal(*images)

@@ -112,3 +112,39 @@ def test_tensorboard_events_need_no_tensorflow(tmp_path):
   )
   assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
   assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
+
+
+def test_interval_metrics_are_means_over_applied_steps_and_keep_the_longest_skip_run():
+  import jax
+
+  from zipir_jax import parallel
+
+  def step(loss, finite, skipped, lr):
+    return {
+      k: jax.numpy.float32(v)
+      for k, v in dict(loss=loss, finite=finite, skipped=skipped, lr=lr).items()
+    }
+
+  nan = float("nan")
+  steps = [  # (step metrics, consecutive skipped updates after the step)
+    (step(1.0, 1, 0, 0.1), 0),
+    (step(nan, 0, 1, 0.2), 1),
+    (step(nan, 0, 2, 0.3), 2),
+    (step(3.0, 1, 2, 0.4), 0),  # the run of two skipped updates is over
+  ]
+  interval = reporting.IntervalMetrics(
+    steps[0][0], parallel.replicated(parallel.create_mesh((1, 1, 1)))
+  )
+  for metrics, streak in steps:
+    interval.add(metrics, jax.numpy.int32(streak))
+  assert interval.longest_nonfinite_streak() == 2  # still seen after it ended
+  assert interval.report() == {
+    "loss": 2.0,  # the mean of the two applied steps: the skipped steps' NaN is left out
+    "finite": 0.5,
+    "skipped": 2.0,  # running count: the last value
+    "lr": pytest.approx(0.4),
+    "nonfinite_streak": 2.0,
+  }
+  interval.add(step(5.0, 1, 2, 0.5), jax.numpy.int32(0))  # the next interval starts empty
+  assert interval.longest_nonfinite_streak() == 0
+  assert interval.report()["loss"] == 5.0

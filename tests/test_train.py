@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import read_events
+from conftest import read_events, train_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ("vae_coarse", "vae_fine", "pixel_decoder", "dit")
@@ -47,23 +47,9 @@ def env(tmp_path_factory):
   return {"root": root, "data": str(data), "environ": environ}
 
 
-def train_command(env, stage, workdir, *overrides, num_steps=2, config="configs/tiny.py"):
-  """`make demo`'s own train.py command (so its flags are checked here) + the tests' settings."""
-  from zipir_jax import demo
-
-  return [
-    *demo.stage_command(stage, str(workdir), env["data"], num_steps, config),
-    "--config.train.log_every=1",  # the demo's bucket is the tests' ((64,64,4),)
-    "--config.train.image_every=0",
-    "--config.train.latent_stats_batches=2",
-    "--config.train.async_checkpointing=False",
-    *overrides,
-  ]
-
-
 def run_train(env, stage, workdir, *overrides, num_steps=2, config="configs/tiny.py"):
   return subprocess.run(
-    train_command(env, stage, workdir, *overrides, num_steps=num_steps, config=config),
+    train_command(env["data"], stage, workdir, *overrides, num_steps=num_steps, config=config),
     cwd=ROOT,
     env=env["environ"],
     capture_output=True,
@@ -247,8 +233,9 @@ def test_sdvae_ablation_trains_vae_then_dit_into_a_bundle(env):
   ):
     checkpointing.load_prerequisites(dit_config, str(workdir), config)
 
-  ok(run_train(env, "vae", workdir, config=config))
-  ok(run_train(env, "dit", workdir, config=config))
+  ok(run_train(env, "vae", workdir, "--config.train.device_memory_gib=64", config=config))
+  ok(run_train(env, "dit", workdir, "--config.train.profile_steps=(2,1)", config=config))
+  check_profile_of_step_2(workdir / "dit" / "profile")
   vae_metrics = read_metrics(workdir / "vae" / "metrics.jsonl")
   assert all(m["kl"] > 0 and np.isfinite(m["loss"]) for m in vae_metrics) and len(vae_metrics) == 2
   assert np.isfinite([m["loss"] for m in read_metrics(workdir / "dit" / "metrics.jsonl")]).all()
@@ -290,6 +277,22 @@ def test_sdvae_ablation_trains_vae_then_dit_into_a_bundle(env):
   )
 
 
+def check_profile_of_step_2(folder):
+  """config.train.profile_steps=(2,1): a jax.profiler trace where TensorBoard's profile plugin
+  looks (plugins/profile/<run>/<host>.xplane.pb), holding step 2 of the train step and no other."""
+  import jax
+
+  (path,) = folder.glob("plugins/profile/*/*.xplane.pb")
+  events = [
+    e
+    for plane in jax.profiler.ProfileData.from_file(str(path)).planes
+    for line in plane.lines
+    for e in line.events
+  ]
+  assert {dict(e.stats).get("step_num") for e in events if e.name == "train"} == {2}
+  assert any("train_step" in e.name for e in events)
+
+
 def test_nonfinite_batches_are_skipped_then_stop(env):
   workdir = env["root"] / "nan"
   # Step indices 1, 3, 4 get NaN images: 1 is skipped alone, 3+4 make two in a row -> stop.
@@ -317,6 +320,38 @@ def test_nonfinite_batches_are_skipped_then_stop(env):
   s1 = restore_raw(workdir / "vae_coarse" / "checkpoints" / "1" / "state")
   for k, v in flat(s1["params"]).items():  # the NaN step changed no weight
     np.testing.assert_array_equal(flat(s2["params"])[k], v)
+
+
+def test_step_that_cannot_fit_the_device_is_refused_before_step_1(env, tmp_path):
+  """XLA's memory analysis of the compiled step against config.train.device_memory_gib (0: the
+  device's own limit, which the CPU does not report): a step that cannot fit is refused before
+  anything trains, naming what it needs and the remedies, not by the allocator minutes later."""
+  from zipir_jax import config_lib
+  from zipir_jax.errors import ConfigError
+  from zipir_jax.training import loop
+
+  config = config_lib.load_config("configs/tiny.py:vae_coarse")
+  overrides = {  # the step of the 6-step vae_coarse runs above: compiled once for all
+    "data.path": env["data"],
+    "data.buckets": ((64, 64, 4),),
+    "optim.num_steps": 6,
+    "optim.warmup_steps": 1,
+    "loss.disc_weight": 0.5,
+    "loss.disc_start_fraction": 0.34,
+    "train.device_memory_gib": 0.001,
+  }
+  config_lib.apply_overrides(config, overrides)
+  with pytest.raises(ConfigError) as refused:
+    loop.train_and_evaluate(config, str(tmp_path))
+  message = str(refused.value)
+  assert re.search(
+    r"stage vae_coarse, batch 64x64 x 4: the train step needs [\d.]+ MiB per device \(weights "
+    r"[\d.]+ MiB, optimizer [\d.]+ MiB, batch [\d.]+ MiB, activations [\d.]+ MiB; peak [\d.]+ "
+    r"MiB\), more than the 1.02 MiB available \(config.train.device_memory_gib=0.001\)",
+    message,
+  ), message
+  assert "--config.train.mesh" in message and "config.data.buckets" in message
+  assert not list((tmp_path / "vae_coarse" / "checkpoints").iterdir())  # nothing trained
 
 
 def run_until_sigterm(env, cmd, ready, log_path):
@@ -355,7 +390,7 @@ def test_resume_after_sigkill_and_sigterm_matches_straight_run(env):
   # seconds: no race with the run's end). Checkpoints now only every 1000 steps, asynchronous: a
   # checkpoint of the step in flight can only be the SIGTERM handler's.
   cmd = train_command(
-    env,
+    env["data"],
     "vae_coarse",
     resumed,
     *COARSE,
@@ -366,8 +401,8 @@ def test_resume_after_sigkill_and_sigterm_matches_straight_run(env):
   returncode, output = run_until_sigterm(
     env, cmd, "training vae_coarse: steps 4..6", env["root"] / "sigterm.log"
   )
-  assert returncode == 0, output[-3000:]
-  match = re.search(r"SIGTERM: checkpoint of step (\d+) written; exiting", output)
+  assert returncode == 75, output[-3000:]  # preempted, resumable (train.py's EXIT_PREEMPTED)
+  match = re.search(r"preempted: checkpoint of step (\d+) written", output)
   assert match, output[-3000:]
   step = int(match.group(1))
   assert 3 < step < 6

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from zipir_jax import text
+from zipir_jax import param_io, text
 from zipir_jax.errors import BundleError, BundleNotFoundError
 from zipir_jax.models import autoencoder, t5
 from zipir_jax.models import dit as dit_lib
@@ -138,23 +138,25 @@ def random_bundle(config: ml_collections.ConfigDict, rng: jax.Array) -> Bundle:
 
 
 def save_bundle(path: str, bundle: Bundle) -> None:
-  """Writes ``bundle`` to the folder ``path`` (created; an existing bundle there is refused)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  """Writes ``bundle`` to the folder ``path`` (created; an existing bundle there is refused).
 
+  In a multi-process run every process calls it with the same bundle: sharded arrays are written
+  by the processes that hold them (``param_io.save``), the config and text encoder by process 0.
+  """
   path = os.path.abspath(path)
   if os.path.exists(os.path.join(path, "params")):
     raise FileExistsError(f"{path}: a bundle already exists there; choose another folder")
   check_params(bundle.config, bundle.params, path)
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-    f.write(bundle.config.to_json(indent=2))
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(path, "params"), jax.tree.map(np.asarray, bundle.params))
-  checkpointer.wait_until_finished()
-  if not bundle.config.text.encoder_path:
-    t5.save_hf_encoder(
-      os.path.join(path, "text_encoder"), bundle.text_config, bundle.text_params, bundle.tokenizer
-    )
+  param_io.sync_processes(f"bundle {path}")  # every process has looked before any writes
+  param_io.save(os.path.join(path, "params"), bundle.params)
+  if jax.process_index() == 0:
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+      f.write(bundle.config.to_json(indent=2))
+    if not bundle.config.text.encoder_path:
+      t5.save_hf_encoder(
+        os.path.join(path, "text_encoder"), bundle.text_config, bundle.text_params, bundle.tokenizer
+      )
+  param_io.sync_processes(f"bundle {path} written")
 
 
 def _read_config(path: str) -> ml_collections.ConfigDict:
@@ -172,9 +174,10 @@ def _read_config(path: str) -> ml_collections.ConfigDict:
 
 
 def load_bundle(path: str) -> Bundle:
-  """Reads and checks a bundle folder; every problem names the file or parameter at fault."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  """Reads and checks a bundle folder; every problem names the file or parameter at fault.
 
+  The weights come back as numpy arrays, whatever mesh wrote them (``param_io.restore``).
+  """
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise BundleNotFoundError(f"{path}: checkpoint bundle folder not found")
@@ -189,7 +192,7 @@ def load_bundle(path: str) -> Bundle:
     )
   else:
     try:
-      params = ocp.StandardCheckpointer().restore(params_path)
+      params = param_io.restore(params_path)
     except Exception as e:  # Orbax raises several types for unreadable checkpoints.
       raise BundleError(f"{params_path}: cannot read the weights ({type(e).__name__}: {e})") from e
   check_params(config, params, path)
@@ -215,8 +218,6 @@ def with_plain_decoder(bundle: Bundle, export_path: str) -> Bundle:
   statistics must equal the bundle's: a training chain copies them bit for bit, so a difference
   means a decoder from another run, whose latent space the DiT never saw.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
   experiment = stages.experiment(bundle.config.vae.kind)
   key, stage = experiment.plain_decoder, experiment.plain_decoder_stage
   params_path = os.path.join(os.path.abspath(export_path), "params")
@@ -226,7 +227,7 @@ def with_plain_decoder(bundle: Bundle, export_path: str) -> Bundle:
       f"the {stage} stage's export, WORKDIR/{stage}/export)"
     )
   try:
-    export = ocp.StandardCheckpointer().restore(params_path)
+    export = param_io.restore(params_path)
   except Exception as e:  # Orbax raises several types for unreadable checkpoints.
     raise BundleError(f"{params_path}: cannot read the export ({type(e).__name__}: {e})") from e
   if key not in export:

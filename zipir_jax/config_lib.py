@@ -196,6 +196,12 @@ def base_config(
   # entire training dataset"; a sample of it here).
   tr.macro_stats_batches = 64
   tr.peak_tflops = 0.0  # per-device peak (bf16) for the MFU estimate; 0 = guess from device kind.
+  # Memory one device may use: the train step is checked against it before step 1 (and refused,
+  # naming the remedies, when it cannot fit); 0 = the device's own allocator limit (none on CPU).
+  tr.device_memory_gib = 0.0
+  # (first step, number of steps) to trace with jax.profiler into WORKDIR/<stage>/profile (open with
+  # TensorBoard's profile plugin); () = no trace.
+  tr.profile_steps = ()
 
   # --- Fault injection for the tests of the training loop; never set in an experiment.
   debug = config.debug = ml_collections.ConfigDict()

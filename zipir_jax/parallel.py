@@ -236,12 +236,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Per-process host arrays -> global jax.Arrays split over the batch axes (multi-host safe)."""
+def global_batch(local: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+  """Per-process arrays (numpy, or jax.Arrays on a local device: nothing waits for them) -> global
+  jax.Arrays split over the batch axes (multi-host safe)."""
   sharding = batch_sharding(mesh)
-  return {
-    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
-  }
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
 def initialize_distributed(

@@ -20,9 +20,9 @@ from typing import Any
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
+from zipir_jax import param_io
 from zipir_jax.errors import MissingPrerequisiteError
 from zipir_jax.training import stages
 
@@ -74,21 +74,22 @@ def load_prerequisites(config, workdir: str, config_file: str = "configs/<model>
 
 
 def save_export(path: str, config, params: dict) -> None:
-  """EMA weights (+ carried-forward frozen parts) of a finished stage, readable without the code."""
+  """EMA weights (+ carried-forward frozen parts) of a finished stage, readable without the code.
+
+  Every process calls it: sharded arrays are written where they lie (``param_io.save``), the
+  config by process 0; it returns when the export is complete for all of them.
+  """
   path = os.path.abspath(path)
-  target = os.path.join(path, "params")
-  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+  param_io.save(os.path.join(path, "params"), params)
   if jax.process_index() == 0:
-    os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json(indent=2))
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(target, host, force=True)
-  checkpointer.wait_until_finished()
+  param_io.sync_processes(f"export {path}")
 
 
 def restore_export(path: str) -> dict:
-  return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"))
+  """An export's parameters as numpy arrays (``param_io.restore``: any mesh may have written it)."""
+  return param_io.restore(os.path.join(os.path.abspath(path), "params"))
 
 
 def create_manager(directory: str, train_config) -> ocp.CheckpointManager:

@@ -9,6 +9,7 @@ The dit stage's export is the restoration bundle ``sample.py`` loads.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from collections.abc import Iterator
@@ -20,13 +21,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from zipir_jax import bundle as bundle_lib
-from zipir_jax import latents, parallel
+from zipir_jax import latents, parallel, param_io
 from zipir_jax.errors import MissingPrerequisiteError
 from zipir_jax.training import checkpointing, stages
 
 
 def to_host(tree: Any) -> Any:
-  """Global (possibly sharded across hosts) arrays -> numpy, identical on every process."""
+  """Global (possibly sharded across hosts) arrays -> numpy, identical on every process: for small
+  values (statistics, preview images); exports write sharded arrays as they are."""
   if jax.process_count() == 1:
     return jax.device_get(tree)
   return multihost_utils.process_allgather(tree, tiled=True)
@@ -101,11 +103,13 @@ def restoration_decoder(config, prereqs: dict) -> dict:
 def export(config, workdir: str, state, prereqs: dict, measured: dict, text=None) -> str:
   """Writes the stage's export (dit: the restoration bundle); returns its folder.
 
-  ``measured``: constants measured on the stage's data ({'latent_stats': ...} after vae_fine);
-  ``text``: the dit stage's (T5 config, params, tokenizer), stored in the bundle.
+  Every process calls it: the state's sharded arrays are written where they lie, with no gather to
+  any host (``param_io``). ``measured``: constants measured on the stage's data
+  ({'latent_stats': ...} after vae_fine); ``text``: the dit stage's (T5 config, params, tokenizer),
+  stored in the bundle.
   """
   stage = stages.current(config)
-  ema, frozen = to_host(state.ema_params), to_host(state.frozen)
+  ema, frozen = state.ema_params, state.frozen
   if stage.exports == ("bundle",):
     experiment = stages.experiment(config.vae.kind)
     params = {
@@ -115,10 +119,10 @@ def export(config, workdir: str, state, prereqs: dict, measured: dict, text=None
       "latent_stats": frozen["latent_stats"],
     }
     path = os.path.join(checkpointing.stage_dir(workdir, stage.name), "bundle")
-    if jax.process_index() == 0:
-      if os.path.exists(path):
-        shutil.rmtree(path)
-      bundle_lib.save_bundle(path, bundle_lib.Bundle(config, params, *text))
+    if jax.process_index() == 0 and os.path.exists(path):
+      shutil.rmtree(path)
+    param_io.sync_processes(f"replace {path}")
+    bundle_lib.save_bundle(path, bundle_lib.Bundle(config, params, *text))
     return path
   available = {**prereqs, **frozen, **ema, **measured}
   missing = [k for k in stage.exports if k not in available]
@@ -126,4 +130,27 @@ def export(config, workdir: str, state, prereqs: dict, measured: dict, text=None
     raise RuntimeError(f"stage {stage.name}: nothing to export for {missing}")
   path = checkpointing.export_dir(workdir, stage.name)
   checkpointing.save_export(path, config, stages.select(available, stage.exports))
+  return path
+
+
+def random_prerequisite(config, workdir: str, rng: jax.Array) -> str:
+  """Writes the dit stage's prerequisite export with random weights where the stage reads it
+  (``bundle.random_bundle``'s encoders, restoration decoder and latent statistics); returns its
+  folder. For benchmarks and tests of the dit stage that need no trained autoencoder."""
+  stage = stages.current(config)
+  if stage.exports != ("bundle",):
+    raise ValueError(f"random_prerequisite makes the dit stage's prerequisite, not {stage.name}'s")
+  params = bundle_lib.random_bundle(config, rng).params
+  experiment = stages.experiment(config.vae.kind)
+  available = {
+    **params["vae"],
+    "pixel_decoder": params["pixel_decoder"],
+    experiment.plain_decoder: params["pixel_decoder"]["decoder"],
+    "latent_stats": params["latent_stats"],
+  }
+  earlier = experiment.stage(stage.prerequisite)
+  earlier_config = copy.deepcopy(config)
+  earlier_config.stage = earlier.name
+  path = checkpointing.export_dir(workdir, earlier.name)
+  checkpointing.save_export(path, earlier_config, stages.select(available, earlier.exports))
   return path

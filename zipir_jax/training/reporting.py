@@ -1,6 +1,8 @@
-"""Metrics writers, throughput / MFU and progress with ETA.
+"""Metrics writers, interval means of the step's metrics, throughput / MFU and progress with ETA.
 
-Every run writes scalars to ``metrics.jsonl`` and the log and image grids to
+The step's metrics are accumulated on the device (:class:`IntervalMetrics`, ``clu.metrics``) and read
+by the host once per ``config.train.log_every`` steps: no step waits for its own result. Every run
+writes scalars to ``metrics.jsonl`` and the log and image grids to
 ``images/<step>_<name>.png`` (:class:`PlainWriter`), plus TensorBoard event files in the same
 folder: through ``clu.metric_writers`` when it imports (it needs TensorFlow), else through
 :class:`TensorBoardWriter`, which needs only the ``tensorboard`` package. Only process 0 writes.
@@ -16,9 +18,12 @@ import socket
 import time
 from typing import Any
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from clu import metrics as clu_metrics
 
 # Dense bf16 peak per device (TFLOP/s) for the MFU estimate when config.train.peak_tflops is 0.
 PEAK_TFLOPS = {
@@ -261,3 +266,89 @@ class Throughput:
       out["mfu"] = self.flops * steps / dt / (self.peak * jax.device_count())
     self.t0, self.step0, self.examples = now, step, 0
     return out
+
+
+# Step metrics reported as their last value in an interval (the others as interval means).
+LAST_VALUE_METRICS = ("lr", "skipped")
+
+
+@flax.struct.dataclass
+class Maximum(clu_metrics.Metric):
+  """The largest value seen (an int32 count): the longest run of skipped updates."""
+
+  value: jnp.ndarray
+
+  @classmethod
+  def empty(cls) -> Maximum:
+    return cls(value=jnp.array(0, jnp.int32))
+
+  @classmethod
+  def from_model_output(cls, values: jnp.ndarray, **_) -> Maximum:
+    return cls(value=jnp.max(values).astype(jnp.int32))
+
+  def merge(self, other: Maximum) -> Maximum:
+    return type(self)(value=jnp.maximum(self.value, other.value))
+
+  def compute(self) -> jnp.ndarray:
+    return self.value
+
+
+def _from_step(metric: type[clu_metrics.Metric], name: str, applied_only: bool):
+  """``metric`` of the step output ``name``; ``applied_only``: over the steps whose update was
+  applied (finite), so that a skipped step's NaN does not hide the interval's mean."""
+
+  @flax.struct.dataclass
+  class FromStep(metric):
+    @classmethod
+    def from_model_output(cls, **outputs):
+      mask = (outputs["finite"] > 0)[None] if applied_only else None
+      return super().from_model_output(jnp.asarray(outputs[name]), mask=mask)
+
+  return FromStep
+
+
+class IntervalMetrics:
+  """The step's metrics over the steps since the last report, accumulated on the device.
+
+  :meth:`add` merges a step's metrics into a ``clu.metrics.Collection`` with one small jitted call
+  that the host dispatches without waiting for the step; :meth:`report` reads the interval (the
+  one host sync, at log cadence) and starts the next. Means are over the steps whose update was
+  applied; ``finite`` is the fraction of applied steps, ``lr`` and ``skipped`` (the running count)
+  the last step's values, and ``nonfinite_streak`` the longest run of skipped updates in the
+  interval, which :meth:`longest_nonfinite_streak` reads without ending it.
+  """
+
+  def __init__(self, step_metrics: dict[str, Any], sharding: jax.sharding.Sharding):
+    fields = {
+      k: _from_step(
+        clu_metrics.LastValue if k in LAST_VALUE_METRICS else clu_metrics.Average,
+        k,
+        applied_only=k not in (*LAST_VALUE_METRICS, "finite"),
+      )
+      for k in step_metrics
+    }
+    fields["nonfinite_streak"] = _from_step(Maximum, "nonfinite_streak", applied_only=False)
+    collection = clu_metrics.Collection.create(**fields)
+    # Replicated on the mesh like the step's metrics: every process runs the same small programs.
+    self._empty = jax.jit(collection.empty, out_shardings=sharding)
+    self._merge = jax.jit(
+      lambda total, step, streak: total.merge(
+        collection.single_from_model_output(**step, nonfinite_streak=streak)
+      ),
+      out_shardings=sharding,
+    )
+    self._compute = jax.jit(lambda total: total.compute(), out_shardings=sharding)
+    self._total = self._empty()
+
+  def add(self, step_metrics: dict[str, jax.Array], nonfinite: jax.Array) -> None:
+    """Adds one step: its metrics and the state's count of consecutive skipped updates."""
+    self._total = self._merge(self._total, step_metrics, nonfinite)
+
+  def longest_nonfinite_streak(self) -> int:
+    return int(jax.device_get(self._total.nonfinite_streak.value))
+
+  def report(self) -> dict[str, float]:
+    """The interval's values as floats; the next interval starts empty."""
+    values = jax.device_get(self._compute(self._total))
+    self._total = self._empty()
+    return {k: float(v) for k, v in values.items()}

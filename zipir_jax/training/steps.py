@@ -348,7 +348,13 @@ def model_flops(models: Models, state: TrainState, batch: dict) -> float:
 
 
 def jit_train_step(models: Models, mesh, shardings: TrainState):
-  """``train_step`` jitted once with explicit in/out shardings and the state donated."""
+  """``train_step`` jitted once with explicit in/out shardings and the state donated.
+
+  ``run(state, batch)`` runs it; ``run.compile(state, batch)`` compiles it ahead of time for the
+  batch's shapes (arrays or ``jax.ShapeDtypeStruct``s) and keeps the executable, which later steps
+  with those shapes run: the loop reads XLA's memory analysis of it before step 1 without compiling
+  twice.
+  """
   batch_sh = {k: parallel.batch_sharding(mesh) for k in models.stage.batch_keys}
   step = jax.jit(
     functools.partial(train_step, models=models),
@@ -356,16 +362,23 @@ def jit_train_step(models: Models, mesh, shardings: TrainState):
     out_shardings=(shardings, parallel.replicated(mesh)),
     donate_argnums=0,
   )
+  executables = {}
+
+  def compile(state, batch):  # pylint: disable=redefined-builtin
+    key = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
+    if key not in executables:
+      with parallel.use_mesh(mesh, models.config.train.logical_axis_rules):
+        executables[key] = step.lower(state, batch).compile()
+    return executables[key]
 
   def run(state, batch):
-    with parallel.use_mesh(mesh, models.config.train.logical_axis_rules):
-      return step(state, batch)
+    return compile(state, batch)(state, batch)
 
   def flops(state, batch):  # model FLOPs of one step, for the MFU reports
     with parallel.use_mesh(mesh, models.config.train.logical_axis_rules):
       return model_flops(models, state, batch)
 
-  run.jitted, run.flops = step, flops
+  run.jitted, run.compile, run.flops = step, compile, flops
   return run
 
 
