@@ -55,11 +55,11 @@ def main(argv):
   from bench import common  # pylint: disable=g-import-not-at-top
   from zipir_jax import parallel  # pylint: disable=g-import-not-at-top
   from zipir_jax.models import autoencoder  # pylint: disable=g-import-not-at-top
-  from zipir_jax.training import reporting, steps  # pylint: disable=g-import-not-at-top
+  from zipir_jax.training import reporting, stages, steps  # pylint: disable=g-import-not-at-top
   from zipir_jax.training import state as state_lib
 
   config = FLAGS.config
-  if config.stage != "dit":
+  if stages.current(config).objective != "diffusion":
     raise SystemExit(f"bench/train_step.py measures the dit stage; got stage {config.stage!r}")
   if FLAGS.resolution % 32:
     raise SystemExit(f"--resolution={FLAGS.resolution} must be a multiple of 32")

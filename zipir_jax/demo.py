@@ -114,11 +114,14 @@ def gather_photos(root: str, size: int = SIZE) -> tuple[str, str]:
 
 
 def stage_done(workdir: str, stage: str) -> bool:
+  """Whether ``stage`` has written what it hands on: its export, or the dit stage's bundle."""
   from zipir_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
 
-  if stage == "dit":
-    return os.path.isdir(os.path.join(checkpointing.stage_dir(workdir, stage), "bundle", "params"))
-  return os.path.isdir(os.path.join(checkpointing.export_dir(workdir, stage), "params"))
+  finished = (
+    checkpointing.export_dir(workdir, stage),
+    os.path.join(checkpointing.stage_dir(workdir, stage), "bundle"),
+  )
+  return any(os.path.isdir(os.path.join(folder, "params")) for folder in finished)
 
 
 _STEP_LINE = re.compile(r"\] step (\d+): (.*)")

@@ -45,7 +45,12 @@ class NonFiniteError(ZipIRError, RuntimeError):
 
 
 class DataError(ZipIRError, ValueError):
-  """Training data that cannot be used: an input folder missing or without one usable image."""
+  """Training or evaluation data that cannot be used: a folder without one usable image, an
+  image of the wrong size."""
+
+
+class MissingInputError(ZipIRError, FileNotFoundError):
+  """A file or folder named on the command line is not there."""
 
 
 class BadImageError(ZipIRError, ValueError):

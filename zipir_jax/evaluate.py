@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from absl import app, flags
 
-from zipir_jax import cli, image_io
+from zipir_jax import cli, errors, image_io
 
 METHODS = ("zipir", "bicubic", "lanczos", "realesrgan")
 COLUMNS = (("PSNR", "↑"), ("SSIM", "↑"), ("LPIPS", "↓"), ("FID", "↓"), ("pFID", "↓"), ("KID", "↓"))
@@ -44,7 +44,7 @@ def load_hq_images(
   from zipir_jax.data.decode import decode_image  # pylint: disable=g-import-not-at-top
 
   if not os.path.isdir(folder):
-    raise FileNotFoundError(f"--data={folder}: folder not found")
+    raise errors.MissingInputError(f"--data={folder}: folder not found")
   paths = sorted(
     os.path.join(r, f)
     for r, _, files in os.walk(folder)
@@ -68,7 +68,7 @@ def load_hq_images(
     name = os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, "__")
     items.append((name, np.ascontiguousarray(center_crop(image, size)), caption))
   if not items:
-    raise ValueError(f"--data={folder}: no usable image of at least {size}x{size}")
+    raise errors.DataError(f"--data={folder}: no usable image of at least {size}x{size}")
   return items
 
 
@@ -91,11 +91,11 @@ def read_restored(folder: str) -> Callable[[str, tuple[int, int]], np.ndarray]:
   def read(name: str, size: tuple[int, int]) -> np.ndarray:
     path = os.path.join(folder, f"{name}.png")
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"--restored: {path} is missing (no restoration of {name!r})")
+      raise errors.MissingInputError(f"--restored: {path} is missing (no restoration of {name!r})")
     with open(path, "rb") as f:
       image = decode_image(f.read())
     if image.shape[:2] != tuple(size):
-      raise ValueError(
+      raise errors.DataError(
         f"--restored: {path} is {image.shape[0]}x{image.shape[1]}, expected {size[0]}x{size[1]}"
       )
     return image.astype(np.float32) / 255.0
@@ -109,7 +109,7 @@ def make_method(
   """``method(lq uint8 HWC, out_size, caption) -> float [0, 1] HWC`` for every method name."""
   if name == "zipir":
     if not checkpoint:
-      raise ValueError("--method=zipir needs --checkpoint=BUNDLE")
+      raise errors.OptionError("--method=zipir needs --checkpoint=BUNDLE")
     from zipir_jax import api  # pylint: disable=g-import-not-at-top
 
     pipe = api.ZipIRPipeline.from_pretrained(checkpoint)
@@ -246,14 +246,14 @@ def evaluate(
 
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
-    raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
+    raise errors.OptionError(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
   restored = dict(restored or {})
   clash = sorted(set(restored) & set(methods))
   if clash:
-    raise ValueError(f"{clash} named both as --method and --restored")
+    raise errors.OptionError(f"{clash} named both as --method and --restored")
   for name, folder in restored.items():
     if not os.path.isdir(folder):
-      raise FileNotFoundError(f"--restored={name}={folder}: folder not found")
+      raise errors.MissingInputError(f"--restored={name}={folder}: folder not found")
   eval_presets.get_preset(preset)  # fails early on an unknown preset, naming the valid ones
   items = load_hq_images(data, size, limit, log)
   scorer = Scorer(lpips_path, inception_path, num_crops, seed)
@@ -371,7 +371,7 @@ def main(argv):
       log=lambda m: print(m, file=sys.stderr),
       restored=restored,
     )
-  except (OSError, ValueError) as e:  # ZipIRErrors are ValueErrors or OSErrors
+  except cli.USER_ERRORS as e:
     return cli.fail(e, status=2)
   print(results["table"])
   print(f"wrote {os.path.join(f.output, 'metrics.json')} and table.md")

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from zipir_jax import errors
 from zipir_jax.data import defaults, degradations
 
 
@@ -46,7 +47,7 @@ def get_preset(
   if isinstance(preset, str):
     presets = defaults.get_eval_presets() if presets is None else presets
     if preset not in presets:
-      raise ValueError(
+      raise errors.ConfigError(
         f"eval_presets: unknown preset {preset!r}; known: {', '.join(sorted(presets.keys()))}"
       )
     preset = presets[preset]
