@@ -99,8 +99,8 @@ def test_dit_batch_from_cache_equals_t5_batch(setup, tmp_path, dtype, tol):
     "caption": np.asarray(["an astronaut", "", "a red fox in snow", "an astronaut"]),
   }
   dit = stages.current(config)
-  from_t5 = loop._host_batch(example, dit, False, text_cache.caption_encoder(config, *encoder))
-  from_cache = loop._host_batch(example, dit, False, cached)
+  from_t5 = loop._local_batch(example, dit, False, text_cache.caption_encoder(config, *encoder))
+  from_cache = loop._local_batch(example, dit, False, cached)
   assert from_cache.keys() == from_t5.keys() == {"hq", "lq_up", "text_emb", "text_mask"}
   for key in from_t5:
     assert from_cache[key].dtype == from_t5[key].dtype, key
@@ -148,7 +148,7 @@ def test_missing_caption_is_an_error(setup):
     "caption": np.asarray(["unseen"]),
   }
   with pytest.raises(KeyError, match="'unseen'"):
-    loop._host_batch(example, stages.current(setup["config"]), False, cache.lookup)
+    loop._local_batch(example, stages.current(setup["config"]), False, cache.lookup)
   with pytest.raises(text_cache.CaptionCacheError, match="does not exist"):
     text_cache.CaptionCache(str(setup["root"] / "nowhere"))
 
