@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import jitted_apply, perturbed
 
-from zipir_jax.models import autoencoder, tiling
+from zipir_jax.models import autoencoder, tiling, vae_blocks
 from zipir_jax.models.pixel_decoder import init_from_autoencoder
 
 pytestmark = pytest.mark.xdist_group("tiny_lpvae")
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.xdist_group("tiny_lpvae")
 SHAPE = (1, 96, 64, 3)  # non-square; 16-row strips give 6 strips at full resolution
 
 
-def test_tiled_encode_decode_and_pixel_decoder_equal_untiled(tiny_config, tiny_lpvae):
+def test_tiled_encode_decode_and_pixel_decoder_equal_untiled(tiny_config, tiny_lpvae, monkeypatch):
   vae, params = tiny_lpvae
   params = perturbed(params, 0, scale=0.02)
   image = jax.random.uniform(jax.random.key(1), SHAPE, minval=-1, maxval=1)
@@ -60,13 +60,18 @@ def test_tiled_encode_decode_and_pixel_decoder_equal_untiled(tiny_config, tiny_l
     decoder[name] = jax.tree.map(lambda x: x + 1e-3, decoder[name])
   pd_params = {**pd_params, "decoder": decoder}
   out = jax.jit(pdec.apply)({"params": pd_params}, z, image)
-  tiling.tiled_conv, calls = counting, []
-  try:
-    with tiling.tiled_convolutions(strip_rows=16):
-      out_tiled = pdec.apply({"params": pd_params}, z, image)
-  finally:
-    tiling.tiled_conv = original
-  assert any(c["parts"] == 2 for c in calls)  # D_f*'s fusion: [h; f] concatenated per strip
+  fused, fusion_tiled_call = [], vae_blocks.PixelFusion.tiled_call
+
+  def counting_fusion(module, h, *args, **kwargs):
+    fused.append(h.shape[1])
+    return fusion_tiled_call(module, h, *args, **kwargs)
+
+  monkeypatch.setattr(vae_blocks.PixelFusion, "tiled_call", counting_fusion)
+  with tiling.tiled_convolutions(strip_rows=16):
+    out_tiled = pdec.apply({"params": pd_params}, z, image)
+  # D_f*'s fusion layers ran their strip-wise form (norm + swish inside the scale/shift strips) at
+  # every level taller than a strip, from the decoder's 24-row level up to full resolution.
+  assert fused == [24, 48, 96]
   assert np.abs(out - recon).max() > 1e-3
   np.testing.assert_allclose(out_tiled, out, atol=1.3e-4, rtol=0)
 
