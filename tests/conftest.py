@@ -17,6 +17,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # worker's XLA threads (the D=2048 FID check, both cores otherwise busy: 20.6 s with 2 BLAS threads,
 # 6.6 s with one). Set before numpy is first imported (no plugin imports it before this file).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# LLVM at -O0 for the train.py and fake-device subprocesses: each compiles a whole train step and
+# runs it for a few steps (the stage chain: 232 -> 179 s alone). Not for the suite's own processes:
+# run-bound tests slow down (the 1000-step DDIM chains: < 28 s -> 100 s), and O0 code rounds
+# differently from the default (no fused multiply-adds), so weights would differ between processes.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 import importlib.util
 import pathlib

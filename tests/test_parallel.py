@@ -24,14 +24,14 @@ import time
 
 import numpy as np
 import pytest
-from conftest import train_command
+from conftest import FAST_COMPILE, train_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 WORKER = r"""
 import json, os, sys
 mode, out = sys.argv[1], sys.argv[2]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + ("4" if mode == "proc" else "8")
+os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=" + ("4" if mode == "proc" else "8")
 import jax
 if mode == "proc":
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -147,7 +147,7 @@ def worker(tmp_path_factory):
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
   )
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = FAST_COMPILE  # the workers add their fake device counts
   return root, script, env
 
 
@@ -280,7 +280,7 @@ def test_hybrid_grid_matches_jax_multislice_layout(ici, dcn, granule):
 
 HYBRID = r"""
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp, numpy as np
 import flax.linen as nn
 from zipir_jax import axis_rules, errors, parallel
@@ -392,10 +392,9 @@ def test_two_processes_stop_together_at_sigterm_resume_and_export_one_bundle(wor
   from zipir_jax.data import testing
   from zipir_jax.training import export, stages
 
-  # LLVM -O0: the step compiles 3x faster, and each process compiles it (on CPU, jax's persistent
-  # cache key differs between the processes of a run, and only process 0 writes).
-  flags = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
-  env = dict(worker[2], XLA_FLAGS=flags)
+  # Each process compiles the step (on CPU, jax's persistent cache key differs between the
+  # processes of a run, and only process 0 writes).
+  env = dict(worker[2], XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=4")
   data, workdir = tmp_path / "data", tmp_path / "work"
   testing.write_image_folder(str(data), [(80, 80), (96, 128), (72, 100), (128, 96), (100, 100)])
   config = config_lib.load_config("configs/tiny.py:dit")
