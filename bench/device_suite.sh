@@ -23,7 +23,7 @@ if [[ "${SMALL:-0}" != 1 ]] && mkdir -p "${AUTOTUNE_DIR:-/tmp/zipir_jax_autotune
 fi
 echo "# XLA_FLAGS=${XLA_FLAGS:-}"
 # Cold random initialisation compiles an unrolled threefry hash per parameter on GPU (the 3 B
-# bundle: 354 draws; 165 s to initialise on the H200 in session 3). Where JAX's prebuilt threefry
+# bundle: 354 draws; 165 s to initialise on the H200 on 2026-11-26). Where JAX's prebuilt threefry
 # kernel gives the same bits and compiles faster (bench/rng_compile.py, printed here), every row
 # uses it.
 if [[ "${SMALL:-0}" != 1 ]]; then
@@ -52,7 +52,7 @@ else
   big=configs/zipir_3b.py; mid=configs/zipir_0p7b.py; s1=1024; s2=2048; s4=4096; s8=8192; dt=bfloat16
   h72=16  # the 0.68 B DiT's former layout, 16 heads of 72 (config_lib.ablation_dit: now 18 of 64)
 fi
-# Cold, each training row compiles for 60-150 s (an H200 in session 3: the first rows hit a 110 s cap
+# Cold, each training row compiles for 60-150 s (an H200 on 2026-11-26: the first rows hit a 110 s cap
 # before printing; the same rows took 41-66 s once the persistent compilation cache held them).
 remat=${REMAT:-dots_with_no_batch_dims_saveable}  # the DiT's remat policy in the training rows
 train() {  # train NAME CONFIG RESOLUTION BATCH [overrides...]
@@ -67,7 +67,7 @@ step env 30 $py -c "import jax, flax, optax, orbax.checkpoint as o, ml_collectio
 mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -d ' ')
 [[ "$mib" =~ ^[0-9]+$ ]] || mib=$(( 1 << 30 ))  # unknown: try it
 if [[ "${SMALL:-0}" == 1 ]] || (( mib >= 120000 )); then  # 8192² needs an H200's memory
-  # Encode and decode only: the 8192² DiT step ran in session 3 (2.89 s); the decode is open.
+  # Encode and decode only: the 8192² DiT step ran on 2026-11-26 (2.89 s); the decode is open.
   parts8=($py bench/restore.py --config=$big --sizes=$s8 --dtype=$dt --repeats=1 --parts=encode,decode)
   step restore_${s8}_parts 300 "${parts8[@]}"
   if grep -qiE "RESOURCE_EXHAUSTED|out of memory" "$out/restore_${s8}_parts.log" 2>/dev/null; then

@@ -7,7 +7,7 @@ unrolled 20-round hash (an out-of-line function per draw); ``jax_threefry_gpu_ke
 it one call of a prebuilt CUDA kernel computing the same bits. On this project's 2-core CPU (rolled
 loop) one truncated-normal draw costs about 0.6 s of compile, and the paper config's random
 LP-VAE, D_f* and DiT (bench/restore.py's bundle: 354 draws) 35 s; the H200 took 165 s to
-initialise that bundle cold in session 3 (then partly op by op), and every training row of the
+initialise that bundle cold on 2026-11-26 (then partly op by op), and every training row of the
 device suite compiles its own initialisation.
 
 This compiles ``--draws`` conv-kernel-shaped draws (flax's default ``lecun_normal``, as the VAE's
