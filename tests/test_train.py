@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import read_events, train_command
+from conftest import FAST_COMPILE, read_events, train_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ("vae_coarse", "vae_fine", "pixel_decoder", "dit")
@@ -43,7 +43,7 @@ def env(tmp_path_factory):
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
   )
-  environ.pop("XLA_FLAGS", None)
+  environ["XLA_FLAGS"] = FAST_COMPILE  # no fake device count from the caller
   return {"root": root, "data": str(data), "environ": environ}
 
 
@@ -168,6 +168,7 @@ def test_stages_chain_from_command_line_then_make_demo(env, tmp_path, capsys):
 
   # `make demo` on these trained stages (its train.py commands are the ones run above).
   check_make_demo_reuses_finished_stages(workdir, tmp_path, capsys)
+  check_learning_bench_measures_the_finished_stages(workdir, tmp_path)
 
 
 def check_macro_statistics_are_the_datas(env, macro):
@@ -432,3 +433,37 @@ def test_resume_after_sigkill_and_sigterm_matches_straight_run(env):
   # TensorBoard: the three processes' event files read as one run, one value per step.
   loss = read_events(resumed / "vae_coarse").Scalars("loss")
   assert [e.step for e in loss] == [1, 2, 3, 4, 5, 6]
+
+
+def check_learning_bench_measures_the_finished_stages(chain, tmp_path):
+  """bench/learning.py's smoke run, evaluation only (the chain's stages are reused as a re-run
+  reuses them): every checkpoint scored on the held-out photos, the table with its targets, one
+  curve per stage."""
+  import sys
+
+  from zipir_jax import demo
+
+  sys.path.insert(0, str(ROOT / "bench"))
+  import learning
+
+  out = tmp_path / "learning_out"
+  shutil.copytree(chain, out / "work" / "lpvae")
+  argv = ["--budget=smoke", "--config=configs/tiny.py", "--sdvae_config=", f"--output={out}"]
+  assert learning.main(argv) == 0
+  result = json.loads((out / "results.json").read_text())
+  assert result["images"] == sorted(name for _, name in demo.HELDOUT_PHOTOS)  # never trained on
+  for stage, last in {"vae_coarse": 6, "vae_fine": 2, "pixel_decoder": 2, "dit": 2}.items():
+    kept = sorted(int(p.name) for p in (chain / stage / "checkpoints").iterdir())
+    assert [row["step"] for row in result["curves"][stage]] == kept and kept[-1] == last, stage
+    assert all(np.isfinite(row["psnr"]) for row in result["curves"][stage]), stage
+    assert (out / "curves" / f"{stage}.png").stat().st_size > 0
+  methods = {"bicubic", "Real-ESRGAN", "ZipIR, strength 1", "ZipIR, strength 0.5"}
+  methods.add("ZipIR, strength 0.5, wavelet colour fix")
+  assert {p: set(rows) for p, rows in result["restoration"].items()} == {
+    "fig4": methods,
+    "sr8": methods,
+  }
+  table = (out / "table.md").read_text()
+  for name, got, needed in learning.targets(result):
+    assert f"| {name} | {got:.2f} | {needed:.2f} | {got - needed:+.2f} dB |" in table
+  assert "not trained (--sdvae_config='')" in table
