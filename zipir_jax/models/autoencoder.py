@@ -47,6 +47,7 @@ def build_autoencoder(config: ml_collections.ConfigDict, dtype: str | None = Non
       coarse_channels=vae.coarse_channels,
       fine_channels=vae.fine_channels,
       num_groups=vae.num_groups,
+      init_logvar=vae.get("init_logvar", 0.0),  # initialisation only: old bundles lack it
       dtype=dtype,
     )
   if vae.kind == "sdvae":
@@ -57,6 +58,7 @@ def build_autoencoder(config: ml_collections.ConfigDict, dtype: str | None = Non
       z_channels=vae.z_channels,
       mid_attention=vae.mid_attention,
       num_groups=vae.num_groups,
+      init_logvar=vae.get("init_logvar", 0.0),  # initialisation only: old bundles lack it
       dtype=dtype,
     )
   raise errors.ConfigError(f"config.vae.kind={vae.kind!r}; valid kinds: {', '.join(VAE_KINDS)}")

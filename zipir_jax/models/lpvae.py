@@ -93,6 +93,7 @@ class LPVAE(nn.Module):
   coarse_channels: int = 9
   fine_channels: int = 52
   num_groups: int = 32
+  init_logvar: float = 0.0  # the encoders' initial log-variance (Encoder's docstring)
   dtype: Any = jnp.float32
 
   @property
@@ -119,11 +120,12 @@ class LPVAE(nn.Module):
       ch=self.ch, num_res_blocks=self.num_res_blocks, num_groups=self.num_groups, dtype=self.dtype
     )
     self.macro = MacroLevel(self.factor)
+    encoder = dict(init_logvar=self.init_logvar, **common)
     self.coarse_encoder = Encoder(
-      ch_mult=self.coarse_ch_mult, out_channels=self.coarse_channels, **common
+      ch_mult=self.coarse_ch_mult, out_channels=self.coarse_channels, **encoder
     )
     self.fine_encoder = Encoder(
-      ch_mult=self.fine_ch_mult, out_channels=self.fine_channels, **common
+      ch_mult=self.fine_ch_mult, out_channels=self.fine_channels, **encoder
     )
     self.coarse_decoder = Decoder(ch_mult=self.coarse_ch_mult, **common)
     self.fine_decoder = Decoder(ch_mult=self.fine_ch_mult, **common)

@@ -30,6 +30,7 @@ class SDVAE(nn.Module):
   z_channels: int = 64
   mid_attention: bool = True
   num_groups: int = 32
+  init_logvar: float = 0.0  # the encoders' initial log-variance (Encoder's docstring)
   dtype: Any = jnp.float32
 
   @property
@@ -49,7 +50,7 @@ class SDVAE(nn.Module):
       mid_attention=self.mid_attention,
       dtype=self.dtype,
     )
-    self.encoder = Encoder(out_channels=self.z_channels, **common)
+    self.encoder = Encoder(out_channels=self.z_channels, init_logvar=self.init_logvar, **common)
     self.decoder = Decoder(**common)
 
   def encode(

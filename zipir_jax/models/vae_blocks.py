@@ -40,10 +40,15 @@ def conv(
   strides: int = 1,
   padding: str | Sequence = "SAME",
   zero_init: bool = False,
+  bias_init: Array | None = None,
   dtype: Dtype = jnp.float32,
   name: str | None = None,
 ) -> nn.Conv:
-  """A 2D convolution with logically named parameters (zero-initialised when ``zero_init``)."""
+  """A 2D convolution with logically named parameters (zero-initialised when ``zero_init``; the bias
+  starts at ``bias_init``, one value per output channel, where given, else at zero)."""
+  bias = nn.initializers.zeros_init()
+  if bias_init is not None:
+    bias = lambda _, shape, dtype=jnp.float32: jnp.broadcast_to(bias_init, shape).astype(dtype)
   return nn.Conv(
     features,
     (kernel_size, kernel_size),
@@ -51,7 +56,7 @@ def conv(
     padding=padding,
     dtype=dtype,
     kernel_init=_kernel_init(zero_init),
-    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+    bias_init=nn.with_logical_partitioning(bias, ("conv_out",)),
     name=name,
   )
 
@@ -169,6 +174,10 @@ class Encoder(nn.Module):
   With ``features_only`` it stops after the last level and returns the per-level features (level i at
   H/2^i with ``ch * ch_mult[i]`` channels) instead: that is the degradation-aware extractor of D_f*,
   whose parameters are then exactly the matching subset of E_f's.
+
+  ``init_logvar`` is the initial bias of the log-variance outputs: LDM's zero starts the posterior at
+  unit variance, as large as the means, and the small KL weight takes far longer to bring it down
+  than a short run has (docs/DESIGN.md, "Posterior variance at initialisation").
   """
 
   ch: int
@@ -178,6 +187,7 @@ class Encoder(nn.Module):
   double_z: bool = True
   num_groups: int = 32
   mid_attention: bool = False
+  init_logvar: float = 0.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -197,8 +207,11 @@ class Encoder(nn.Module):
       h = AttnBlock(self.num_groups, self.dtype, name="mid_attn_1")(h)
     h = ResnetBlock(h.shape[-1], self.num_groups, self.dtype, name="mid_block_2")(h)
     h = nn.swish(group_norm(self.num_groups, name="norm_out")(h))
-    out = 2 * self.out_channels if self.double_z else self.out_channels
-    return conv(out, dtype=self.dtype, name="conv_out")(h).astype(jnp.float32)
+    if not self.double_z:
+      return conv(self.out_channels, dtype=self.dtype, name="conv_out")(h).astype(jnp.float32)
+    bias = jnp.repeat(jnp.asarray([0.0, self.init_logvar]), self.out_channels)  # [mean | logvar]
+    moments = conv(2 * self.out_channels, bias_init=bias, dtype=self.dtype, name="conv_out")
+    return moments(h).astype(jnp.float32)
 
 
 class PixelFusion(nn.Module):
