@@ -53,7 +53,6 @@ COLOR_FIX = "wavelet"
 # (package, name) -> caption. The README lists each photo's source and licence.
 TRAIN_PHOTOS = {
   ("skimage", "astronaut"): "an astronaut in a white spacesuit in front of a flag",
-  ("skimage", "coffee"): "a cup of coffee on a saucer",
   ("skimage", "chelsea"): "a tabby cat looking to the side",
   ("skimage", "rocket"): "a rocket on a launch pad",
   ("skimage", "immunohistochemistry"): "a stained tissue section under a microscope",
@@ -62,7 +61,7 @@ TRAIN_PHOTOS = {
   ("sklearn", "china"): "a chinese temple with trees",
 }
 HELDOUT_PHOTOS = {
-  ("skimage", "cat"): "a cat with white whiskers",
+  ("skimage", "coffee"): "a cup of coffee on a saucer",
   ("sklearn", "flower"): "a pink flower with yellow centre",
   ("matplotlib", "grace_hopper"): "a portrait of a woman in a navy uniform",
 }
