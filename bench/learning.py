@@ -19,7 +19,8 @@ The table answers, in the paper's terms:
   2. LP-VAE vs the f32c64 SD-VAE at equal steps and comparable parameters (Table 4's direction);
   3. D_f* vs D_f, with z from HQ and with the restored z (Fig. 6's direction);
   4. restorations at strength 1 and 0.5 (and 0.5 with the wavelet colour fix) against bicubic and
-     Real-ESRGAN at fig4 and sr8 (Table 1).
+     Real-ESRGAN at fig4 and sr8 (Table 1), and without the DiT (D_f* on E(LQ↑)), each with the
+     restored latent's error against E(HQ): whether the DiT moves the latent towards HQ's.
 """
 
 from __future__ import annotations
@@ -42,7 +43,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from zipir_jax import api, baselines, bundle, config_lib, demo, evaluate, metrics  # noqa: E402
+from zipir_jax import (  # noqa: E402
+  api,
+  baselines,
+  bundle,
+  config_lib,
+  demo,
+  evaluate,
+  metrics,
+  restore,
+)
 from zipir_jax.data import eval_presets  # noqa: E402
 from zipir_jax.models import count_params  # noqa: E402
 from zipir_jax.training import checkpointing, stages  # noqa: E402
@@ -71,7 +81,7 @@ class Budget:
 BUDGETS = {
   # The SD-VAE trains as many steps as the LP-VAE's two autoencoder stages together.
   "cpu": Budget(
-    steps={"vae_coarse": 300, "vae_fine": 300, "pixel_decoder": 200, "dit": 300, "sdvae": 600},
+    steps={"vae_coarse": 500, "vae_fine": 500, "pixel_decoder": 300, "dit": 600, "sdvae": 1000},
     evals=5,
     size=256,
   ),
@@ -215,14 +225,46 @@ def dit_bundle(args, workdir: str, step: int | None = None, plain: bool = False)
   return b
 
 
+def latent_error(z: jax.Array, reference: jax.Array) -> float:
+  """Mean squared difference of two normalised latents (the DiT's space: unit variance per channel)."""
+  return float(jnp.mean(jnp.square(jnp.asarray(z) - reference)))
+
+
 def restore_scores(pipe, items, preset: str, **options) -> dict[str, float]:
+  """PSNR/SSIM of the restorations, and ``z_mse``: the sampled latent against E(HQ)'s."""
   pairs = degraded(items, preset)
   hq = jnp.asarray(np.stack([hq for _, hq, _ in items]), jnp.float32) / 255.0
-  out = [
-    pipe(lq, size=hq.shape[1:3], prompt=caption, output_type="np", progress=False, **options)
-    for (lq, _), (_, _, caption) in zip(pairs, items)
-  ]
-  return scores(jnp.asarray(np.stack(out)), hq)
+  restorer, out, errors = pipe.restorer, [], []
+  for (lq, _), (_, image, caption) in zip(pairs, items):
+    final = {}
+    keep = lambda step, t, z, final=final: final.update(z=z)  # the last call holds the result
+    out.append(
+      pipe(
+        lq,
+        size=hq.shape[1:3],
+        prompt=caption,
+        output_type="np",
+        progress=False,
+        callback=keep,
+        **options,
+      )
+    )
+    errors.append(latent_error(final["z"], restorer.encode(restorer.params, to_model([image]))))
+  return {**scores(jnp.asarray(np.stack(out)), hq), "z_mse": float(np.mean(errors))}
+
+
+def no_dit_scores(pipe, items, preset: str) -> dict[str, float]:
+  """The ablation without the DiT: D_f*(E(LQ↑), LQ↑), and E(LQ↑)'s latent against E(HQ)'s."""
+  restorer, params = pipe.restorer, pipe.restorer.params
+  out, errors = [], []
+  for (lq, _), (_, image, _) in zip(degraded(items, preset), items):
+    lq_up = jnp.asarray(restorer.upsample_lq([restore.to_unit_float(lq)], image.shape[:2]))
+    z = restorer.encode(params, lq_up)
+    out.append(restorer.decode(params, z, lq_up, jnp.float32(1.0))[0])  # sizes: multiples of 32
+    errors.append(latent_error(z, restorer.encode(params, to_model([image]))))
+  restored = metrics.to_unit_range(jnp.stack(out))
+  hq = jnp.asarray(np.stack([hq for _, hq, _ in items]), jnp.float32) / 255.0
+  return {**scores(restored, hq), "z_mse": float(np.mean(errors))}
 
 
 def baseline_scores(name: str, items, preset: str) -> dict[str, float]:
@@ -233,10 +275,13 @@ def baseline_scores(name: str, items, preset: str) -> dict[str, float]:
 
 
 def dit_curve(args, workdir, items) -> list[dict[str, Any]]:
+  """Per checkpoint: fig4 restorations at strength 0.5 and the latent error at strengths 1 and 0.5."""
   rows = []
   for step in checkpoints(workdir, "dit"):
     pipe = api.ZipIRPipeline(dit_bundle(args, workdir, step))
-    rows.append({"step": step, **restore_scores(pipe, items, "fig4", strength=0.5)})
+    row = {"step": step, **restore_scores(pipe, items, "fig4", strength=0.5)}
+    row["z_mse_strength_1"] = restore_scores(pipe, items, "fig4", strength=1.0)["z_mse"]
+    rows.append(row)
   return rows
 
 
@@ -301,6 +346,7 @@ def measure(args, budget: Budget, work: str, heldout: str) -> dict[str, Any]:
     rows[f"ZipIR, strength {STRENGTHS[-1]:g}, wavelet colour fix"] = restore_scores(
       pipes["D_f*"], items, preset, strength=STRENGTHS[-1], color_fix="wavelet"
     )
+    rows["D_f*(E(LQ↑)): no DiT"] = no_dit_scores(pipes["D_f*"], items, preset)
     table[preset] = rows
   result["restoration"] = table
   return result
@@ -336,7 +382,22 @@ def plot_curves(result: dict, work: str, folder: str) -> list[str]:
     right.plot([r["step"] for r in rows], [r["psnr"] for r in rows], "o-", color="tab:blue")
     right.set_ylabel("held-out PSNR (dB)", color="tab:blue")
     left.set_title(stage)
-    fig.tight_layout()
+    if stage == "dit":  # the DiT's own output: its latent against E(HQ)'s, and E(LQ↑)'s baseline
+      fig.set_size_inches(9, 3)
+      left.set_position([0.08, 0.17, 0.34, 0.72])
+      right.set_position([0.08, 0.17, 0.34, 0.72])
+      z = fig.add_axes([0.6, 0.17, 0.36, 0.72])
+      steps = [r["step"] for r in rows]
+      for key, label in (("z_mse_strength_1", "strength 1"), ("z_mse", "strength 0.5")):
+        z.plot(steps, [r[key] for r in rows], "o-", label=label)
+      baseline = result["restoration"]["fig4"]["D_f*(E(LQ↑)): no DiT"]["z_mse"]
+      z.axhline(baseline, color="black", linestyle="--", label="E(LQ↑), no DiT")
+      z.set_yscale("log")
+      z.set_xlabel("step")
+      z.set_ylabel("latent MSE vs E(HQ)")
+      z.legend(fontsize=7)
+    else:
+      fig.tight_layout()
     path = os.path.join(folder, f"{stage}.png")
     fig.savefig(path)
     plt.close(fig)
@@ -366,10 +427,15 @@ def markdown(result: dict, command: str) -> str:
   lines += ["", "| decoder (fig4) | z from HQ | restored z |", "|---|---|---|"]
   for dec in ("D_f", "D_f*"):
     lines.append(f"| {dec} | {pixel['z from HQ'][dec]:.2f} | {pixel['restored z'][dec]:.2f} |")
-  lines += ["", "| degradation | method | PSNR | SSIM |", "|---|---|---|---|"]
+  lines += [
+    "",
+    "| degradation | method | PSNR | SSIM | latent MSE vs E(HQ) |",
+    "|---|---|---|---|---|",
+  ]
   for preset, rows in result["restoration"].items():
     for method, s in rows.items():
-      lines.append(f"| {preset} | {method} | {s['psnr']:.2f} | {s['ssim']:.4f} |")
+      z = f"{s['z_mse']:.3f}" if "z_mse" in s else ""
+      lines.append(f"| {preset} | {method} | {s['psnr']:.2f} | {s['ssim']:.4f} | {z} |")
   lines += ["", "| target (issue: CPU, default budget) | measured | needed | margin |"]
   lines.append("|---|---|---|---|")
   for name, got, needed in targets(result):

@@ -457,12 +457,15 @@ def check_learning_bench_measures_the_finished_stages(chain, tmp_path):
     assert [row["step"] for row in result["curves"][stage]] == kept and kept[-1] == last, stage
     assert all(np.isfinite(row["psnr"]) for row in result["curves"][stage]), stage
     assert (out / "curves" / f"{stage}.png").stat().st_size > 0
-  methods = {"bicubic", "Real-ESRGAN", "ZipIR, strength 1", "ZipIR, strength 0.5"}
-  methods.add("ZipIR, strength 0.5, wavelet colour fix")
+  zipir = {"ZipIR, strength 1", "ZipIR, strength 0.5", "ZipIR, strength 0.5, wavelet colour fix"}
+  zipir.add("D_f*(E(LQ↑)): no DiT")
   assert {p: set(rows) for p, rows in result["restoration"].items()} == {
-    "fig4": methods,
-    "sr8": methods,
+    "fig4": zipir | {"bicubic", "Real-ESRGAN"},
+    "sr8": zipir | {"bicubic", "Real-ESRGAN"},
   }
+  for rows in result["restoration"].values():  # the latent error of every restoration of ours
+    assert all(np.isfinite(rows[m]["z_mse"]) and rows[m]["z_mse"] > 0 for m in zipir)
+  assert all(np.isfinite(r["z_mse_strength_1"]) for r in result["curves"]["dit"])
   table = (out / "table.md").read_text()
   for name, got, needed in learning.targets(result):
     assert f"| {name} | {got:.2f} | {needed:.2f} | {got - needed:+.2f} dB |" in table

@@ -272,6 +272,12 @@ class Restorer:
         return self._decode_fn(params, z, lq_up, fusion_weight)
     return self._decode_jit(params, z, lq_up, fusion_weight)
 
+  def upsample_lq(self, images: Sequence[np.ndarray], out_size: tuple[int, int]) -> np.ndarray:
+    """[0, 1] HWC LQ images -> LQ↑ at ``out_size`` in [-1, 1], NHWC, resized as training made it."""
+    mode = self.config.data.degradation.upsample_mode
+    lq_up = np.stack([degradations.upsample(im, tuple(out_size), mode) for im in images])
+    return np.clip(lq_up, 0.0, 1.0) * 2.0 - 1.0
+
   def _sampler(self, steps: int):
     if steps not in self._samplers:
       self._samplers[steps] = diffusion.make_ddim_sampler(
@@ -310,9 +316,7 @@ class Restorer:
     h, w = out_size
 
     # 1. Resize LQ to the target size (as training made LQ↑), 2. pad to a multiple of 32.
-    mode = cfg.data.degradation.upsample_mode
-    lq_up = np.stack([degradations.upsample(im, (h, w), mode) for im in lq])
-    lq_up = np.clip(lq_up, 0.0, 1.0) * 2.0 - 1.0
+    lq_up = self.upsample_lq(lq, out_size)
     lq_up_padded = jnp.asarray(pad_to_multiple(lq_up, self.factor))
     params = self.params
 
