@@ -13,7 +13,7 @@ r"""`make demo`: the whole ZipIR pipeline on this machine's CPU, in minutes, sta
    ``python -m zipir_jax.evaluate``; writes side-by-side panels LQ | bicubic | Real-ESRGAN | ZipIR |
    HQ and the metrics table.
 
-A model trained for a few CPU minutes on a dozen photos is a demonstration that every part of the
+A model trained for a few CPU minutes on seven photos is a demonstration that every part of the
 pipeline runs and connects, not the paper's 3 B-parameter model: expect its restorations to lose to
 Real-ESRGAN.
 
@@ -250,8 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   t0 = time.time()
   say(
-    "ZipIR demo: a tiny model trained for a few CPU minutes on a dozen photos. It shows the "
-    "pipeline end to end; it is NOT the paper's model and will not restore like it."
+    f"ZipIR demo: a tiny model trained for a few CPU minutes on {len(TRAIN_PHOTOS)} photos. It "
+    "shows the pipeline end to end; it is NOT the paper's model and will not restore like it."
   )
 
   say(f"1/4 photos from scikit-image, scikit-learn and matplotlib -> {out}/photos")
