@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import jitted_apply, perturbed
+from conftest import fast_jit, jitted_apply, perturbed
 
 from zipir_jax import config_lib, demo
 from zipir_jax.data import eval_presets
@@ -183,8 +183,8 @@ def test_training_improves_on_d_f_from_the_first_update(tiny_lpvae):
   decoder = _fit_output_layer(vae, decoder, z, np.asarray(batch["hq"]))
   prerequisites = {k: params[k] for k in ("coarse_encoder", "fine_encoder")}
   prerequisites["fine_decoder"] = decoder
-  state = jax.jit(lambda rng: state_lib.init_state(models, rng, prerequisites))(jax.random.key(1))
-  train_step = jax.jit(functools.partial(steps.train_step, models=models))
+  state = fast_jit(lambda rng: state_lib.init_state(models, rng, prerequisites))(jax.random.key(1))
+  train_step = fast_jit(functools.partial(steps.train_step, models=models))
   l1 = []  # the step's nll (L1; no LPIPS weights here) is that of the parameters it starts from
   for _ in range(11):
     state, metrics = train_step(state, batch)
