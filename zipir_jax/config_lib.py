@@ -48,8 +48,8 @@ def base_config(
   vae.z_channels = 64
   vae.mid_attention = False  # the LP-VAE has none (§3.1); the LDM baseline keeps its mid attention.
   # Initial bias of the encoders' log-variance outputs (LDM: 0, a unit-variance posterior as large as
-  # the means). The 1e-6 KL weight needs ~10^4+ steps to shrink it, so z_fine carried next to nothing
-  # in a few hundred steps; std e^-3 lets even short runs use the latent (docs/DESIGN.md).
+  # the means). The 1e-6 KL weight barely shrinks it in a few hundred steps, so z_fine carried next
+  # to nothing in short runs; std e^-3 lets even those use the latent (docs/DESIGN.md).
   vae.init_logvar = -6.0
   vae.dtype = "float32"  # compute dtype; params are always float32.
   # Compute dtype of E_c/E_f where a later stage runs them frozen (pixel_decoder, dit): bf16 halves
