@@ -20,7 +20,9 @@ The table answers, in the paper's terms:
   3. D_f* vs D_f, with z from HQ and with the restored z (Fig. 6's direction);
   4. restorations at strength 1 and 0.5 (and 0.5 with the wavelet colour fix) against bicubic and
      Real-ESRGAN at fig4 and sr8 (Table 1), and without the DiT (D_f* on E(LQ↑)), each with the
-     restored latent's error against E(HQ): whether the DiT moves the latent towards HQ's.
+     restored latent's error against E(HQ): whether the DiT moves the latent towards HQ's;
+  5. the ceiling of any DiT with this decoder (D_f* on E(HQ)), and every fig4 row's error per
+     wavelet band: which scales of detail a method gets right.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ LPVAE_STAGES = ("vae_coarse", "vae_fine", "pixel_decoder", "dit")
 LPVAE_AUTOENCODER = ("coarse_encoder", "fine_encoder", "fine_decoder")
 PRESETS = ("fig4", "sr8")
 STRENGTHS = (1.0, 0.5)
+NO_DIT = "D_f*(E(LQ↑)): no DiT"
+PERFECT_DIT = "D_f*(E(HQ)): a perfect DiT, wavelet colour fix"
+BAND_NAMES = ("1–2 px", "2–4 px", "4–8 px", "8–16 px", "16–32 px", "> 32 px")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +179,17 @@ def scores(restored: jax.Array, reference: jax.Array) -> dict[str, float]:
   return {"psnr": float(jnp.mean(metrics.psnr(a, b))), "ssim": float(jnp.mean(metrics.ssim(a, b)))}
 
 
+def band_rms(images: jax.Array) -> list[float]:
+  """RMS of each wavelet band (``restore.wavelet_bands``) of [0, 1] NHWC images, in 8-bit levels."""
+  return [float(jnp.sqrt(jnp.mean(jnp.square(b))) * 255) for b in restore.wavelet_bands(images)]
+
+
+def restoration_scores(restored: jax.Array, reference: jax.Array) -> dict[str, Any]:
+  """:func:`scores` and ``band_rmse``: the error per wavelet band, where the PSNR is lost or won."""
+  a, b = jnp.clip(restored, 0.0, 1.0), jnp.clip(reference, 0.0, 1.0)
+  return {**scores(a, b), "band_rmse": band_rms(a - b)}
+
+
 def reconstruction_scores(models, params: dict, frozen: dict, hq: jax.Array, lq_up=None):
   """The stage's own reconstruction (``steps.RECONSTRUCT``) of held-out images against its target."""
   batch = {"hq": hq} if lq_up is None else {"hq": hq, "lq_up": lq_up}
@@ -230,7 +246,7 @@ def latent_error(z: jax.Array, reference: jax.Array) -> float:
   return float(jnp.mean(jnp.square(jnp.asarray(z) - reference)))
 
 
-def restore_scores(pipe, items, preset: str, **options) -> dict[str, float]:
+def restore_scores(pipe, items, preset: str, **options) -> dict[str, Any]:
   """PSNR/SSIM of the restorations, and ``z_mse``: the sampled latent against E(HQ)'s."""
   pairs = degraded(items, preset)
   hq = jnp.asarray(np.stack([hq for _, hq, _ in items]), jnp.float32) / 255.0
@@ -250,28 +266,37 @@ def restore_scores(pipe, items, preset: str, **options) -> dict[str, float]:
       )
     )
     errors.append(latent_error(final["z"], restorer.encode(restorer.params, to_model([image]))))
-  return {**scores(jnp.asarray(np.stack(out)), hq), "z_mse": float(np.mean(errors))}
+  return {**restoration_scores(jnp.asarray(np.stack(out)), hq), "z_mse": float(np.mean(errors))}
 
 
-def no_dit_scores(pipe, items, preset: str) -> dict[str, float]:
-  """The ablation without the DiT: D_f*(E(LQ↑), LQ↑), and E(LQ↑)'s latent against E(HQ)'s."""
+def decoder_scores(
+  pipe, items, preset: str, latent: str = "LQ↑", color_fix: str | None = None
+) -> dict[str, Any]:
+  """D_f*(z, LQ↑) without the DiT: z = E(LQ↑) (the no-DiT ablation) or E(HQ) (a perfect DiT).
+
+  ``z_mse`` is that latent's error against E(HQ)'s; the E(HQ) row bounds what any DiT could add.
+  """
   restorer, params = pipe.restorer, pipe.restorer.params
   out, errors = [], []
   for (lq, _), (_, image, _) in zip(degraded(items, preset), items):
     lq_up = jnp.asarray(restorer.upsample_lq([restore.to_unit_float(lq)], image.shape[:2]))
-    z = restorer.encode(params, lq_up)
-    out.append(restorer.decode(params, z, lq_up, jnp.float32(1.0))[0])  # sizes: multiples of 32
-    errors.append(latent_error(z, restorer.encode(params, to_model([image]))))
+    target = restorer.encode(params, to_model([image]))
+    z = target if latent == "HQ" else restorer.encode(params, lq_up)
+    decoded = restorer.decode(params, z, lq_up, jnp.float32(1.0))  # sizes: multiples of 32
+    if color_fix:
+      decoded = restore.color_fix(decoded, lq_up, color_fix)
+    out.append(decoded[0])
+    errors.append(latent_error(z, target))
   restored = metrics.to_unit_range(jnp.stack(out))
   hq = jnp.asarray(np.stack([hq for _, hq, _ in items]), jnp.float32) / 255.0
-  return {**scores(restored, hq), "z_mse": float(np.mean(errors))}
+  return {**restoration_scores(restored, hq), "z_mse": float(np.mean(errors))}
 
 
-def baseline_scores(name: str, items, preset: str) -> dict[str, float]:
+def baseline_scores(name: str, items, preset: str) -> dict[str, Any]:
   restorer = baselines.make_restorer(name)
   hq = jnp.asarray(np.stack([hq for _, hq, _ in items]), jnp.float32) / 255.0
   out = [restorer(lq, hq.shape[1:3]) for lq, _ in degraded(items, preset)]
-  return scores(jnp.asarray(np.stack(out), jnp.float32), hq)
+  return restoration_scores(jnp.asarray(np.stack(out), jnp.float32), hq)
 
 
 def dit_curve(args, workdir, items) -> list[dict[str, Any]]:
@@ -346,9 +371,14 @@ def measure(args, budget: Budget, work: str, heldout: str) -> dict[str, Any]:
     rows[f"ZipIR, strength {STRENGTHS[-1]:g}, wavelet colour fix"] = restore_scores(
       pipes["D_f*"], items, preset, strength=STRENGTHS[-1], color_fix="wavelet"
     )
-    rows["D_f*(E(LQ↑)): no DiT"] = no_dit_scores(pipes["D_f*"], items, preset)
+    rows[NO_DIT] = decoder_scores(pipes["D_f*"], items, preset)
+    rows[f"{NO_DIT}, wavelet colour fix"] = decoder_scores(
+      pipes["D_f*"], items, preset, color_fix="wavelet"
+    )
+    rows[PERFECT_DIT] = decoder_scores(pipes["D_f*"], items, preset, "HQ", "wavelet")
     table[preset] = rows
   result["restoration"] = table
+  result["hq_band_rms"] = band_rms(jnp.asarray(np.stack([hq for _, hq, _ in items])) / 255.0)
   return result
 
 
@@ -390,7 +420,7 @@ def plot_curves(result: dict, work: str, folder: str) -> list[str]:
       steps = [r["step"] for r in rows]
       for key, label in (("z_mse_strength_1", "strength 1"), ("z_mse", "strength 0.5")):
         z.plot(steps, [r[key] for r in rows], "o-", label=label)
-      baseline = result["restoration"]["fig4"]["D_f*(E(LQ↑)): no DiT"]["z_mse"]
+      baseline = result["restoration"]["fig4"][NO_DIT]["z_mse"]
       z.axhline(baseline, color="black", linestyle="--", label="E(LQ↑), no DiT")
       z.set_yscale("log")
       z.set_xlabel("step")
@@ -436,6 +466,16 @@ def markdown(result: dict, command: str) -> str:
     for method, s in rows.items():
       z = f"{s['z_mse']:.3f}" if "z_mse" in s else ""
       lines.append(f"| {preset} | {method} | {s['psnr']:.2f} | {s['ssim']:.4f} | {z} |")
+  lines += [
+    "",
+    "| fig4: RMS error per wavelet band, 8-bit levels | " + " | ".join(BAND_NAMES) + " |",
+    "|---" * (len(BAND_NAMES) + 1) + "|",
+    "| HQ's own band: the error of restoring none of it | "
+    + " | ".join(f"{v:.1f}" for v in result["hq_band_rms"][:-1])
+    + " | |",
+  ]
+  for method, s in result["restoration"]["fig4"].items():
+    lines.append(f"| {method} | " + " | ".join(f"{v:.1f}" for v in s["band_rmse"]) + " |")
   lines += ["", "| target (issue: CPU, default budget) | measured | needed | margin |"]
   lines.append("|---|---|---|---|")
   for name, got, needed in targets(result):

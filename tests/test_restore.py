@@ -159,6 +159,20 @@ def test_wavelet_color_fix_keeps_detail_and_takes_reference_colour():
   )
 
 
+@pytest.mark.parametrize("period, bands", [(2, {0}), (32, {3, 4})])
+def test_wavelet_bands_sum_to_the_image_and_sort_detail_by_scale(period, bands):
+  """Stripes land in the bands of their width: the learning bench's per-band errors rely on it."""
+  stripes = jnp.cos(2 * jnp.pi * jnp.arange(128) / period)  # period 2: alternating pixels
+  x = jnp.broadcast_to(stripes[None, None, :, None], (1, 64, 128, 3)) + 0.25
+  out = restore.wavelet_bands(x)
+  assert len(out) == 6
+  np.testing.assert_allclose(sum(out), x, atol=1e-5)
+  energy = np.array([float(jnp.mean(jnp.square(b[:, :, 40:88]))) for b in out[:-1]])  # no edges
+  assert set(np.argsort(energy)[-len(bands) :]) == bands, energy
+  assert energy[sorted(bands)].sum() > 0.9 * energy.sum(), energy
+  np.testing.assert_allclose(out[-1][:, :, 40:88], 0.25, atol=0.02)  # the low band: the mean
+
+
 def test_plain_decoder_swap_decodes_with_d_f(
   tiny_bundle, tiny_lpvae, tiny_vae_fine_export, tmp_path
 ):

@@ -458,13 +458,16 @@ def check_learning_bench_measures_the_finished_stages(chain, tmp_path):
     assert all(np.isfinite(row["psnr"]) for row in result["curves"][stage]), stage
     assert (out / "curves" / f"{stage}.png").stat().st_size > 0
   zipir = {"ZipIR, strength 1", "ZipIR, strength 0.5", "ZipIR, strength 0.5, wavelet colour fix"}
-  zipir.add("D_f*(E(LQ↑)): no DiT")
+  zipir |= {learning.NO_DIT, f"{learning.NO_DIT}, wavelet colour fix"}
   assert {p: set(rows) for p, rows in result["restoration"].items()} == {
-    "fig4": zipir | {"bicubic", "Real-ESRGAN"},
-    "sr8": zipir | {"bicubic", "Real-ESRGAN"},
+    "fig4": zipir | {"bicubic", "Real-ESRGAN", learning.PERFECT_DIT},
+    "sr8": zipir | {"bicubic", "Real-ESRGAN", learning.PERFECT_DIT},
   }
   for rows in result["restoration"].values():  # the latent error of every restoration of ours
     assert all(np.isfinite(rows[m]["z_mse"]) and rows[m]["z_mse"] > 0 for m in zipir)
+    assert rows[learning.PERFECT_DIT]["z_mse"] == 0.0  # E(HQ) itself
+    for row in rows.values():  # one error per wavelet band, none of them zero
+      assert len(row["band_rmse"]) == len(learning.BAND_NAMES) and min(row["band_rmse"]) > 0
   assert all(np.isfinite(r["z_mse_strength_1"]) for r in result["curves"]["dit"])
   table = (out / "table.md").read_text()
   for name, got, needed in learning.targets(result):

@@ -139,14 +139,24 @@ def _wavelet_blur(x: Array, radius: int) -> Array:
   )
 
 
-def wavelet_decomposition(x: Array, levels: int = 5) -> tuple[Array, Array]:
-  """(high frequencies, low frequency) with ``x == high + low`` (StableSR's wavelet colour fix)."""
-  high = jnp.zeros_like(x)
+def wavelet_bands(x: Array, levels: int = 5) -> list[Array]:
+  """À-trous bands, finest first, then the low frequency: ``x == sum(bands)``.
+
+  Band ``i`` holds detail 2^i to 2^(i+1) pixels wide (stripes of period 2^(i+1) to 2^(i+2)); the
+  last holds what is coarser (StableSR's wavelet colour fix takes it from LQ↑).
+  """
+  bands = []
   for i in range(levels):
     low = _wavelet_blur(x, 2**i)
-    high = high + (x - low)
+    bands.append(x - low)
     x = low
-  return high, x
+  return bands + [x]
+
+
+def wavelet_decomposition(x: Array, levels: int = 5) -> tuple[Array, Array]:
+  """(high frequencies, low frequency) with ``x == high + low`` (StableSR's wavelet colour fix)."""
+  *highs, low = wavelet_bands(x, levels)
+  return sum(highs, jnp.zeros_like(x)), low
 
 
 def wavelet_color_fix(image: Array, reference: Array) -> Array:
