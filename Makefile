@@ -19,7 +19,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 demo: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m zipir_jax.demo --output demo_out
 
-# Does it learn? Trains a small config through every stage, scores held-out photos (~45 min, CPU).
+# Does it learn? Trains a small config through every stage, scores held-out photos (~40 min, CPU).
 learn: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) bench/learning.py --output learning_out
 

@@ -10,7 +10,9 @@ SIDE = 64  # every photo's centre square at this size: identical photos agree to
 
 
 def _thumbnail(package: str, name: str) -> np.ndarray:
-  return demo.center_crop(demo.load_photo(package, name), SIDE).astype(np.float64) / 255.0
+  photo = demo.load_photo(package, name)
+  assert photo.dtype == np.uint8 and photo.ndim == 3 and photo.shape[2] == 3, (name, photo.shape)
+  return demo.center_crop(photo, SIDE).astype(np.float64) / 255.0
 
 
 def test_no_held_out_photo_is_a_training_photo():
