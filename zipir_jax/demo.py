@@ -13,7 +13,7 @@ r"""`make demo`: the whole ZipIR pipeline on this machine's CPU, in minutes, sta
    ``python -m zipir_jax.evaluate``; writes side-by-side panels LQ | bicubic | Real-ESRGAN | ZipIR |
    HQ and the metrics table.
 
-A model trained for a few CPU minutes on seven photos is a demonstration that every part of the
+A model trained for a few CPU minutes on eleven photos is a demonstration that every part of the
 pipeline runs and connects, not the paper's 3 B-parameter model: expect its restorations to lose to
 Real-ESRGAN.
 
