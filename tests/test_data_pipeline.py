@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import cv2
+import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -138,6 +140,33 @@ def test_iterator_state_restore_gives_identical_next_batches(folder):
   restored = pipeline.create_train_iterator(config, seed=0)
   restored.set_state(state)
   _assert_same(_take(restored, 5), expected)
+
+
+def test_resume_with_other_buckets_or_process_count_is_a_plain_error(folder, tmp_path):
+  """A checkpoint's iterator state must fit the run resuming it; grain alone fails with a bare
+  KeyError deep in set_state (two buckets saved, one bucket resumed)."""
+  from zipir_jax.training import checkpointing
+
+  two = pipeline.create_train_iterator(_config(folder), seed=0)
+  _take(two, 2)
+  train = ml_collections.ConfigDict(
+    {"keep_checkpoints": 2, "checkpoint_every": 1, "async_checkpointing": False}
+  )
+  manager = checkpointing.create_manager(str(tmp_path / "ckpt"), train)
+  checkpointing.save(manager, 2, {"w": np.zeros(2, np.float32)}, two, force=True)
+  manager.wait_until_finished()
+  data = str(tmp_path / "ckpt" / "2" / "data")
+  checkpointing.check_data_state(data, pipeline.create_train_iterator(_config(folder), seed=0))
+
+  one = pipeline.create_train_iterator(_config(folder, buckets=((64, 64, 4),)), seed=0)
+  with pytest.raises(ValueError, match=r"ckpt/2 cannot resume.*data.buckets"):
+    checkpointing.check_data_state(data, one)
+  abstract = {"w": jax.ShapeDtypeStruct((2,), np.float32)}
+  with pytest.raises(ValueError, match="does not fit this run's data pipeline"):
+    checkpointing.restore(manager, abstract, one)
+  os.rename(os.path.join(data, "process_0-of-1.json"), os.path.join(data, "process_0-of-2.json"))
+  with pytest.raises(ValueError, match=r"process_0-of-2.json, and this run is process 0 of 1"):
+    checkpointing.check_data_state(data, two)
 
 
 def test_processes_get_disjoint_shares_with_the_same_bucket_schedule(folder):

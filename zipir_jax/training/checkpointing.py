@@ -15,6 +15,7 @@ z_macro and latent statistics).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -116,6 +117,48 @@ def save(
   )
 
 
+def _layout(state: Any) -> Any:
+  """The keys and list lengths of a JSON iterator state, its values left out."""
+  if isinstance(state, dict):
+    return {k: _layout(v) for k, v in state.items()}
+  if isinstance(state, list):
+    return [_layout(v) for v in state]
+  return None
+
+
+def check_data_state(folder: str, data_iter: Any) -> None:
+  """Raises a ValueError in plain words unless ``folder`` holds a grain iterator state that fits
+  ``data_iter``: written by as many processes, with the same streams (buckets, weights, phase).
+
+  grain itself fails deep inside ``set_state`` with a bare KeyError or a missing file.
+  """
+  index, count = jax.process_index(), jax.process_count()
+  path = os.path.join(folder, f"process_{index}-of-{count}.json")
+  if not os.path.exists(path):
+    found = (
+      sorted(n for n in os.listdir(folder) if n.startswith("process_"))
+      if os.path.isdir(folder)
+      else []
+    )
+    raise ValueError(
+      f"checkpoint {os.path.dirname(folder)} cannot resume this run: it holds the data "
+      f"iterator state of {', '.join(found) or 'no process'}, and this run is process {index} of "
+      f"{count}. Resume with the process count that wrote it, or start a fresh --workdir."
+    )
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f)
+  current = data_iter.get_state()
+  if isinstance(current, bytes):  # grain's DataLoader iterators serialise their state themselves
+    current = json.loads(current.decode())
+  if _layout(saved) != _layout(current):
+    raise ValueError(
+      f"checkpoint {os.path.dirname(folder)} cannot resume this run: its data iterator state "
+      f"({path}) does not fit this run's data pipeline, so config.data.buckets, bucket_weights or "
+      "phases differ from the run that wrote it. Resume with the same data settings, or start a "
+      "fresh --workdir."
+    )
+
+
 def restore(
   manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any, step: int | None = None
 ) -> tuple[Any, int] | None:
@@ -123,6 +166,7 @@ def restore(
   step = manager.latest_step() if step is None else step
   if step is None:
     return None
+  check_data_state(os.path.join(str(manager.directory), str(step), "data"), data_iter)
   restored = manager.restore(
     step,
     args=ocp.args.Composite(
