@@ -16,7 +16,10 @@ Writes ``<output>/``:
 
 The table answers, in the paper's terms:
   1. LP-VAE reconstruction (clean HQ -> z -> D_f) at 256² and at the training crop size;
-  2. LP-VAE vs the f32c64 SD-VAE at equal steps and comparable parameters (Table 4's direction);
+  2. LP-VAE vs the f32c64 SD-VAE at equal steps and comparable parameters (Table 4's direction),
+     with two references at the same 32x compression: z_macro alone (I↓32, bicubic up: the
+     LP-VAE's three fixed channels) and a linear code (PCA, 64 per 32² block, on the training
+     photos), what an autoencoder should reach at least;
   3. D_f* vs D_f, with z from HQ and with the restored z (Fig. 6's direction);
   4. restorations at strength 1 and 0.5 (and 0.5 with the wavelet colour fix) against bicubic and
      Real-ESRGAN at fig4 and sr8 (Table 1), and without the DiT (D_f* on E(LQ↑)), each with the
@@ -41,6 +44,7 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import cv2  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -56,7 +60,7 @@ from zipir_jax import (  # noqa: E402
   restore,
 )
 from zipir_jax.data import eval_presets  # noqa: E402
-from zipir_jax.models import count_params  # noqa: E402
+from zipir_jax.models import count_params, lpvae  # noqa: E402
 from zipir_jax.training import checkpointing, stages  # noqa: E402
 from zipir_jax.training import state as state_lib  # noqa: E402
 from zipir_jax.training import steps as steps_lib  # noqa: E402
@@ -68,6 +72,8 @@ PRESETS = ("fig4", "sr8")
 STRENGTHS = (1.0, 0.5)
 NO_DIT = "D_f*(E(LQ↑)): no DiT"
 PERFECT_DIT = "D_f*(E(HQ)): a perfect DiT, wavelet colour fix"
+Z_MACRO = "z_macro alone: I↓32, bicubic up"
+BLOCK_PCA = "linear code: PCA, 64 per 32² block"
 BAND_NAMES = ("1–2 px", "2–4 px", "4–8 px", "8–16 px", "16–32 px", "> 32 px")
 
 
@@ -198,6 +204,56 @@ def reconstruction_scores(models, params: dict, frozen: dict, hq: jax.Array, lq_
   return scores(metrics.to_unit_range(recon), metrics.to_unit_range(target))
 
 
+def blocks(images: np.ndarray, block: int = 32) -> np.ndarray:
+  """NHWC [0, 1] images (H, W multiples of ``block``) -> (N * H/block * W/block, block² * C) rows."""
+  n, h, w, c = images.shape
+  x = images.reshape(n, h // block, block, w // block, block, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, block * block * c)
+
+
+def unblocks(rows: np.ndarray, shape: tuple[int, ...], block: int = 32) -> np.ndarray:
+  """The inverse of :func:`blocks` for images of ``shape`` (N, H, W, C)."""
+  n, h, w, c = shape
+  x = rows.reshape(n, h // block, w // block, block, block, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(shape)
+
+
+def fit_block_pca(images: Sequence[np.ndarray], k: int = 64, block: int = 32):
+  """(mean, k x block²·3 basis) of the block x block RGB patches of uint8 photos (any size).
+
+  The best linear code with ``k`` numbers per 32² block: an autoencoder with the LP-VAE's
+  compression (64 channels at H/32) should reconstruct at least this well.
+  """
+  rows = []
+  for image in images:
+    h, w = (image.shape[0] // block) * block, (image.shape[1] // block) * block
+    rows.append(blocks(image[None, :h, :w].astype(np.float64) / 255.0, block))
+  x = np.concatenate(rows)
+  mean = x.mean(axis=0)
+  _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+  return mean, vt[:k]
+
+
+def reference_scores(hq: np.ndarray, train_images: Sequence[np.ndarray], crop: int) -> dict:
+  """z_macro alone and the block PCA code on [0, 1] NHWC ``hq``: :func:`scores` (+ ``psnr_crop``)."""
+  mean, basis = fit_block_pca(train_images)
+  coded = unblocks((blocks(hq) - mean) @ basis.T @ basis + mean, hq.shape)
+  size = hq.shape[1:3]
+  macro = baselines.resize(
+    np.asarray(lpvae.area_downsample(jnp.asarray(hq), 32)), size, cv2.INTER_CUBIC
+  )
+  o = (hq.shape[1] - crop) // 2
+  out = {}
+  for name, images in ((Z_MACRO, macro), (BLOCK_PCA, coded)):
+    images = jnp.asarray(images, jnp.float32)
+    reference = jnp.asarray(hq, jnp.float32)
+    out[name] = scores(images, reference)
+    out[name]["psnr_crop"] = scores(
+      images[:, o : o + crop, o : o + crop], reference[:, o : o + crop, o : o + crop]
+    )["psnr"]
+  return out
+
+
 def degraded(items, preset: str) -> list[tuple[np.ndarray, np.ndarray]]:
   """(LQ, LQ↑) of each held-out (name, HQ, caption), the preset's fixed degradation."""
   return [eval_presets.make_eval_pair(hq, preset, 1000 + i) for i, (_, hq, _) in enumerate(items)]
@@ -315,7 +371,7 @@ def autoencoder_params(workdir: str, stage: str, names: Sequence[str]) -> int:
   return count_params(stages.select(export, names))
 
 
-def measure(args, budget: Budget, work: str, heldout: str) -> dict[str, Any]:
+def measure(args, budget: Budget, work: str, train: str, heldout: str) -> dict[str, Any]:
   items = evaluate.load_hq_images(heldout, budget.size, 0, say)
   lp, sd = os.path.join(work, "lpvae"), os.path.join(work, "sdvae")
   crop = load_stage_config(args.config, "vae_fine", args.override).data.buckets[0][0]
@@ -341,6 +397,11 @@ def measure(args, budget: Budget, work: str, heldout: str) -> dict[str, Any]:
       "params": autoencoder_params(sd, "vae", ("encoder", "decoder")),
       "steps": budget.steps["sdvae"],
     }
+  train_images = [
+    demo.read_rgb(os.path.join(train, n)) for n in sorted(os.listdir(train)) if n.endswith(".png")
+  ]
+  hq = np.stack([hq for _, hq, _ in items]).astype(np.float32) / 255.0
+  result["vae"]["references"] = reference_scores(hq, train_images, crop)
   say("D_f* against D_f, with z from HQ and with the restored z (fig4)")
   # D_f on z(HQ) is vae_fine's reconstruction; D_f* also reads the fig4 LQ↑.
   pixel = {
@@ -454,6 +515,12 @@ def markdown(result: dict, command: str) -> str:
       f"| {label} | {v['params']:,} | {v['steps']} | {v['psnr']:.2f} | "
       f"{v['ssim']:.4f} | {v.get('psnr_crop', float('nan')):.2f} |"
     )
+  for label, v in vae.get("references", {}).items():
+    params = "0" if label == Z_MACRO else "basis 64 x 3,072"
+    lines.append(
+      f"| {label} | {params} | closed form | {v['psnr']:.2f} | {v['ssim']:.4f} | "
+      f"{v['psnr_crop']:.2f} |"
+    )
   lines += ["", "| decoder (fig4) | z from HQ | restored z |", "|---|---|---|"]
   for dec in ("D_f", "D_f*"):
     lines.append(f"| {dec} | {pixel['z from HQ'][dec]:.2f} | {pixel['restored z'][dec]:.2f} |")
@@ -533,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   train, heldout = demo.gather_photos(os.path.join(out, "photos"), budget.size)
   say(f"training {args.config} (and {args.sdvae_config}) on {train}; held out: {heldout}")
   train_all(args, budget, train, work, logs)
-  result = measure(args, budget, work, heldout)
+  result = measure(args, budget, work, train, heldout)
   result["budget"], result["seconds"] = dataclasses.asdict(budget), time.time() - t0
   command = " ".join(["python bench/learning.py", *(argv if argv is not None else sys.argv[1:])])
   table = markdown(result, command)

@@ -473,3 +473,7 @@ def check_learning_bench_measures_the_finished_stages(chain, tmp_path):
   for name, got, needed in learning.targets(result):
     assert f"| {name} | {got:.2f} | {needed:.2f} | {got - needed:+.2f} dB |" in table
   assert "not trained (--sdvae_config='')" in table
+  references = result["vae"]["references"]
+  assert set(references) == {learning.Z_MACRO, learning.BLOCK_PCA}
+  for label, row in references.items():  # closed-form codes at the LP-VAE's compression
+    assert f"| {label} |" in table and np.isfinite([row["psnr"], row["psnr_crop"]]).all()
