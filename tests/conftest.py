@@ -61,7 +61,7 @@ def train_command(data, stage, workdir, *overrides, num_steps=2, config="configs
   from zipir_jax import demo
 
   tests = (
-    "--config.data.buckets=((64,64,4),)",  # the demo trains on 96² crops
+    "--config.data.buckets=((64,64,4),)",  # the demo trains on 96² and 128² crops
     "--config.train.log_every=1",
     "--config.train.image_every=0",
     "--config.train.latent_stats_batches=2",

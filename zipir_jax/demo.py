@@ -39,10 +39,12 @@ STAGES = ("vae_coarse", "vae_fine", "pixel_decoder", "dit")
 # D_f* gains most per step (bench/learning.py's curves); the DiT's few hundred steps barely move
 # its restorations, so it gets the fewest.
 DEFAULT_STEPS = (300, 250, 250, 200)
-# One training crop size, 96² x 4 (every distinct shape is another XLA compilation, which costs
-# more CPU time here than the steps themselves): at 8x a 64² crop leaves D_f* an LQ image 8 pixels
-# wide; 128² (the learning benchmark's) would not fit the 15-minute budget.
-DEMO_BUCKETS = "((96,96,4),)"
+# One training crop size per stage (every distinct shape is another XLA compilation, which costs
+# more CPU time here than the steps themselves): 96² x 4; at 8x a 64² crop leaves D_f* an LQ image
+# 8 pixels wide. D_f*, the stage that reads LQ↑, trains on 128² (LQ 16 px wide: +0.1 dB on unseen
+# photos for 100 s more, BENCHMARKS.md); 128² everywhere would not fit the 15-minute budget.
+DEMO_BUCKETS = {"pixel_decoder": "((128,128,4),)"}
+DEFAULT_BUCKETS = "((96,96,4),)"
 SIZE = 256  # HQ side of the held-out evaluation crops; LQ is SIZE / 8 = 32 px.
 PRESET = "fig4"
 STRENGTH = 0.5  # sample.py --strength: see main()
@@ -172,7 +174,7 @@ def run_logged(
 def stage_command(
   stage: str, workdir: str, data: str, num_steps: int, config_file: str = "configs/tiny.py"
 ) -> list[str]:
-  """The ``train.py`` command line of one demo stage (the tiny config, one crop size).
+  """The ``train.py`` command line of one demo stage (the tiny config, the stage's crop size).
 
   The GAN term is switched off by name (``disc_weight=0``, printed in each stage's recipe): in a
   few hundred CPU steps the discriminator cannot learn enough to help the reconstructions.
@@ -184,7 +186,7 @@ def stage_command(
     f"--config={config_file}:{stage}",
     f"--workdir={workdir}",
     f"--config.data.path={data}",
-    f"--config.data.buckets={DEMO_BUCKETS}",
+    f"--config.data.buckets={DEMO_BUCKETS.get(stage, DEFAULT_BUCKETS)}",
     f"--config.optim.num_steps={num_steps}",
     f"--config.optim.warmup_steps={max(1, num_steps // 10)}",
     f"--config.train.log_every={max(1, num_steps // 6)}",
