@@ -42,7 +42,7 @@ DEFAULT_STEPS = (300, 250, 250, 200)
 # One training crop size per stage (every distinct shape is another XLA compilation, which costs
 # more CPU time here than the steps themselves): 96² x 4; at 8x a 64² crop leaves D_f* an LQ image
 # 8 pixels wide. D_f*, the stage that reads LQ↑, trains on 128² (LQ 16 px wide: +0.1 dB on unseen
-# photos for 100 s more, BENCHMARKS.md); 128² everywhere would not fit the 15-minute budget.
+# photos for 120 s more, BENCHMARKS.md); 128² everywhere would not fit the 15-minute budget.
 DEMO_BUCKETS = {"pixel_decoder": "((128,128,4),)"}
 DEFAULT_BUCKETS = "((96,96,4),)"
 SIZE = 256  # HQ side of the held-out evaluation crops; LQ is SIZE / 8 = 32 px.
